@@ -1,0 +1,25 @@
+"""tpp-study: hyperparameter studies of pruning methods on Ray Tune + Optuna, logged to MLflow.
+
+    import study
+    result = study.run("study/configs/quick.yaml", num_trials=8, storage="/tmp/studies")
+    print(result.summary())
+    study.resume("quick", storage="/tmp/studies")
+
+`run`/`resume` are imported lazily so `import study` (and config validation) stays fast and Ray-free.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from study.config import StudyConfig, StudyConfigError, load_config
+
+__all__ = ["StudyConfig", "StudyConfigError", "StudyError", "StudyResult", "load_config", "resume", "run"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("run", "resume", "StudyResult", "StudyError", "collect"):
+        from study import driver
+
+        return getattr(driver, name)
+    raise AttributeError(f"module 'study' has no attribute {name!r}")

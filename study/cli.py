@@ -1,0 +1,161 @@
+"""`tpp-study`: run, resume and inspect hyperparameter studies of pruning methods.
+
+    tpp-study run study/configs/quick.yaml                    # embedded local Ray, SQLite MLflow
+    tpp-study run CONFIG --address auto --tracking-uri http://127.0.0.1:5000 --storage /shared/studies
+    tpp-study resume quick                                    # continue an interrupted study
+    tpp-study list                                            # studies under ./studies
+    tpp-study status quick
+
+Exit codes: 0 done, 1 the study failed or was interrupted, 2 bad config / cannot start (nothing ran).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from study.config import StudyConfigError
+
+EPILOG = ("Configs: study/configs/*.yaml (quick.yaml is the embedded demo). Paths in a config are relative "
+          "to the current directory. A cluster: --address auto (or ray://HOST:10001, or RAY_ADDRESS) with "
+          "--storage on a shared path and --tracking-uri http://HOST:PORT of an mlflow server.")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tpp-study", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run a study from a YAML config", description="Run a study end to end: "
+                       "dense model once, then every trial on Ray Tune, logged to MLflow.")
+    r.add_argument("config", help="study config (YAML), e.g. study/configs/quick.yaml")
+    r.add_argument("--address", help="Ray cluster to join: auto, ray://HOST:10001, HOST:PORT "
+                   "(default: RAY_ADDRESS, else an embedded local Ray on 127.0.0.1)")
+    r.add_argument("--tracking-uri", help="MLflow tracking URI: http://HOST:PORT or sqlite:///ABS.db "
+                   "(default: sqlite:///<study folder>/mlflow.db)")
+    r.add_argument("--experiment", help="MLflow experiment name (default: the study name)")
+    r.add_argument("--storage", help="folder holding study folders (default: the config's, ./studies)")
+    r.add_argument("--num-trials", type=int, help="override num_trials (not for the grid sampler)")
+    r.add_argument("--name", help="override the study name (the folder name under --storage)")
+    r.add_argument("--num-cpus", type=int, help="CPUs of the embedded local Ray (default: all)")
+    r.add_argument("--if-exists", choices=("error", "replace", "resume"), default="error",
+                   help="when the study folder exists: refuse (default), delete it first, or resume it")
+
+    s = sub.add_parser("resume", help="continue an interrupted study", description="Continue a study: "
+                       "finished trials are kept, unfinished ones continue from their last checkpoint.")
+    s.add_argument("study", metavar="NAME_OR_PATH", help="study name (under --storage) or study folder")
+    s.add_argument("--storage", default="./studies", help="where to look up NAME (default: ./studies)")
+    s.add_argument("--address", help="Ray cluster to join (default: the one the study used, else local)")
+    s.add_argument("--tracking-uri", help="MLflow tracking URI, if it moved (default: the study's)")
+
+    ls = sub.add_parser("list", help="list the studies under a storage folder",
+                        description="Studies under --storage with status, trials done/total, parent run.")
+    ls.add_argument("--storage", default="./studies",
+                    help="folder holding study folders (default: ./studies)")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+
+    st = sub.add_parser("status", help="show one study", description="A study's status, progress, best trial "
+                        "and where its results are (asks MLflow for per-trial counts when reachable).")
+    st.add_argument("study", metavar="NAME_OR_PATH")
+    st.add_argument("--storage", default="./studies", help="where to look up NAME (default: ./studies)")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def _err(msg: str) -> int:
+    print(f"tpp-study: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from study.driver import StudyError, run
+
+    overrides: dict[str, Any] = {"address": args.address, "tracking_uri": args.tracking_uri,
+                                 "experiment": args.experiment, "storage": args.storage,
+                                 "num_trials": args.num_trials, "name": args.name, "num_cpus": args.num_cpus}
+    try:
+        result = run(args.config, if_exists=args.if_exists, **overrides)
+    except (StudyConfigError, StudyError) as e:
+        return _err(str(e))
+    return 0 if result.status == "completed" else 1
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from study.driver import StudyError, resume
+
+    try:
+        result = resume(args.study, storage=args.storage, address=args.address,
+                        tracking_uri=args.tracking_uri)
+    except (StudyConfigError, StudyError, FileNotFoundError) as e:
+        return _err(str(e))
+    return 0 if result.status == "completed" else 1
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from study.store import as_dict, list_studies, live_status
+
+    studies = list_studies(args.storage)
+    if args.json:
+        print(json.dumps([{**as_dict(m), "status": live_status(m)} for m in studies], indent=2))
+        return 0
+    if not studies:
+        print(f"no studies under {args.storage}")
+        return 0
+    print(f"{'name':<24} {'status':<12} {'trials':>9}  {'parent run':<32}  tracking URI")
+    for m in studies:
+        trials = f"{m.done + m.failed}/{m.num_trials}"
+        run_id = m.parent_run_id or "-"
+        print(f"{m.name:<24} {live_status(m):<12} {trials:>9}  {run_id:<32}  {m.tracking_uri}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from study.mlflow_logging import is_http, server_healthy
+    from study.store import as_dict, disk_usage, find_study, human_bytes, live_status
+
+    try:
+        folder = find_study(args.study, args.storage)
+    except FileNotFoundError as e:
+        return _err(str(e))
+    meta = folder.read_meta()
+    info: dict[str, Any] = {**as_dict(meta), "status": live_status(meta), "path": str(folder.path),
+                            "disk_bytes": disk_usage(folder.path)}
+    reachable = not is_http(meta.tracking_uri) or server_healthy(meta.tracking_uri)
+    if reachable and meta.parent_run_id:
+        from study.driver import collect
+
+        try:
+            res = collect(folder)
+            info.update(counts=res.counts, reuse=res.reuse, best=res.best or meta.best)
+        except Exception as e:  # noqa: BLE001 - status must still print what study.json knows
+            info["mlflow_error"] = str(e).splitlines()[0]
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"study      {meta.name}  ({info['status']})")
+    print(f"folder     {folder.path}  ({human_bytes(info['disk_bytes'])})")
+    print(f"trials     {meta.done + meta.failed}/{meta.num_trials} finished ({meta.failed} failed)")
+    if "counts" in info:
+        print("by status  " + ", ".join(f"{k} {v}" for k, v in sorted(info["counts"].items())))
+        print("prune      " + ", ".join(f"{k} {v}" for k, v in sorted(info["reuse"].items())))
+    best = info.get("best")
+    if best:
+        name = best.get("run_name") or best.get("trial")
+        print(f"best       {best.get('metric', '')} {best['value']:.2f}  {name}")
+    print(f"MLflow     {meta.tracking_uri}  experiment {meta.experiment!r}, parent run {meta.parent_run_id}")
+    print(f"updated    {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(meta.updated))}")
+    if info["status"] in ("interrupted", "failed"):
+        print(f"resume     tpp-study resume {folder.path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return {"run": cmd_run, "resume": cmd_resume, "list": cmd_list, "status": cmd_status}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The Tune trial: one tpp run (prune stage, reused when possible, then finetuning), reported per epoch.
+
+Runs inside a Ray worker, possibly on another node: it never talks to MLflow (the driver logs, so a
+SQLite store has a single writer). Each finetune epoch is one `tune.report` carrying the epoch's
+metrics, the running objective (so ASHA and the searcher can read it at any step) and a resumable
+checkpoint; the last epoch's report also carries the final metrics and the trial's status.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from study.config import StudyConfig
+from study.space import point_from_config, run_config
+
+STATE_FILE = "state.pt"
+EPOCH_KEYS = ("train_loss", "test_acc", "lr", "jsv_mean", "reg")
+
+
+@dataclass
+class TrialContext:
+    """What every trial needs besides its point; shipped once through the object store."""
+
+    config: StudyConfig
+    study_dir: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prune_cache_dir(self) -> Path:
+        return Path(self.study_dir) / "prune_cache"
+
+
+def _epoch_metrics(event: dict[str, Any]) -> dict[str, float]:
+    return {f"{event['stage']}/{k}": float(event[k]) for k in EPOCH_KEYS if k in event}
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+class _Reporter:
+    """Turns tpp events into Tune reports; holds back the last epoch to merge the final metrics into it."""
+
+    def __init__(self, epochs: int, objective: str, reuse: str, base: dict[str, float],
+                 pre_events: list[dict[str, Any]], best: float = -math.inf, last: float = math.nan):
+        self.epochs, self.objective, self.reuse, self.base = epochs, objective, reuse, base
+        self.pre_events = pre_events
+        self.best, self.last = best, last
+        self.held: tuple[dict[str, Any], dict[str, Any] | None] | None = None
+        self.last_epoch = -1
+
+    def running(self) -> dict[str, Any]:
+        best = self.best if self.best > -math.inf else self.last
+        return {"best_acc": best, "last_acc": self.last, **self.base, "tpp_reuse": self.reuse,
+                "tpp_node": _node()}
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        if event.get("event") != "epoch" or event.get("stage") != "finetune":
+            return
+        state = event.pop("checkpoint", None)
+        acc = float(event["test_acc"])
+        self.last = acc
+        if math.isfinite(acc):
+            self.best = max(self.best, acc)
+        self.last_epoch = int(event["epoch"])
+        result = {"epoch": self.last_epoch, **_epoch_metrics(event), **self.running()}
+        if self.pre_events:
+            result["tpp_events"], self.pre_events = self.pre_events, []
+        if self.last_epoch == self.epochs - 1:
+            self.held = (result, state)  # the final metrics are merged in when the stage ends
+        else:
+            _report(result, state)
+
+    def finish(self, status: str, final: dict[str, float], chance: float) -> None:
+        """Last report: final metrics, status, and an objective the searcher can use even if diverged."""
+        final = {k: float(v) for k, v in final.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for key in ("best_acc", "last_acc"):
+            if not _finite(final.get(key)):
+                final[key] = self.best if self.best > -math.inf else chance
+        if self.held is not None:
+            result, state = self.held
+        else:
+            result, state = {"epoch": max(self.last_epoch, 0), **self.running()}, None
+            if self.pre_events:
+                result["tpp_events"] = self.pre_events
+        objective = final.get(self.objective, result.get(self.objective))
+        result.update({k: v for k, v in final.items() if k in ("best_acc", "last_acc", "acc_after_removal")})
+        if not _finite(objective):
+            objective = chance
+        result[self.objective] = objective
+        result.update(tpp_final=final, tpp_status=status)
+        _report(result, state)
+
+
+@functools.lru_cache(maxsize=1)
+def _node() -> str:
+    """Which Ray node runs the trial (logged as tag tpp.node: where to look when a node misbehaves)."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return f"{ray.util.get_node_ip_address()}/{ctx.get_node_id()[:8]}"
+
+
+def _report(result: dict[str, Any], state: dict[str, Any] | None) -> None:
+    if state is None:
+        tune.report(result)
+        return
+    from tpp.checkpoint import save_state
+
+    with tempfile.TemporaryDirectory(prefix="tpp-ckpt-") as d:
+        save_state(Path(d) / STATE_FILE, state)
+        tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def _resume_state() -> dict[str, Any] | None:
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        return None
+    from tpp.checkpoint import load_state
+
+    with ckpt.as_directory() as d:
+        path = Path(d) / STATE_FILE
+        return load_state(path) if path.is_file() else None
+
+
+def _prune(run_cfg: Any, dense: Any, data: Any, ctx: TrialContext, holder: str,
+           on_event: Any) -> tuple[Any, str]:
+    """The pruned model and tpp.reuse: computed | reused (cached methods) or none (cheap, not cached)."""
+    from tpp.checkpoint import load_pruned, save_pruned
+    from tpp.methods import get_method
+    from tpp.run import prune_key, prune_stage
+
+    if not get_method(run_cfg.method).regularize:
+        return prune_stage(run_cfg, dense, data, on_event), "none"
+    from study.prune_cache import get_or_compute
+
+    key = prune_key(run_cfg, dense)
+    return get_or_compute(ctx.config.name, ctx.prune_cache_dir, key, holder,
+                          compute=lambda: prune_stage(run_cfg, dense, data, on_event),
+                          save=save_pruned, load=load_pruned)
+
+
+def trial(config: dict[str, Any], dense: Any = None, ctx: TrialContext | None = None) -> None:
+    """The Tune function trainable (wrapped with tune.with_parameters(dense=..., ctx=...))."""
+    from tpp.run import DivergedError, finetune_stage, load_run_data
+
+    assert ctx is not None and dense is not None
+    cfg = ctx.config
+    point = point_from_config(config)
+    run_cfg = run_config(cfg, point)
+    data = load_run_data(run_cfg)
+    chance = 100.0 / data.num_classes
+    resume_state = _resume_state()
+    pre_events: list[dict[str, Any]] = []
+
+    def on_prune_event(event: dict[str, Any]) -> None:
+        if event.get("event") == "epoch":
+            pre_events.append({"step": int(event["epoch"]), **_epoch_metrics(event)})
+
+    holder = tune.get_context().get_trial_id() or "trial"
+    try:
+        pruned, reuse = _prune(run_cfg, dense, data, ctx, holder, on_prune_event)
+    except DivergedError as e:
+        reporter = _Reporter(run_cfg.epochs, cfg.objective.metric, "computed", {}, pre_events)
+        reporter.finish("diverged", {**dense.metrics, "best_acc": chance, "last_acc": chance,
+                                     "diverged_stage_prune": 1.0}, chance)
+        print(f"[tpp-study] {holder}: {e}")
+        return
+    if resume_state is not None:
+        pre_events.clear()  # already logged before the interruption
+    base = {"acc_after_removal": float(pruned.metrics.get("acc_after_removal", math.nan))}
+    reporter = _Reporter(run_cfg.epochs, cfg.objective.metric, reuse, base, pre_events,
+                         best=float(resume_state["best_acc"]) if resume_state else -math.inf)
+    result = finetune_stage(run_cfg, pruned, data, reporter.on_event, resume_state=resume_state,
+                            checkpoint_every=cfg.checkpoint_every)
+    reporter.finish(result.status, {**dense.metrics, **pruned.metrics, **result.metrics}, chance)
+    del result, pruned
+    _free_gpu()
+
+
+def _free_gpu() -> None:
+    """Trials share GPUs and their worker process runs the next trial: hand cached blocks back."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,13 @@
+"""Architectures by name: CIFAR ResNets, VGG19, torchvision ResNets, MLPs; plus pruning presets."""
+
+from tpp.models import cifar_resnet, imagenet, mlp, vgg  # noqa: F401  (registers the built-ins)
+from tpp.models.cifar_resnet import BasicBlock, CifarResNet, ShortcutA
+from tpp.models.imagenet import RESNET50_SPEEDUPS, resnet50_speedup_preset
+from tpp.models.mlp import MLP
+from tpp.models.registry import ModelSpec, build_model, list_models, model_prune_preset, register_model
+from tpp.models.vgg import VGG
+
+__all__ = [
+    "MLP", "RESNET50_SPEEDUPS", "VGG", "BasicBlock", "CifarResNet", "ModelSpec", "ShortcutA", "build_model",
+    "list_models", "model_prune_preset", "register_model", "resnet50_speedup_preset",
+]
