@@ -281,6 +281,7 @@ class StudyConfig(_Strict):
     max_concurrent: int | None = Field(default=None, ge=1)
     max_failures: int = Field(default=1, ge=0)  # retries of a crashed trial (e.g. a lost node)
     checkpoint_every: int = Field(default=1, ge=1)  # finetune epochs between trial checkpoints
+    prune_reuse: bool = True  # share one prune stage among trials with the same prune key (off: benchmarks)
     early_stopping: EarlyStoppingCfg = Field(default_factory=EarlyStoppingCfg)
     storage: str = "./studies"
     mlflow: MlflowCfg = Field(default_factory=MlflowCfg)

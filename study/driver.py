@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from study.config import StudyConfig, load_config
+from study.config import StudyConfig, StudyConfigError, load_config
 from study.mlflow_logging import (
     Outbox,
     StudyLogger,
@@ -181,6 +181,27 @@ def _absolute_paths(cfg: StudyConfig) -> StudyConfig:
         "data": cfg.data.model_copy(update={"root": ab(cfg.data.root)}),
         "dense": cfg.dense.model_copy(update={"checkpoint": ab(cfg.dense.checkpoint)}),
     })
+
+
+def _preflight(cfg: StudyConfig) -> None:
+    """Open the data set and the dense checkpoint before anything starts: a data folder in the wrong
+    layout or a checkpoint that is corrupt or for another architecture is a config error, not a crash
+    after Ray and MLflow were started."""
+    from study.space import TrialPoint, run_config
+    from tpp.checkpoint import CheckpointError, load_dense
+    from tpp.data import DataError
+    from tpp.run import load_run_data, model_spec
+
+    run_cfg = run_config(cfg, TrialPoint(cfg.methods[0], 0.5, 0.01, None, cfg.dense.seed))
+    try:
+        data = load_run_data(run_cfg)
+    except DataError as e:
+        raise StudyConfigError("data", str(e).splitlines()[0]) from None
+    if cfg.dense.checkpoint:
+        try:
+            load_dense(cfg.dense.checkpoint, expected=model_spec(run_cfg, data))
+        except CheckpointError as e:
+            raise StudyConfigError("dense.checkpoint", str(e).splitlines()[0]) from None
 
 
 # ---------------------------------------------------------------------------------------------- dense
@@ -346,6 +367,7 @@ def run(config: str | os.PathLike | dict[str, Any] | StudyConfig, *, if_exists: 
     folder = StudyFolder(cfg.study_dir())
     if if_exists == "resume" and folder.exists():
         return resume(str(folder.path), callbacks=callbacks)
+    _preflight(cfg)
     folder = _prepare_folder(cfg, if_exists)
     uri = cfg.tracking_uri()
     try:

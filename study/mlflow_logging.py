@@ -311,6 +311,7 @@ class StudyLogger(tune.Callback):
         self.known: dict[str, dict[str, Any]] = {}  # trial id -> {"status": run status, "tags": {...}}
         self.ended: set[str] = set()
         self.reuse_tagged: set[str] = set()
+        self.replayed: set[str] = set()  # finished before an interruption: already fully logged
         self.counts = collections.Counter()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -344,6 +345,9 @@ class StudyLogger(tune.Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         assert self.box is not None
         tid = trial.trial_id
+        if tid in self.ended and self.known.get(tid, {}).get("status") == "FINISHED":
+            self.replayed.add(tid)  # the trial only replays its recorded result: nothing to log
+            return
         if tid in self.box.run_ids:  # resumed: reopen the existing run
             self.box.status(tid, "RUNNING")
             self.box.batch(tid, tags={"tpp.status": "running"})
@@ -362,6 +366,8 @@ class StudyLogger(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         assert self.box is not None
         tid = trial.trial_id
+        if tid in self.replayed:
+            return
         step = int(result.get("epoch", 0))
         rows = [(k, v, step) for k, v in result.items() if "/" in k and isinstance(v, (int, float))]
         for ev in result.get("tpp_events") or []:
@@ -382,7 +388,10 @@ class StudyLogger(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         assert self.box is not None
         tid = trial.trial_id
+        if tid in self.replayed:
+            return
         last = trial.last_result or {}
+        StudyFolder(self.study_dir).record_finished(tid, last)
         status = str(last.get("tpp_status", "completed"))
         if "tpp_final" not in last:  # stopped early by the scheduler: keep what it reached
             keys = [k for k in ("best_acc", "last_acc", "acc_after_removal")

@@ -19,6 +19,7 @@ from ray import tune
 
 from study.config import StudyConfig
 from study.space import point_from_config, run_config
+from study.store import StudyFolder
 
 STATE_FILE = "state.pt"
 EPOCH_KEYS = ("train_loss", "test_acc", "lr", "jsv_mean", "reg")
@@ -140,6 +141,8 @@ def _prune(run_cfg: Any, dense: Any, data: Any, ctx: TrialContext, holder: str,
 
     if not get_method(run_cfg.method).regularize:
         return prune_stage(run_cfg, dense, data, on_event), "none"
+    if not ctx.config.prune_reuse:
+        return prune_stage(run_cfg, dense, data, on_event), "computed"
     from study.prune_cache import get_or_compute
 
     key = prune_key(run_cfg, dense)
@@ -166,6 +169,10 @@ def trial(config: dict[str, Any], dense: Any = None, ctx: TrialContext | None = 
             pre_events.append({"step": int(event["epoch"]), **_epoch_metrics(event)})
 
     holder = tune.get_context().get_trial_id() or "trial"
+    finished = StudyFolder(ctx.study_dir).read_finished(holder)
+    if finished is not None:  # finished before the driver was killed; Tune's saved state missed it
+        tune.report({**finished, "tpp_replayed": True})
+        return
     try:
         pruned, reuse = _prune(run_cfg, dense, data, ctx, holder, on_prune_event)
     except DivergedError as e:
@@ -181,7 +188,10 @@ def trial(config: dict[str, Any], dense: Any = None, ctx: TrialContext | None = 
                          best=float(resume_state["best_acc"]) if resume_state else -math.inf)
     result = finetune_stage(run_cfg, pruned, data, reporter.on_event, resume_state=resume_state,
                             checkpoint_every=cfg.checkpoint_every)
-    reporter.finish(result.status, {**dense.metrics, **pruned.metrics, **result.metrics}, chance)
+    final = {**dense.metrics, **pruned.metrics, **result.metrics}
+    if resume_state is not None:  # a retried or resumed trial: where it picked up
+        final["resumed_from_epoch"] = float(resume_state["epoch"])
+    reporter.finish(result.status, final, chance)
     del result, pruned
     _free_gpu()
 

@@ -20,6 +20,7 @@ from tpp.data import (
     crop_flip,
     list_data,
     load_data,
+    loader_kwargs,
     register_data,
 )
 from tpp.data.vision import CIFAR10_MEAN, CIFAR10_STD
@@ -377,6 +378,28 @@ def test_registry_names_kwargs_and_user_sets():
 
     data = load_data("test_user_set", n=6)
     assert data.num_train == 6 and "test_user_set" in list_data()
+
+
+def test_loader_kwargs_list_what_load_data_accepts():
+    assert loader_kwargs("digits") == ["split_seed", "subset", "test_subset", "subset_seed"]
+    assert loader_kwargs("synthetic")[:5] == ["n_train", "n_test", "num_classes", "input_shape", "seed"]
+    assert {"image_size", "in_memory", "workers", "cache_dir", "subset"} <= set(loader_kwargs("imagefolder"))
+    assert {"augment", "cache_dir", "test_subset"} <= set(loader_kwargs("cifar10"))
+    assert all("root" not in loader_kwargs(name) for name in list_data())  # root is its own argument
+    with pytest.raises(DataError, match="unknown data set 'nope'"):
+        loader_kwargs("nope")
+
+    @register_data("test_kw_set")
+    def kw_set(root=None, n=4, subset=None):  # a loader may take `subset` itself
+        x = torch.randn(n, 2)
+        return TensorData("test_kw_set", x, torch.zeros(n), x, torch.zeros(n), 1)
+
+    assert loader_kwargs("test_kw_set") == ["n", "subset", "test_subset", "subset_seed"]
+    assert load_data("test_kw_set", subset=2).num_train == 4  # passed to the loader, not applied again
+    # Every listed kwarg is accepted by load_data.
+    d = load_data("synthetic", **{"n_train": 20, "n_test": 10, "num_classes": 2, "input_shape": [3],
+                                  "seed": 1, "subset": 10, "test_subset": 4, "subset_seed": 2})
+    assert (d.num_train, d.num_test) == (10, 4)
 
 
 def test_default_root_comes_from_the_environment(tmp_path, monkeypatch):

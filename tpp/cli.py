@@ -18,6 +18,7 @@ from typing import Any
 
 from tpp.checkpoint import CheckpointError, load_dense, save_dense, save_pruned
 from tpp.config import RunConfig
+from tpp.run import DivergedError
 from tpp.data import list_data
 from tpp.methods import METHODS
 from tpp.models import list_models
@@ -153,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, CheckpointError) as e:  # bad input: one line, no traceback
         print(f"tpp: error: {e}", file=sys.stderr)
         return 2
+    except DivergedError as e:  # the dense or prune stage blew up: a result to act on, not a crash
+        print(f"tpp: {e}; lower the stage's learning rate", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ class RunConfig:
     weight_decay: float = 5e-4
     # dense model, when none is given
     dense_epochs: int = 30
-    dense_lr: float = 0.1
+    dense_lr: float = 0.05  # 0.1 diverges for the deep linear MLP; CIFAR configs set their own
     # run
     seed: int = 0
     device: str = "auto"
