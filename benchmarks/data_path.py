@@ -151,7 +151,7 @@ def main() -> None:
     print()
     print(table(start))
     print(f"\ndata: {where}; ResNet20, SGD; torch threads in the main process: {torch.get_num_threads()}")
-    print(f"machine: {machine()}, {os.cpu_count()} CPU cores")
+    print(f"machine: {machine()}")
 
 
 if __name__ == "__main__":

@@ -205,7 +205,7 @@ def main() -> None:
     print(table(rows_a))
     print()
     print(table(rows_b))
-    print(f"\nmachine: {machine()}, {os.cpu_count()} CPU cores")
+    print(f"\nmachine: {machine()}")
 
 
 if __name__ == "__main__":

@@ -149,6 +149,16 @@ def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return step
 
 
+def flops(fn: Callable[[], object]) -> int:
+    """FLOPs (matmuls/convolutions, forward and backward) that one call of `fn` performs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
 def repeat(fn: Callable[[], object], k: int) -> Callable[[], None]:
     def run() -> None:
         for _ in range(k):
@@ -202,7 +212,10 @@ def measure(label: str, p: Pruned, batch: int, repeats: int, inner: int) -> list
 
     pen = interleaved({"ours": repeat(pen_ours, inner * 4), "theirs": repeat(pen_theirs, inner * 4)}, repeats)
     pen = {k: v / (inner * 4) for k, v in pen.items()}
-    base = {"model": label, "layers": len(p.masks), "max |Δgrad|": f"{worst:.1e}"}
+    # Machine-independent context: how much arithmetic the penalty adds to a step.
+    flop_ratio = flops(pen_ours) / flops(step_fn(copy.deepcopy(p.model), x, y))
+    base = {"model": label, "layers": len(p.masks), "max |Δgrad|": f"{worst:.1e}",
+            "penalty FLOPs / step FLOPs": flop_ratio}
     ms = 1e3
     return [
         {**base, "phase": "growth", "plain step ms": t["plain"] * ms, "TPP step ms": t["ours"] * ms,

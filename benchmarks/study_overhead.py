@@ -13,7 +13,9 @@
     (Ray sets OMP_NUM_THREADS to the trial's CPUs); the dense model with all of them, as in a study.
     The fixed cost per trial (MLflow run duration minus the trial's own compute time) is reported too.
 
-    python -m benchmarks.study_overhead [--quick] [--config study/configs/quick.yaml]
+    python -m benchmarks.study_overhead [--quick] [--config study/configs/quick.yaml] [--keep]
+
+`--quick` (smoke test): 4 trials, 1 epoch, large growth, and only the reuse-on study.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ import torch
 from benchmarks.timing import machine, parser, table
 
 CONFIG = "study/configs/quick.yaml"
-QUICK = {"num_trials": 2, "set": {"finetune.epochs": 1, "dense.epochs": 1, "space.growth": [0.1, 0.2],
+QUICK = {"num_trials": 4, "set": {"finetune.epochs": 1, "dense.epochs": 1, "space.growth": [0.1, 0.2],
                                   "fixed.stabilize_reg_interval": 10}}
 
 
@@ -123,21 +124,11 @@ def main() -> None:
     overrides: dict[str, Any] = dict(QUICK) if args.quick else {}
     cfg = load_config(raw, **{k: (dict(v) if isinstance(v, dict) else v) for k, v in overrides.items()})
     storage = tempfile.mkdtemp(prefix="tpp-study-bench-")
+    # quick: the reuse-on study only (two studies do not fit the smoke budget); full: both
+    modes = (True,) if args.quick else (True, False)
     try:
-        # quick: one Ray for both studies (fits the smoke budget); full: each starts its own, as users do
-        shared_ray = args.quick
-        if shared_ray:
-            from study.driver import _start_ray
-
-            _start_ray(None, None)
-        results = {}
-        for reuse in (True, False):
-            name = f"bench-reuse-{'on' if reuse else 'off'}"
-            results[reuse] = run_study(raw, storage, name, reuse, overrides)
-        if shared_ray:
-            import ray
-
-            ray.shutdown()
+        results = {reuse: run_study(raw, storage, f"bench-reuse-{'on' if reuse else 'off'}", reuse, overrides)
+                   for reuse in modes}
         t = serial(cfg)
     finally:
         if not args.keep:
@@ -149,20 +140,26 @@ def main() -> None:
 
     rows_a = []
     for reuse in (True, False):
+        row: dict[str, object] = {"prune_reuse": "on" if reuse else "off", "regularising trials": n_reg,
+                                  "distinct (method, pr, growth, seed)": distinct}
+        if reuse not in results:
+            rows_a.append({**row, "trials": "not run (quick mode)"})
+            continue
         res, total = results[reuse]
-        rows_a.append({"prune_reuse": "on" if reuse else "off", "trials": res.num_trials,
-                       "status": dict(Counter({k: v for k, v in res.counts.items()})),
-                       "regularising trials": n_reg, "distinct (method, pr, growth, seed)": distinct,
+        rows_a.append({**row, "trials": res.num_trials, "status": dict(res.counts),
                        "stages computed (tpp.reuse)": res.reuse.get("computed", 0),
                        "stages reused": res.reuse.get("reused", 0), "study wall s": res.wall_s,
                        "study.run() s": total})
-    on, off = results[True][0], results[False][0]
-    rows_a.append({"prune_reuse": "on / off", "trials": "", "status": "", "regularising trials": "",
-                   "distinct (method, pr, growth, seed)": "",
-                   "stages computed (tpp.reuse)": f"{on.reuse.get('computed', 0)} / "
-                                                  f"{off.reuse.get('computed', 0)}",
-                   "stages reused": "", "study wall s": on.wall_s / off.wall_s,
-                   "study.run() s": f"predicted from counts and stage times: {ideal_on / ideal_off:.3g}"})
+    if len(results) == 2:
+        on, off = results[True][0], results[False][0]
+        rows_a.append({"prune_reuse": "on / off", "stages computed (tpp.reuse)":
+                       f"{on.reuse.get('computed', 0)} / {off.reuse.get('computed', 0)}",
+                       "study wall s": on.wall_s / off.wall_s,
+                       "study.run() s": results[True][1] / results[False][1]})
+    rows_a.append({"prune_reuse": "predicted on / off (stage counts x in-process stage times)",
+                   "study wall s": ideal_on / ideal_off})
+    keys = list(dict.fromkeys(k for r in rows_a for k in r))
+    rows_a = [{k: r.get(k, "") for k in keys} for r in rows_a]
 
     res, total = results[True]
     fixed = trial_fixed_costs(res)

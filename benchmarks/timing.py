@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import platform
 import statistics
 import time
@@ -29,8 +30,10 @@ def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup:
 def machine() -> str:
     """One line describing where the numbers were taken."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, {gpu}, "
-            f"torch {torch.__version__}, Python {platform.python_version()}")
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    cpu = platform.processor() or platform.machine()
+    return (f"{cpu}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, {gpu}, "
+            f"torch {torch.__version__}, Python {platform.python_version()}, load avg 1/5/15 min {load}")
 
 
 def parser(description: str) -> argparse.ArgumentParser:

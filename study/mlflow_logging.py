@@ -312,6 +312,9 @@ class StudyLogger(tune.Callback):
         self.ended: set[str] = set()
         self.reuse_tagged: set[str] = set()
         self.replayed: set[str] = set()  # finished before an interruption: already fully logged
+        # (trial, metric) -> last step logged: a trial retried from a checkpoint older than its last
+        # report repeats an epoch (same seed, same values); it is logged once.
+        self.last_step: dict[tuple[str, str], int] = {}
         self.counts = collections.Counter()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -340,6 +343,12 @@ class StudyLogger(tune.Callback):
                     self.reuse_tagged.add(tid)
                 if run.info.status in ("FINISHED", "FAILED"):
                     self.ended.add(tid)
+                else:  # to be continued: remember how far its curves got
+                    c = self.box.mlflow
+                    for key in run.data.metrics:
+                        if "/" in key:
+                            steps = [m.step for m in c.get_metric_history(run.info.run_id, key)]
+                            self.last_step[(tid, key)] = max(steps, default=-1)
 
     # -- trial lifecycle
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -372,6 +381,7 @@ class StudyLogger(tune.Callback):
         rows = [(k, v, step) for k, v in result.items() if "/" in k and isinstance(v, (int, float))]
         for ev in result.get("tpp_events") or []:
             rows += [(k, v, ev["step"]) for k, v in ev.items() if "/" in k]
+        rows = self._new_steps(tid, rows)
         tags = {}
         if "tpp_reuse" in result and tid not in self.reuse_tagged:
             tags["tpp.reuse"] = str(result["tpp_reuse"])
@@ -384,6 +394,17 @@ class StudyLogger(tune.Callback):
             tags["tpp.status"] = str(result.get("tpp_status", "completed"))
         self.box.batch(tid, metrics=rows, tags=tags)
         self.box.flush()
+
+    def _new_steps(self, tid: str, rows: list[tuple[str, Any, int]]) -> list[tuple[str, Any, int]]:
+        """Drop per-epoch rows already logged for this trial (an epoch repeated after a retry)."""
+        out = []
+        for key, value, step in rows:
+            if "/" in key:
+                if step <= self.last_step.get((tid, key), -1):
+                    continue
+                self.last_step[(tid, key)] = step
+            out.append((key, value, step))
+        return out
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         assert self.box is not None

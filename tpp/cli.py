@@ -18,10 +18,10 @@ from typing import Any
 
 from tpp.checkpoint import CheckpointError, load_dense, save_dense, save_pruned
 from tpp.config import RunConfig
-from tpp.run import DivergedError
 from tpp.data import list_data
 from tpp.methods import METHODS
 from tpp.models import list_models
+from tpp.run import DivergedError
 
 # Short help for the flags people use most; the rest are documented in RunConfig.
 HELP = {
