@@ -182,17 +182,10 @@ class RemoveNode(tune.Callback):
 
 
 @pytest.mark.slow
-def test_study_survives_losing_a_worker_node(tmp_path):
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+def test_study_survives_losing_a_worker_node(tmp_path, multi_node_cluster):
+    cluster, workers = multi_node_cluster
+    _CLUSTER.update(cluster=cluster, workers=workers)
     try:
-        _CLUSTER["cluster"] = cluster
-        _CLUSTER["workers"] = [cluster.add_node(num_cpus=1) for _ in range(2)]
-        cluster.wait_for_nodes()
         remover = RemoveNode()
         cfg = tiny("nodeloss", space={"lr": [1e-3, 1e-2, 3e-2], "pr": [0.5], "growth": [0.2], "seeds": [0]},
                    finetune={"epochs": 4}, max_concurrent=3, max_failures=3)
@@ -204,9 +197,6 @@ def test_study_survives_losing_a_worker_node(tmp_path):
         check_trial_runs(res, [v[0] for v in by_trial.values()], epochs=4)
         assert Counter(v[0].data.tags["tpp.status"] for v in by_trial.values()) == {"completed": 6}
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        cluster.shutdown()
         _CLUSTER.clear()
 
 

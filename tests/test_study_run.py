@@ -391,30 +391,19 @@ def test_cli_embedded_study_starts_and_stops_its_own_ray(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- cluster
 @pytest.mark.slow
-def test_study_on_a_multi_node_cluster(tmp_path):
+def test_study_on_a_multi_node_cluster(tmp_path, multi_node_cluster):
     """Head + 2 worker nodes (separate raylets, all on loopback); the study joins by address."""
     import ray
-    from ray.cluster_utils import Cluster
 
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        cfg = tiny("cluster", space={"lr": [1e-3, 1e-2, 3e-2], "pr": [0.5], "growth": [0.2], "seeds": [0]},
-                   max_concurrent=3)
-        res = study.run(cfg, storage=str(tmp_path), address=cluster.address)
-        assert res.status == "completed"
-        assert not ray.is_initialized()  # the study joined the cluster and disconnected
-        runs = child_runs(res)
-        check_trial_runs(res, runs, epochs=2)
-        # one prune computation for the three tpp trials, wherever they ran
-        assert Counter(r.data.tags["tpp.reuse"] for r in runs) == {"none": 3, "computed": 1, "reused": 2}
-        nodes = {r.data.tags["tpp.node"] for r in runs}
-        assert len(nodes) >= 2, nodes
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        cluster.shutdown()
+    cluster, _ = multi_node_cluster
+    cfg = tiny("cluster", space={"lr": [1e-3, 1e-2, 3e-2], "pr": [0.5], "growth": [0.2], "seeds": [0]},
+               max_concurrent=3)
+    res = study.run(cfg, storage=str(tmp_path), address=cluster.address)
+    assert res.status == "completed"
+    assert not ray.is_initialized()  # the study joined the cluster and disconnected
+    runs = child_runs(res)
+    check_trial_runs(res, runs, epochs=2)
+    # one prune computation for the three tpp trials, wherever they ran
+    assert Counter(r.data.tags["tpp.reuse"] for r in runs) == {"none": 3, "computed": 1, "reused": 2}
+    nodes = {r.data.tags["tpp.node"] for r in runs}
+    assert len(nodes) >= 2, nodes
