@@ -15,11 +15,13 @@
 
     python -m benchmarks.study_overhead [--quick] [--config study/configs/quick.yaml] [--keep]
 
-`--quick` (smoke test): 4 trials, 1 epoch, large growth, and only the reuse-on study.
+`--quick` (smoke test): 2 trials, 1 epoch, large growth, and only the reuse-on study.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -27,12 +29,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
+from ray import tune
 
 from benchmarks.timing import machine, parser, table
 
 CONFIG = "study/configs/quick.yaml"
-QUICK = {"num_trials": 4, "set": {"finetune.epochs": 1, "dense.epochs": 1, "space.growth": [0.1, 0.2],
+QUICK = {"num_trials": 2, "set": {"finetune.epochs": 1, "dense.epochs": 1, "space.growth": [0.1, 0.2],
                                   "fixed.stabilize_reg_interval": 10}}
 
 
@@ -83,37 +87,130 @@ def serial(cfg: Any) -> dict[str, Any]:
     finally:
         torch.set_num_threads(threads)
     return {"dense_s": dense_s, "prune_reused_s": prune_done, "prune_all_s": prune_all,
-            "finetune_s": finetune}
+            "finetune_s": finetune, "dense": dense}
 
 
-def trial_fixed_costs(res: Any) -> list[float]:
-    """Per trial: MLflow run duration minus the trial's own compute (prune stage if it ran it, finetune)."""
-    from study.mlflow_logging import children
+def _probe_job(cfg_dict: dict[str, Any], dense: Any, barrier: Any, out: Any) -> None:
+    """One trial's work (prune stage + finetuning) in a fresh process with 1 thread: once to warm up,
+    then, after every process has warmed up, once timed."""
+    from tpp.config import RunConfig
+    from tpp.run import finetune_stage, load_run_data, prune_stage
 
-    out = []
+    torch.set_num_threads(1)
+    rc = RunConfig.from_dict(cfg_dict)
+    data = load_run_data(rc)
+
+    def job() -> None:
+        finetune_stage(rc, prune_stage(rc, dense, data), data, checkpoint_every=0)
+
+    job()
+    barrier.wait()
+    t0 = time.perf_counter()
+    job()
+    out.put(time.perf_counter() - t0)
+
+
+def pair_efficiency(cfg: Any, dense: Any) -> tuple[float, float]:
+    """(seconds of one trial alone, per-trial seconds when two run at once in two processes), no Ray.
+
+    What two concurrent trials can get out of this machine at best; their ratio bounds what
+    `max_concurrent: 2` can gain whatever runs the trials.
+    """
+    import multiprocessing as mp
+
+    from study.space import design, run_config
+    from tpp.methods import get_method
+
+    points = design(cfg)
+    reg = [p for p in points if get_method(p.method).regularize]
+    point = max(reg, key=lambda p: p.growth or 0.0) if reg else points[0]  # the cheapest prune stage
+    cfg_dict = run_config(cfg, point).to_dict()
+    ctx = mp.get_context("spawn")
+    times = {}
+    for k in (1, 2):
+        barrier, out = ctx.Barrier(k), ctx.Queue()
+        procs = [ctx.Process(target=_probe_job, args=(cfg_dict, dense, barrier, out)) for _ in range(k)]
+        for proc in procs:
+            proc.start()
+        times[k] = statistics.mean(out.get() for _ in procs)
+        for proc in procs:
+            proc.join()
+    return times[1], times[2]
+
+
+def trial_stats(res: Any) -> dict[str, Any]:
+    """From MLflow: per trial, run duration (driver's start -> end) and the trial's own compute
+    (its prune stage if it ran one, its finetuning), plus the dense task's time and the trials' span."""
+    from study.mlflow_logging import children, client
+
+    busy, compute, starts, ends = [], [], [], []
     for run in children(res.tracking_uri, res.experiment_id, res.parent_run_id):
         m, tags = run.data.metrics, run.data.tags
         if run.info.end_time is None or "time_finetune_s" not in m:
             continue
         ran_prune = tags.get("tpp.reuse") != "reused"
-        compute = m["time_finetune_s"] + (m.get("time_prune_s", 0.0) if ran_prune else 0.0)
-        out.append((run.info.end_time - run.info.start_time) / 1000 - compute)
-    return out
+        compute.append(m["time_finetune_s"] + (m.get("time_prune_s", 0.0) if ran_prune else 0.0))
+        busy.append((run.info.end_time - run.info.start_time) / 1000)
+        starts.append(run.info.start_time / 1000)
+        ends.append(run.info.end_time / 1000)
+    parent = client(res.tracking_uri).get_run(res.parent_run_id).data.metrics
+    return {"busy_s": sum(busy), "compute_s": sum(compute), "span_s": max(ends) - min(starts),
+            "fixed": [b - c for b, c in zip(busy, compute, strict=True)], "n": len(busy),
+            "dense_s": parent.get("time_dense_s", float("nan"))}
+
+
+class CpuTimes(tune.Callback):
+    """At the end of the Tune run, the CPU seconds used by the driver and by every live Ray process.
+
+    CPU seconds, unlike wall time, do not depend on what else the machine runs: they split the study's
+    cost into trial workers (the compute, plus each worker's start-up), the driver (Tune's loop, the
+    MLflow and progress callbacks, Optuna) and Ray's own processes. Written to `path` as JSON.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        cpu = psutil.Process().cpu_times()
+        self.driver_start = cpu.user + cpu.system  # the driver's CPU before this study
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        me = psutil.Process()
+        parts = {"driver": 0.0, "workers": 0.0, "ray_system": 0.0}
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                cpu = proc.cpu_times()
+                cmd = " ".join(proc.cmdline())
+            except psutil.Error:
+                continue
+            used = cpu.user + cpu.system
+            if proc.pid == me.pid:
+                parts["driver"] += used - self.driver_start
+            elif cmd.startswith("ray::") and "PruneCacheActor" not in cmd:
+                parts["workers"] += used
+            else:
+                parts["ray_system"] += used
+        Path(self.path).write_text(json.dumps(parts))
 
 
 def run_study(raw: dict[str, Any], storage: str, name: str, reuse: bool,
-              overrides: dict[str, Any]) -> tuple[Any, float]:
+              overrides: dict[str, Any]) -> tuple[Any, float, dict[str, Any]]:
     import study
 
+    cpu_file = os.path.join(storage, f"{name}.cpu.json")
     t0 = time.perf_counter()
-    res = study.run(raw, storage=storage, if_exists="replace", name=name, prune_reuse=reuse, **overrides)
-    return res, time.perf_counter() - t0
+    res = study.run(raw, storage=storage, if_exists="replace", name=name, prune_reuse=reuse,
+                    callbacks=[CpuTimes(cpu_file)], **overrides)
+    total = time.perf_counter() - t0
+    stats = trial_stats(res)
+    stats["cpu"] = json.loads(Path(cpu_file).read_text())
+    return res, total, stats
 
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--config", default=CONFIG)
     p.add_argument("--keep", action="store_true", help="keep the studies' folder (printed) for inspection")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for both studies and the in-process run, e.g. checkpoint_every=30")
     args = p.parse_args()
     import yaml
 
@@ -121,7 +218,11 @@ def main() -> None:
 
     # Read once: every study and the in-process run use the same config even if the file changes meanwhile.
     raw = yaml.safe_load(Path(args.config).read_text())
-    overrides: dict[str, Any] = dict(QUICK) if args.quick else {}
+    overrides: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v)
+                                 for k, v in (QUICK if args.quick else {}).items()}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides.setdefault("set", {})[key] = yaml.safe_load(value)
     cfg = load_config(raw, **{k: (dict(v) if isinstance(v, dict) else v) for k, v in overrides.items()})
     storage = tempfile.mkdtemp(prefix="tpp-study-bench-")
     # quick: the reuse-on study only (two studies do not fit the smoke budget); full: both
@@ -130,6 +231,7 @@ def main() -> None:
         results = {reuse: run_study(raw, storage, f"bench-reuse-{'on' if reuse else 'off'}", reuse, overrides)
                    for reuse in modes}
         t = serial(cfg)
+        alone, paired = (float("nan"), float("nan")) if args.quick else pair_efficiency(cfg, t["dense"])
     finally:
         if not args.keep:
             shutil.rmtree(storage, ignore_errors=True)
@@ -145,7 +247,7 @@ def main() -> None:
         if reuse not in results:
             rows_a.append({**row, "trials": "not run (quick mode)"})
             continue
-        res, total = results[reuse]
+        res, total, _ = results[reuse]
         rows_a.append({**row, "trials": res.num_trials, "status": dict(res.counts),
                        "stages computed (tpp.reuse)": res.reuse.get("computed", 0),
                        "stages reused": res.reuse.get("reused", 0), "study wall s": res.wall_s,
@@ -161,8 +263,7 @@ def main() -> None:
     keys = list(dict.fromkeys(k for r in rows_a for k in r))
     rows_a = [{k: r.get(k, "") for k in keys} for r in rows_a]
 
-    res, total = results[True]
-    fixed = trial_fixed_costs(res)
+    res, total, st = results[True]
     rows_b = [
         {"quantity": "in-process: dense training s", "value": t["dense_s"]},
         {"quantity": "in-process: prune stages s (with reuse)", "value": t["prune_reused_s"]},
@@ -172,10 +273,31 @@ def main() -> None:
         {"quantity": "study.run() s (incl. Ray start, MLflow set-up, shutdown)", "value": total},
         {"quantity": "overhead: study wall / ideal (goal <= 1.25)", "value": res.wall_s / ideal_on},
         {"quantity": "overhead: study.run() / ideal", "value": total / ideal_on},
-        {"quantity": "fixed cost per trial s, median (MLflow run time - compute)",
-         "value": statistics.median(fixed) if fixed else float("nan")},
+        {"quantity": "in study: dense task s (time_dense_s)", "value": st["dense_s"]},
+        {"quantity": "in study: trials' own compute s (sum of time_prune_s run + time_finetune_s)",
+         "value": st["compute_s"]},
+        {"quantity": "in study / in-process compute (same work inside Ray trials)",
+         "value": st["compute_s"] / (t["prune_reused_s"] + t["finetune_s"])},
+        {"quantity": "in study: trial runs s (sum of MLflow run durations)", "value": st["busy_s"]},
+        {"quantity": f"slot occupancy: run durations / ({par} x first start -> last end)",
+         "value": st["busy_s"] / (par * st["span_s"])},
+        {"quantity": "fixed cost per trial s, median (MLflow run duration - compute)",
+         "value": statistics.median(st["fixed"]) if st["fixed"] else float("nan")},
         {"quantity": "fixed cost per trial s, amortised ((wall - ideal) x concurrency / trials)",
          "value": (res.wall_s - ideal_on) * par / res.num_trials},
+        {"quantity": "CPU s: Ray trial workers (compute + worker start-up)", "value": st["cpu"]["workers"]},
+        {"quantity": "CPU s: driver (Tune loop, MLflow/progress callbacks, Optuna)",
+         "value": st["cpu"]["driver"]},
+        {"quantity": "CPU s: Ray system processes (raylet, GCS, agents, prune-cache actor)",
+         "value": st["cpu"]["ray_system"]},
+        {"quantity": f"CPU s available in the study wall time ({os.cpu_count()} cores)",
+         "value": (os.cpu_count() or 1) * res.wall_s},
+        {"quantity": "no Ray: one trial alone s / per trial with two at once in two processes s",
+         "value": f"{alone:.3g} / {paired:.3g}" + (" (not run in quick mode)" if args.quick else "")},
+        {"quantity": f"ideal wall s on this machine = dense + trials / {par} x (paired / alone)",
+         "value": t["dense_s"] + (ideal_on - t["dense_s"]) * paired / alone},
+        {"quantity": "overhead vs that: study wall / ideal on this machine",
+         "value": res.wall_s / (t["dense_s"] + (ideal_on - t["dense_s"]) * paired / alone)},
     ]
     print(table(rows_a))
     print()

@@ -33,7 +33,8 @@ def machine() -> str:
     load = "/".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     cpu = platform.processor() or platform.machine()
     return (f"{cpu}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, {gpu}, "
-            f"torch {torch.__version__}, Python {platform.python_version()}, load avg 1/5/15 min {load}")
+            f"torch {torch.__version__}, Python {platform.python_version()}, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load avg 1/5/15 min {load}")
 
 
 def parser(description: str) -> argparse.ArgumentParser:
