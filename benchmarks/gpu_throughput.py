@@ -15,8 +15,10 @@ not starved by its input pipeline. This measures, on one CUDA GPU, with ResNet56
 The images are random uint8 arrays of CIFAR-10's shape (50,000 x 3 x 32 x 32): decoding and copying
 cost the same whatever the pixels are, and no data set has to be shipped to the GPU machine.
 Without CUDA it prints "no CUDA GPU: unmeasured" and exits 0: CPU numbers would say nothing.
+`--dry-run-cpu` runs the same code on the CPU with tiny sizes, to check the script itself works
+before a GPU machine is spent on it (its numbers mean nothing).
 
-    python -m benchmarks.gpu_throughput [--quick]
+    python -m benchmarks.gpu_throughput [--quick] [--dry-run-cpu]
 """
 
 from __future__ import annotations
@@ -72,6 +74,11 @@ class PilCifar(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), self.labels[i]
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _model(device: torch.device, precision):
     from tpp.models import ModelSpec, build_model
 
@@ -89,7 +96,7 @@ def _steps_per_s(batches, model, precision, device, n_steps: int, warmup: int = 
     images, t0 = 0, None
     for step in range(warmup + n_steps):
         if step == warmup:
-            torch.cuda.synchronize()
+            _sync(device)
             t0, images = time.perf_counter(), 0
         x, y = next(it)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -100,17 +107,17 @@ def _steps_per_s(batches, model, precision, device, n_steps: int, warmup: int = 
         loss.backward()
         opt.step()
         images += len(y)
-    torch.cuda.synchronize()
+    _sync(device)
     return images / (time.perf_counter() - t0)
 
 
-def data_paths(n_steps: int, workers: tuple[int, ...]) -> list[dict[str, object]]:
+def data_paths(device: torch.device, n_steps: int, workers: tuple[int, ...],
+               n_images: int = 50_000) -> list[dict[str, object]]:
     """(a): device-side data vs CPU DataLoaders, same model, optimizer and precision."""
     from tpp.train import Precision
 
-    device = torch.device("cuda")
-    data = cifar_like(50_000)
-    ds = PilCifar(*random_images(50_000))
+    data = cifar_like(n_images)
+    ds = PilCifar(*random_images(n_images))
     rows = []
     for bf16 in (True, False):
         precision = Precision(bf16=bf16, channels_last=bf16)
@@ -121,7 +128,8 @@ def data_paths(n_steps: int, workers: tuple[int, ...]) -> list[dict[str, object]
         rows.append({"precision": label, "data path": "device-side (tpp.data)", "images/s": ips})
         for w in workers:
             loader = torch.utils.data.DataLoader(ds, batch_size=128, shuffle=True, num_workers=w,
-                                                 pin_memory=True, drop_last=True, persistent_workers=w > 0)
+                                                 pin_memory=device.type == "cuda", drop_last=True,
+                                                 persistent_workers=w > 0)
             ips = _steps_per_s(loader, _model(device, precision), precision, device, n_steps)
             rows.append({"precision": label, "data path": f"CPU DataLoader, {w} workers", "images/s": ips})
     dev = {r["precision"]: r["images/s"] for r in rows if r["data path"].startswith("device")}
@@ -137,25 +145,26 @@ def worker(args: list[str]) -> None:
     from tpp.results import DenseModel, cpu_state_dict
     from tpp.run import finetune_stage, prune_stage
 
-    go, ready, n_train, epochs = Path(args[0]), Path(args[1]), int(args[2]), int(args[3])
+    go, ready, n_train, epochs, device = Path(args[0]), Path(args[1]), int(args[2]), int(args[3]), args[4]
     data = cifar_like(n_train)
     torch.manual_seed(0)
     spec = ModelSpec("resnet56", 10, (3, 32, 32))
     dense = DenseModel(spec, cpu_state_dict(build_model(spec)))
     cfg = RunConfig(model="resnet56", data="cifar10", method="l1", pr=0.5, lr=0.01, epochs=epochs,
-                    batch_size=128, device="cuda", bf16=True, channels_last=True, jsv_samples=8)
-    torch.zeros(1, device="cuda")  # CUDA context before the start line
+                    batch_size=128, device=device, bf16=True, channels_last=True, jsv_samples=8)
+    torch.zeros(1, device=device)  # CUDA context before the start line
     ready.write_text("ready")
     while not go.exists():
         time.sleep(0.01)
     start = time.time()
     pruned = prune_stage(cfg, dense, data)
     finetune_stage(cfg, pruned, data)
-    torch.cuda.synchronize()
+    _sync(torch.device(device))
     print(json.dumps({"start": start, "end": time.time()}), flush=True)
 
 
-def concurrent_trials(counts: tuple[int, ...], n_train: int, epochs: int) -> list[dict[str, object]]:
+def concurrent_trials(device: torch.device, counts: tuple[int, ...], n_train: int,
+                      epochs: int) -> list[dict[str, object]]:
     """(b): k trial processes released together; aggregate trials per hour."""
     rows, single = [], None
     for k in counts:
@@ -163,7 +172,7 @@ def concurrent_trials(counts: tuple[int, ...], n_train: int, epochs: int) -> lis
             go = Path(d) / "go"
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_throughput", "--worker", str(go),
-                                       str(Path(d) / f"ready{i}"), str(n_train), str(epochs)],
+                                       str(Path(d) / f"ready{i}"), str(n_train), str(epochs), device.type],
                                       stdout=subprocess.PIPE, text=True, env=env)
                      for i in range(k)]
             while sum((Path(d) / f"ready{i}").exists() for i in range(k)) < k:
@@ -189,23 +198,31 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker(sys.argv[2:])
         return
-    args = parser(__doc__.splitlines()[0]).parse_args()
-    if not torch.cuda.is_available():
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--dry-run-cpu", action="store_true", help="the code on the CPU, tiny sizes (a test)")
+    args = p.parse_args()
+    if args.dry_run_cpu:
+        device = torch.device("cpu")
+        rows_a = data_paths(device, n_steps=2, workers=(0,), n_images=1024)
+        rows_b = concurrent_trials(device, (1, 2), n_train=256, epochs=1)
+    elif not torch.cuda.is_available():
         print("no CUDA GPU: unmeasured")
         print(table([{"item": "gpu_throughput", "result": "unmeasured (no CUDA GPU)"}]))
         print(f"\nmachine: {machine()}")
         return
-    if args.quick:
-        rows_a = data_paths(n_steps=20, workers=(2,))
-        rows_b = concurrent_trials((1, 2), n_train=2048, epochs=1)
+    elif args.quick:
+        device = torch.device("cuda")
+        rows_a = data_paths(device, n_steps=20, workers=(2,))
+        rows_b = concurrent_trials(device, (1, 2), n_train=2048, epochs=1)
     else:
+        device = torch.device("cuda")
         cpus = os.cpu_count() or 2
-        rows_a = data_paths(n_steps=200, workers=(0, 2, max(2, min(8, cpus // 2))))
-        rows_b = concurrent_trials((1, 2, 4, 8), n_train=10_000, epochs=3)
+        rows_a = data_paths(device, n_steps=200, workers=(0, 2, max(2, min(8, cpus // 2))))
+        rows_b = concurrent_trials(device, (1, 2, 4, 8), n_train=10_000, epochs=3)
     print(table(rows_a))
     print()
     print(table(rows_b))
-    print(f"\nmachine: {machine()}")
+    print(f"\nmachine: {machine()}" + ("  (CPU dry run: numbers mean nothing)" if args.dry_run_cpu else ""))
 
 
 if __name__ == "__main__":

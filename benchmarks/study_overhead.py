@@ -11,9 +11,12 @@
     scheduler with no Ray, Tune, Optuna or MLflow would take. Goal: study wall time <= 1.25x that.
     Each in-process trial runs with 1 torch thread, as a study trial with `resources.cpus: 1` does
     (Ray sets OMP_NUM_THREADS to the trial's CPUs); the dense model with all of them, as in a study.
-    The fixed cost per trial (MLflow run duration minus the trial's own compute time) is reported too.
+    The fixed cost per trial (MLflow run duration minus the trial's own compute time) is reported too,
+    and, to say where the rest goes, the CPU seconds of the driver, the Ray workers and Ray's own
+    processes, and a probe without Ray of what this machine gives two trials running at once.
 
     python -m benchmarks.study_overhead [--quick] [--config study/configs/quick.yaml] [--keep]
+                                        [--set KEY=VALUE ...]   # e.g. --set checkpoint_every=30
 
 `--quick` (smoke test): 2 trials, 1 epoch, large growth, and only the reuse-on study.
 """
@@ -62,6 +65,7 @@ def serial(cfg: Any) -> dict[str, Any]:
     dense = train_dense(first, data)
     dense_s = time.perf_counter() - t0
     torch.set_num_threads(int(cfg.resources.cpus))
+    cpu0 = time.process_time()
     cache: dict[str, tuple[Any, float]] = {}
     prune_all = prune_done = finetune = 0.0
     try:
@@ -86,13 +90,13 @@ def serial(cfg: Any) -> dict[str, Any]:
             finetune += time.perf_counter() - t0
     finally:
         torch.set_num_threads(threads)
-    return {"dense_s": dense_s, "prune_reused_s": prune_done, "prune_all_s": prune_all,
-            "finetune_s": finetune, "dense": dense}
+    return {"trials_cpu_s": time.process_time() - cpu0, "dense_s": dense_s, "prune_reused_s": prune_done,
+            "prune_all_s": prune_all, "finetune_s": finetune, "dense": dense}
 
 
-def _probe_job(cfg_dict: dict[str, Any], dense: Any, barrier: Any, out: Any) -> None:
+def _probe_job(cfg_dict: dict[str, Any], dense: Any, barrier: Any, out: Any, reps: int) -> None:
     """One trial's work (prune stage + finetuning) in a fresh process with 1 thread: once to warm up,
-    then, after every process has warmed up, once timed."""
+    then `reps` times, each started together with the other processes at the barrier."""
     from tpp.config import RunConfig
     from tpp.run import finetune_stage, load_run_data, prune_stage
 
@@ -104,14 +108,16 @@ def _probe_job(cfg_dict: dict[str, Any], dense: Any, barrier: Any, out: Any) -> 
         finetune_stage(rc, prune_stage(rc, dense, data), data, checkpoint_every=0)
 
     job()
-    barrier.wait()
-    t0 = time.perf_counter()
-    job()
-    out.put(time.perf_counter() - t0)
+    for _ in range(reps):
+        barrier.wait()
+        t0 = time.perf_counter()
+        job()
+        out.put(time.perf_counter() - t0)
 
 
-def pair_efficiency(cfg: Any, dense: Any) -> tuple[float, float]:
-    """(seconds of one trial alone, per-trial seconds when two run at once in two processes), no Ray.
+def pair_efficiency(cfg: Any, dense: Any, reps: int = 3) -> tuple[float, float]:
+    """(seconds of one trial alone, per-trial seconds when two run at once in two processes), no Ray,
+    medians over `reps` runs each, alone and paired alternating twice.
 
     What two concurrent trials can get out of this machine at best; their ratio bounds what
     `max_concurrent: 2` can gain whatever runs the trials.
@@ -126,16 +132,16 @@ def pair_efficiency(cfg: Any, dense: Any) -> tuple[float, float]:
     point = max(reg, key=lambda p: p.growth or 0.0) if reg else points[0]  # the cheapest prune stage
     cfg_dict = run_config(cfg, point).to_dict()
     ctx = mp.get_context("spawn")
-    times = {}
-    for k in (1, 2):
+    times: dict[int, list[float]] = {1: [], 2: []}
+    for k in (1, 2, 1, 2):
         barrier, out = ctx.Barrier(k), ctx.Queue()
-        procs = [ctx.Process(target=_probe_job, args=(cfg_dict, dense, barrier, out)) for _ in range(k)]
+        procs = [ctx.Process(target=_probe_job, args=(cfg_dict, dense, barrier, out, reps)) for _ in range(k)]
         for proc in procs:
             proc.start()
-        times[k] = statistics.mean(out.get() for _ in procs)
+        times[k] += [out.get() for _ in range(reps * k)]
         for proc in procs:
             proc.join()
-    return times[1], times[2]
+    return statistics.median(times[1]), statistics.median(times[2])
 
 
 def trial_stats(res: Any) -> dict[str, Any]:
@@ -160,34 +166,45 @@ def trial_stats(res: Any) -> dict[str, Any]:
 
 
 class CpuTimes(tune.Callback):
-    """At the end of the Tune run, the CPU seconds used by the driver and by every live Ray process.
+    """CPU seconds used during the study by the driver, the Ray worker processes and Ray's own processes.
 
     CPU seconds, unlike wall time, do not depend on what else the machine runs: they split the study's
-    cost into trial workers (the compute, plus each worker's start-up), the driver (Tune's loop, the
-    MLflow and progress callbacks, Optuna) and Ray's own processes. Written to `path` as JSON.
+    cost into trial workers (the trials' compute plus whatever runs around it in the worker), the
+    driver (Tune's loop, the MLflow and progress callbacks, Optuna) and Ray's own processes. Processes
+    are sampled after every trial and at the end (a worker that exits keeps its last sample); the
+    result is written to `path` as JSON.
     """
 
     def __init__(self, path: str):
         self.path = path
         cpu = psutil.Process().cpu_times()
         self.driver_start = cpu.user + cpu.system  # the driver's CPU before this study
+        self.seen: dict[int, tuple[str, float]] = {}
 
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
+    def _sample(self) -> None:
         me = psutil.Process()
-        parts = {"driver": 0.0, "workers": 0.0, "ray_system": 0.0}
         for proc in [me, *me.children(recursive=True)]:
             try:
                 cpu = proc.cpu_times()
                 cmd = " ".join(proc.cmdline())
             except psutil.Error:
                 continue
-            used = cpu.user + cpu.system
             if proc.pid == me.pid:
-                parts["driver"] += used - self.driver_start
+                kind = "driver"
             elif cmd.startswith("ray::") and "PruneCacheActor" not in cmd:
-                parts["workers"] += used
+                kind = "workers"
             else:
-                parts["ray_system"] += used
+                kind = "ray_system"
+            self.seen[proc.pid] = (kind, cpu.user + cpu.system)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._sample()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._sample()
+        parts = {"driver": -self.driver_start, "workers": 0.0, "ray_system": 0.0}
+        for kind, used in self.seen.values():
+            parts[kind] += used
         Path(self.path).write_text(json.dumps(parts))
 
 
@@ -285,7 +302,9 @@ def main() -> None:
          "value": statistics.median(st["fixed"]) if st["fixed"] else float("nan")},
         {"quantity": "fixed cost per trial s, amortised ((wall - ideal) x concurrency / trials)",
          "value": (res.wall_s - ideal_on) * par / res.num_trials},
-        {"quantity": "CPU s: Ray trial workers (compute + worker start-up)", "value": st["cpu"]["workers"]},
+        {"quantity": "CPU s: in-process trials (the same work, no Ray)", "value": t["trials_cpu_s"]},
+        {"quantity": "CPU s: Ray worker processes (trials, dense task, worker start-up)",
+         "value": st["cpu"]["workers"]},
         {"quantity": "CPU s: driver (Tune loop, MLflow/progress callbacks, Optuna)",
          "value": st["cpu"]["driver"]},
         {"quantity": "CPU s: Ray system processes (raylet, GCS, agents, prune-cache actor)",
