@@ -26,6 +26,7 @@ from torch import nn
 from benchmarks.nets import Pruned, pruned
 from benchmarks.timing import interleaved, machine, parser, table
 from tpp.pruning import PruneRegularizer
+from tpp.train import sgd, train_epoch
 
 PR = 0.9
 FACTOR = 0.5  # a penalty factor in the middle of the growth (it only scales values, not the cost)
@@ -123,28 +124,15 @@ def check_same(p: Pruned) -> float:
     return worst
 
 
-def _sgd(model: nn.Module) -> torch.optim.SGD:
-    return torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
-
-
 def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             extra: Callable[[], torch.Tensor] | None = None, after_backward: Callable[[], None] | None = None,
             after_step: Callable[[], None] | None = None) -> Callable[[], None]:
-    """One SGD step as tpp.train.train_epoch does it, with the same three hooks."""
-    model.train()
-    opt = _sgd(model)
+    """One SGD step through the library's own training loop (tpp.train.train_epoch on one batch)."""
+    opt = sgd(model, LR, MOMENTUM, WD)
+    batch = ((x, y),)
 
     def step() -> None:
-        loss = F.cross_entropy(model(x), y)
-        if extra is not None:
-            loss = loss + extra()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if after_backward is not None:
-            after_backward()
-        opt.step()
-        if after_step is not None:
-            after_step()
+        train_epoch(model, batch, opt, x.device, None, extra, after_backward, after_step)
 
     return step
 

@@ -183,16 +183,22 @@ def _absolute_paths(cfg: StudyConfig) -> StudyConfig:
     })
 
 
+def _dense_run_config(cfg: StudyConfig) -> Any:
+    """The RunConfig of the dense stage: model, data and dense settings (the trial point does not matter)."""
+    from study.space import TrialPoint, run_config
+
+    return run_config(cfg, TrialPoint(cfg.methods[0], 0.5, 0.01, None, cfg.dense.seed))
+
+
 def _preflight(cfg: StudyConfig) -> None:
     """Open the data set and the dense checkpoint before anything starts: a data folder in the wrong
     layout or a checkpoint that is corrupt or for another architecture is a config error, not a crash
     after Ray and MLflow were started."""
-    from study.space import TrialPoint, run_config
     from tpp.checkpoint import CheckpointError, load_dense
     from tpp.data import DataError
     from tpp.run import load_run_data, model_spec
 
-    run_cfg = run_config(cfg, TrialPoint(cfg.methods[0], 0.5, 0.01, None, cfg.dense.seed))
+    run_cfg = _dense_run_config(cfg)
     try:
         data = load_run_data(run_cfg)
     except DataError as e:
@@ -224,14 +230,11 @@ def _dense(cfg: StudyConfig, folder: StudyFolder, meta: StudyMeta, gpu: float, e
     """The study's dense model: from the study folder if present (resume), else trained/loaded once."""
     import ray
 
-    from study.space import TrialPoint, run_config
     from tpp.checkpoint import load_dense, save_dense
 
     if folder.dense_path.is_file():
         return load_dense(folder.dense_path)
-    method = cfg.methods[0]
-    point = TrialPoint(method, 0.5, 0.01, None, cfg.dense.seed)
-    run_cfg = run_config(cfg, point)
+    run_cfg = _dense_run_config(cfg)
     cpus = float(ray.cluster_resources().get("CPU", 1)) if embedded else cfg.resources.cpus
     what = f"loading {cfg.dense.checkpoint}" if cfg.dense.checkpoint else \
         f"training it for {cfg.dense.epochs} epochs"
