@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -138,6 +139,23 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tiny, tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_checkpoints_follow_the_epoch_period_and_the_minimum_interval(tiny):
+    cfg, data, dense = tiny
+    cfg = cfg.replace(method="l1", epochs=4)
+    pruned = prune_stage(cfg, dense, data)
+
+    def checkpointed(**kw) -> list[int]:
+        events = []
+        finetune_stage(cfg, pruned, data, events.append, **kw)
+        return [e["epoch"] for e in events if e["event"] == "epoch" and "checkpoint" in e]
+
+    assert checkpointed(checkpoint_every=1) == [0, 1, 2, 3]
+    assert checkpointed(checkpoint_every=2) == [1, 3]
+    assert checkpointed(checkpoint_every=0) == []
+    # tiny epochs take milliseconds: an hour between checkpoints means none within the run
+    assert checkpointed(checkpoint_every=1, checkpoint_min_interval_s=3600) == []
+
+
 def load_pruned_roundtrip(pruned, tmp_path):
     save_pruned(tmp_path / "pruned.pt", pruned)
     return load_pruned(tmp_path / "pruned.pt")
@@ -204,3 +222,14 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     assert "method" in proc.stderr and "tpp" in proc.stderr
     proc = run_cli("run", "--dense", str(tmp_path / "nope.pt"), "--epochs", "1", check=False)
     assert proc.returncode == 2 and "no checkpoint" in proc.stderr
+
+
+def test_importing_tpp_makes_idle_openmp_threads_sleep_unless_the_user_chose():
+    """Spin-waiting OpenMP threads slow torch many times over on a busy small machine (BENCHMARKS.md)."""
+    code = "import os, tpp, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE"

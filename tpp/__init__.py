@@ -4,7 +4,15 @@ Pure PyTorch. One run = dense model -> prune stage (selection, optional growing 
 -> finetuning; see `tpp.run`.
 """
 
-from tpp.config import RunConfig
+import os
+
+# Before torch loads (OpenMP reads it once): idle OpenMP threads sleep instead of spinning. With the
+# default spinning, anything else busy on a small machine (a second trial, the study driver, a
+# DataLoader worker) makes a multi-threaded torch step many times slower (7-300x measured on 2 cores,
+# BENCHMARKS.md). Set OMP_WAIT_POLICY yourself, or import torch first, to choose otherwise.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from tpp.config import RunConfig  # noqa: E402 - after the environment above
 from tpp.methods import METHODS, get_method, list_methods, uses_growth
 from tpp.results import DenseModel, PrunedModel, RunResult
 

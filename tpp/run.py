@@ -234,12 +234,14 @@ def prune_stage(cfg: RunConfig, dense: DenseModel, data=None, on_event: EventFn 
 
 # -------------------------------------------------------------------------------------------- finetune
 def finetune_stage(cfg: RunConfig, pruned: PrunedModel, data=None, on_event: EventFn | None = None,
-                   resume_state: dict[str, Any] | None = None, checkpoint_every: int = 1) -> RunResult:
+                   resume_state: dict[str, Any] | None = None, checkpoint_every: int = 1,
+                   checkpoint_min_interval_s: float = 0.0) -> RunResult:
     """Finetune the pruned network with a fresh SGD and the configured LR schedule.
 
-    Every `checkpoint_every` epochs the epoch event carries `checkpoint`, a resumable state; passing it
-    back as `resume_state` continues exactly where it was taken. A non-finite loss ends the run with
-    status "diverged" and the metrics reached so far.
+    Every `checkpoint_every` epochs the epoch event carries `checkpoint`, a resumable state, unless the
+    last one was taken less than `checkpoint_min_interval_s` seconds ago (short epochs are cheaper to
+    redo than to save); passing it back as `resume_state` continues exactly where it was taken. A
+    non-finite loss ends the run with status "diverged" and the metrics reached so far.
     """
     data = data if data is not None else load_run_data(cfg)
     device, precision = resolve_device(cfg.device), Precision(cfg.bf16, cfg.channels_last)
@@ -254,6 +256,7 @@ def finetune_stage(cfg: RunConfig, pruned: PrunedModel, data=None, on_event: Eve
         start_epoch, elapsed = resume_state["epoch"] + 1, resume_state.get("elapsed_s", 0.0)
         torch.set_rng_state(resume_state["torch_rng"])
     t0 = time.perf_counter() - elapsed
+    last_checkpoint = time.perf_counter()
     status = "completed"
     for epoch in range(start_epoch, cfg.epochs):
         lr = finetune_lr(cfg.schedule, cfg.lr, epoch, cfg.epochs, cfg.milestones)
@@ -270,7 +273,9 @@ def finetune_stage(cfg: RunConfig, pruned: PrunedModel, data=None, on_event: Eve
                 record["jsv_mean"] = measure_jsv(model, data, cfg, device)["mean"]
         history.append(record)
         event = {"event": "epoch", "stage": "finetune", **record}
-        if status == "completed" and checkpoint_every and (epoch + 1) % checkpoint_every == 0:
+        if (status == "completed" and checkpoint_every and (epoch + 1) % checkpoint_every == 0
+                and time.perf_counter() - last_checkpoint >= checkpoint_min_interval_s):
+            last_checkpoint = time.perf_counter()
             event["checkpoint"] = {
                 "epoch": epoch, "model": cpu_state_dict(model), "optimizer": opt.state_dict(),
                 "best_acc": best, "history": history, "elapsed_s": time.perf_counter() - t0,
