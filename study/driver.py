@@ -235,15 +235,21 @@ def _dense(cfg: StudyConfig, folder: StudyFolder, meta: StudyMeta, gpu: float, e
     if folder.dense_path.is_file():
         return load_dense(folder.dense_path)
     run_cfg = _dense_run_config(cfg)
-    cpus = float(ray.cluster_resources().get("CPU", 1)) if embedded else cfg.resources.cpus
     what = f"loading {cfg.dense.checkpoint}" if cfg.dense.checkpoint else \
         f"training it for {cfg.dense.epochs} epochs"
     print(f"[{cfg.name}] dense model {cfg.model.name} on {cfg.data.name}: {what}", flush=True)
     t0 = time.monotonic()
-    task = ray.remote(_dense_task).options(num_cpus=cpus, num_gpus=gpu and min(1.0, gpu), max_retries=1)
     try:
-        dense, history = ray.get(task.remote(run_cfg.to_dict(), cfg.dense.checkpoint))
-    except Exception as e:
+        if embedded:  # this process already holds the data and the libraries: no cold worker to start
+            dense, history = _dense_task(run_cfg.to_dict(), cfg.dense.checkpoint)
+            _free_gpu_cache()
+        else:
+            task = ray.remote(_dense_task).options(num_cpus=cfg.resources.cpus,
+                                                   num_gpus=gpu and min(1.0, gpu), max_retries=1)
+            dense, history = ray.get(task.remote(run_cfg.to_dict(), cfg.dense.checkpoint))
+    except (KeyboardInterrupt, StudyError):
+        raise
+    except Exception as e:  # noqa: BLE001 - one line, whatever the dense stage raised (or Ray wrapped)
         cause = getattr(e, "cause", None) or e
         raise StudyError(f"dense: {type(cause).__name__}: {str(cause).strip().splitlines()[-1]}") from None
     save_dense(folder.dense_path, dense)
@@ -252,6 +258,14 @@ def _dense(cfg: StudyConfig, folder: StudyFolder, meta: StudyMeta, gpu: float, e
           f"saved to {folder.dense_path}", flush=True)
     log_dense(meta.tracking_uri, meta.parent_run_id, dense.metrics, history)
     return dense
+
+
+def _free_gpu_cache() -> None:
+    """The driver trained the dense model: hand its cached GPU memory to the trials."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------- tune
@@ -269,21 +283,21 @@ def _searcher(cfg: StudyConfig, folder: StudyFolder) -> Any:
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    from study.space import DefineByRun, enqueued_points
+    from study.design_sampler import DesignSampler
+    from study.space import DefineByRun
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     seed = cfg.sampler_seed
-    sampler = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True),
-        "gp": lambda: optuna.samplers.GPSampler(seed=seed),
-        # designs are enqueued in full; the sampler is never asked (see study.space)
-        "qmc": lambda: optuna.samplers.RandomSampler(seed=seed),
-        "grid": lambda: optuna.samplers.RandomSampler(seed=seed),
-    }[cfg.sampler]()
+    if cfg.sampler in ("tpe", "gp"):
+        sampler = (optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+                   if cfg.sampler == "tpe" else optuna.samplers.GPSampler(seed=seed))
+        space = DefineByRun(cfg)
+    else:  # a fixed design: DefineByRun picks each trial's point, the sampler hands it to Optuna
+        sampler = DesignSampler()
+        space = DefineByRun(cfg, sampler)
     storage = optuna.storages.RDBStorage(f"sqlite:///{folder.optuna_db}")
-    return OptunaSearch(space=DefineByRun(cfg), metric=cfg.objective.metric, mode=cfg.objective.mode,
-                        sampler=sampler, storage=storage, study_name=cfg.name,
-                        points_to_evaluate=enqueued_points(cfg))
+    return OptunaSearch(space=space, metric=cfg.objective.metric, mode=cfg.objective.mode,
+                        sampler=sampler, storage=storage, study_name=cfg.name)
 
 
 def _tuner(cfg: StudyConfig, folder: StudyFolder, trainable: Any, gpu: float, callbacks: list[Any]) -> Any:

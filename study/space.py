@@ -3,10 +3,11 @@
 Two kinds of samplers:
 
 * designs -- `grid` (the exact factorial over lists) and `qmc` (a scrambled Sobol design) -- are fixed
-  before the study starts and handed to Optuna as enqueued trials. For `qmc` every categorical choice
-  (method, a listed pr/lr/growth level, the seed) is one Sobol coordinate floored to an integer index,
-  so the design balances the choices; Optuna's own QMCSampler would draw the first trial from its
-  random independent sampler (and, before Optuna 5, every categorical), losing that balance.
+  before the study starts; Optuna records each trial's point through `study.design_sampler`. For
+  `qmc` every categorical choice (method, a listed pr/lr/growth level, the seed) is one Sobol
+  coordinate floored to an integer index, so the design balances the choices; Optuna's own
+  QMCSampler would draw the first trial from its random independent sampler (and, before Optuna 5,
+  every categorical), losing that balance.
 * adaptive -- `tpe`, `gp` -- Optuna proposes each trial from the results so far.
 
 `growth` is conditional: only methods with a penalty (`tpp.methods.uses_growth`) get one; the others
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from study.config import Range, StudyConfig
 
 if TYPE_CHECKING:
+    from study.design_sampler import DesignSampler
     from tpp.config import RunConfig
 
 DESIGN_SAMPLERS = ("grid", "qmc")
@@ -48,6 +50,12 @@ def _uses_growth(method: str) -> bool:
     from tpp.methods import uses_growth
 
     return uses_growth(method)
+
+
+def _regularizes(method: str) -> bool:
+    from tpp.methods import get_method
+
+    return get_method(method).regularize
 
 
 def _levels(values: Any) -> list[float]:
@@ -106,27 +114,54 @@ def qmc_design(cfg: StudyConfig) -> list[TrialPoint]:
 
 
 def design(cfg: StudyConfig) -> list[TrialPoint] | None:
-    """The fixed list of trials for design samplers, None for adaptive ones."""
+    """The fixed list of trials for design samplers, in the order they start; None for adaptive ones."""
     if cfg.sampler == "grid":
-        return grid_cells(cfg)
+        return start_order(cfg, grid_cells(cfg))
     if cfg.sampler == "qmc":
-        return qmc_design(cfg)
+        return start_order(cfg, qmc_design(cfg))
     return None
+
+
+def start_order(cfg: StudyConfig, points: list[TrialPoint]) -> list[TrialPoint]:
+    """The trials that compute a prune stage first, slowest penalty schedule first; then the rest.
+
+    A fixed design's order changes no result, only the wall time: a trial that needs a prune stage
+    another running trial is computing waits for it with its slot idle, and a long trial started
+    last keeps one slot busy while the others idle. Starting the long trials first (each prune key's
+    first trial; with reuse off, every penalty trial) and the short ones (those reusing a stage, the
+    methods without a penalty) after avoids both.
+    """
+    first: list[TrialPoint] = []
+    rest: list[TrialPoint] = []
+    keys: set[tuple[Any, ...]] = set()
+    for p in points:
+        key = (p.method, p.pr, p.growth, p.seed)
+        if _regularizes(p.method) and (not cfg.prune_reuse or key not in keys):
+            keys.add(key)
+            first.append(p)
+        else:
+            rest.append(p)
+    first.sort(key=lambda p: p.growth if p.growth is not None else math.inf)  # fewer steps per growth
+    return first + rest
 
 
 class DefineByRun:
     """Optuna define-by-run space: suggests method, pr, lr, growth (conditional), seed.
 
-    Categorical levels are suggested as categories (readable in optuna-dashboard); for design samplers
-    the values come from the enqueued design, so the sampler never draws them.
+    Categorical levels are suggested as categories (readable in optuna-dashboard). For design
+    samplers the n-th call takes the n-th design point (handed to Optuna by `sampler`, a
+    `DesignSampler`), so Optuna records exactly what runs.
     """
 
-    def __init__(self, cfg: StudyConfig):
+    def __init__(self, cfg: StudyConfig, sampler: DesignSampler | None = None):
+        """`sampler`: for the design samplers (grid, qmc) only, the study's Optuna sampler."""
         sp = cfg.space
         self.methods = list(cfg.methods)
         self.pr, self.lr, self.growth, self.seeds = sp.pr, sp.lr, sp.growth, list(sp.seeds)
-        # GP cannot model a conditional space; TPE (group=True) and enqueued designs can.
+        # GP cannot model a conditional space; TPE (group=True) and designs can.
         self.conditional_growth = cfg.sampler != "gp"
+        self.design = design(cfg) if sampler is not None else None
+        self.sampler, self.next = sampler, 0
 
     @staticmethod
     def _suggest(trial: Any, name: str, values: Any, log: bool) -> float:
@@ -135,6 +170,13 @@ class DefineByRun:
         return float(trial.suggest_categorical(name, [float(v) for v in values]))
 
     def __call__(self, trial: Any) -> dict[str, Any]:
+        if self.design is not None:
+            assert self.sampler is not None
+            if self.next >= len(self.design):
+                raise RuntimeError(f"the design has {len(self.design)} points; "
+                                   f"trial {self.next + 1} was asked for")
+            self.sampler.point = self.design[self.next].as_dict()
+            self.next += 1
         method = trial.suggest_categorical("method", self.methods)
         pr = self._suggest(trial, "pr", self.pr, log=False)
         lr = self._suggest(trial, "lr", self.lr, log=True)
@@ -148,26 +190,20 @@ class DefineByRun:
         return TrialPoint(method, pr, lr, growth, seed).as_dict()
 
 
-def enqueued_points(cfg: StudyConfig) -> list[dict[str, Any]] | None:
-    """The design as Optuna parameter dicts (what `OptunaSearch(points_to_evaluate=...)` enqueues)."""
-    points = design(cfg)
-    if points is None:
-        return None
-    out = []
-    for p in points:
-        d: dict[str, Any] = {"method": p.method, "pr": p.pr, "lr": p.lr, "seed": p.seed}
-        if p.growth is not None:
-            d["growth"] = p.growth
-        out.append(d)
-    return out
-
-
 def point_from_config(config: dict[str, Any]) -> TrialPoint:
     """The trial's point from its Tune config (the define-by-run output)."""
     growth = config.get("growth")
     return TrialPoint(str(config["method"]), float(config["pr"]), float(config["lr"]),
                       None if growth is None or not _uses_growth(str(config["method"])) else float(growth),
                       int(config["seed"]))
+
+
+def point_id(point: TrialPoint) -> str:
+    """A file-name-safe id of the point: trials of the same point (same seed) compute the same result."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(point.as_dict(), sort_keys=True).encode()).hexdigest()[:20]
 
 
 def run_config(cfg: StudyConfig, point: TrialPoint) -> RunConfig:

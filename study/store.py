@@ -5,7 +5,7 @@
         study_config.yaml   the resolved config (what `resume` runs again)
         dense.pt            the dense model, trained once per study (weights only)
         prune_cache/        pruned models by prune key (reused across trials and on resume)
-        finished/           the final result of every finished trial (a resumed study never re-runs it)
+        finished/           the final result of every finished trial point (a resumed study never re-runs it)
         tune/               Ray Tune's experiment folder (trial checkpoints; what `resume` restores)
         optuna.db           the persistent Optuna study (optuna-dashboard sqlite:///.../optuna.db)
         mlflow.db           the default MLflow store (when no tracking URI is given)
@@ -96,21 +96,22 @@ class StudyFolder:
     def finished_dir(self) -> Path:
         return self.path / "finished"
 
-    def finished_path(self, trial_id: str) -> Path:
-        return self.finished_dir / f"{trial_id}.json"
+    def finished_path(self, point_id: str) -> Path:
+        return self.finished_dir / f"{point_id}.json"
 
-    def record_finished(self, trial_id: str, result: dict[str, Any]) -> None:
-        """Keep a finished trial's final result (JSON scalars only) so a restored Tune run that lost
-        track of it (the driver was killed before Tune saved its state) replays it instead of re-running."""
+    def record_finished(self, point_id: str, result: dict[str, Any]) -> None:
+        """Keep a finished trial's final result (JSON scalars only), by its point (`study.space.point_id`):
+        a restored Tune run that lost track of it (the driver was killed before Tune saved its state)
+        replays it instead of re-running, under the same or a new trial id."""
         keep = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or k == "tpp_final"}
         self.finished_dir.mkdir(parents=True, exist_ok=True)
-        path = self.finished_path(trial_id)
+        path = self.finished_path(point_id)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(keep, default=str))
         os.replace(tmp, path)
 
-    def read_finished(self, trial_id: str) -> dict[str, Any] | None:
-        path = self.finished_path(trial_id)
+    def read_finished(self, point_id: str) -> dict[str, Any] | None:
+        path = self.finished_path(point_id)
         return json.loads(path.read_text()) if path.is_file() else None
 
     def exists(self) -> bool:

@@ -14,7 +14,6 @@ from study.config import StudyConfigError, load_config
 from study.space import (
     DefineByRun,
     design,
-    enqueued_points,
     grid_cells,
     grid_size,
     logged_params,
@@ -215,20 +214,55 @@ def test_qmc_design_balances_categorical_choices():
     assert design(cfg) == pts  # reproducible from sampler_seed
 
 
-def test_define_by_run_replays_the_enqueued_design():
+@pytest.mark.parametrize("reuse", [True, False])
+def test_design_starts_every_prune_stage_before_the_trials_that_reuse_one(reuse):
+    from study.space import qmc_design
+
+    cfg = load_config(cfg_with(num_trials=32, space__pr=[0.5, 0.9], prune_reuse=reuse))
+    sobol, ordered = qmc_design(cfg), design(cfg)
+    assert sorted(map(repr, ordered)) == sorted(map(repr, sobol))  # the same trials, reordered
+    keys = [(p.pr, p.growth, p.seed) if p.method == "tpp" else None for p in ordered]
+    computing = len({k for k in keys if k} if reuse else [k for k in keys if k])
+    head, tail = keys[:computing], keys[computing:]
+    assert None not in head and (len(set(head)) == len(head) or not reuse)
+    assert all(k is None or k in head for k in tail)  # later tpp trials reuse a stage started earlier
+    assert [k[1] for k in head] == sorted(k[1] for k in head)  # slowest penalty schedule (least growth) first
+    assert ordered != sobol
+
+
+def test_define_by_run_follows_the_design_even_after_a_lost_trial():
+    """Tune saves its searcher (this object) with its trial list; a trial asked after the last save is
+    lost by a hard kill. The restored searcher must ask for that point again, and Optuna must record
+    exactly the points that run."""
+    import pickle
+
     import optuna
 
+    from study.design_sampler import DesignSampler
+
     cfg = load_config(cfg_with(num_trials=8))
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=1))
-    for p in enqueued_points(cfg):
-        study.enqueue_trial(p)
-    space = DefineByRun(cfg)
+    sampler = DesignSampler()
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    space = DefineByRun(cfg, sampler)
     got = []
-    for _ in range(8):
+    for i in range(3):
+        if i == 2:
+            saved = pickle.dumps(space)  # Tune's last save, before the third trial
         t = study.ask()
         got.append(point_from_config(space(t)))
+        assert point_from_config(t.params) == got[-1]  # what Optuna records is what runs
+        study.tell(t, 1.0)
+    space = pickle.loads(saved)  # the driver was killed; resume restores the saved searcher
+    study.sampler = space.sampler
+    got = got[:2]
+    for _ in range(6):
+        t = study.ask()
+        got.append(point_from_config(space(t)))
+        assert point_from_config(t.params) == got[-1]
         study.tell(t, 1.0)
     assert got == design(cfg)
+    with pytest.raises(RuntimeError, match="8 points"):
+        space(study.ask())
 
 
 def test_define_by_run_for_adaptive_samplers():
