@@ -281,6 +281,8 @@ class StudyConfig(_Strict):
     max_concurrent: int | None = Field(default=None, ge=1)
     max_failures: int = Field(default=1, ge=0)  # retries of a crashed trial (e.g. a lost node)
     checkpoint_every: int = Field(default=1, ge=1)  # finetune epochs between trial checkpoints
+    # ...but not more often than this: a checkpoint of a sub-second epoch costs more than redoing it
+    checkpoint_min_interval_s: float = Field(default=10.0, ge=0)
     prune_reuse: bool = True  # share one prune stage among trials with the same prune key (off: benchmarks)
     early_stopping: EarlyStoppingCfg = Field(default_factory=EarlyStoppingCfg)
     storage: str = "./studies"

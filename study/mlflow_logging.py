@@ -32,6 +32,7 @@ from study.store import StudyFolder
 log = logging.getLogger("study.mlflow")
 
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100  # MLflow's per-log_batch limits
+FLUSH_EVERY_S = 2.0  # epoch curves reach MLflow within this; run starts, ends and checkpoints at once
 PARAM_MAX_CHARS = 6000
 
 
@@ -161,12 +162,37 @@ class Outbox:
         elif kind == "text":
             c.log_text(run_id, op["text"], op["file"])
 
+    def _coalesce(self) -> None:
+        """Merge each run's queued batches into as few `log_batch` calls as MLflow's limits allow.
+
+        Runs are independent, so only the order within a run is kept: a batch joins the run's previous
+        one unless another write to that run (create, status, text) came between them, a limit would be
+        passed, or a param/tag key repeats (the later value must land later).
+        """
+        merged: list[tuple[str, str, dict[str, Any]]] = []
+        open_batch: dict[str, dict[str, Any]] = {}  # run key -> its latest batch that may still grow
+        for kind, key, op in self.ops:
+            if kind != "batch":
+                open_batch.pop(key, None)
+                merged.append((kind, key, op))
+                continue
+            into = open_batch.get(key)
+            if into is not None and _fits(into, op):
+                for part in ("metrics", "params", "tags"):
+                    into[part] = into[part] + op[part]
+                continue
+            op = dict(op)
+            open_batch[key] = op
+            merged.append((kind, key, op))
+        self.ops = collections.deque(merged)
+
     def flush(self, force: bool = False) -> bool:
         """Deliver queued writes in order; True when the queue is empty. Stops at an outage."""
         if not self.ops:
             return True
         if not force and time.monotonic() < self._next_try:
             return False
+        self._coalesce()
         if is_http(self.uri) and not server_healthy(self.uri, timeout=2.0):
             self._defer("the tracking server does not answer")
             return False
@@ -219,6 +245,25 @@ class Outbox:
         self.ops.extendleft(reversed(saved["ops"]))
         for k, v in saved["run_ids"].items():
             self.run_ids.setdefault(k, v)
+
+
+def _fits(into: dict[str, Any], op: dict[str, Any]) -> bool:
+    """Whether batch `op` can join batch `into` in one log_batch call."""
+    for part, limit in (("metrics", MAX_METRICS), ("params", MAX_PARAMS), ("tags", MAX_TAGS)):
+        if len(into[part]) + len(op[part]) > limit:
+            return False
+    return not ({k for k, _ in into["params"]} & {k for k, _ in op["params"]}
+                or {k for k, _ in into["tags"]} & {k for k, _ in op["tags"]})
+
+
+def _point(params: dict[str, str]) -> Any:
+    """The trial point a run's params describe (None if they are incomplete)."""
+    from study.space import point_from_config
+
+    try:
+        return point_from_config(params)
+    except (KeyError, ValueError):
+        return None
 
 
 def _transient(e: Exception) -> bool:
@@ -300,6 +345,11 @@ class StudyLogger(tune.Callback):
     Picklable with no live state (Tune pickles callbacks into its experiment state); everything is
     (re)built in `setup` from `study.json`, which is how a resumed study finds its parent run and the
     child runs that already exist (by tag tpp.trial_id) instead of duplicating them.
+
+    Tune saves its own state every few seconds, so a driver killed hard can lose trials that started
+    (or even finished) since: the resumed study runs their points again under new trial ids. Such an
+    orphan run is found by its point and continued (or, finished, left as it is while the trial
+    replays its recorded result) -- one run per trial point, whatever was lost.
     """
 
     def __init__(self, study_dir: str):
@@ -312,10 +362,12 @@ class StudyLogger(tune.Callback):
         self.ended: set[str] = set()
         self.reuse_tagged: set[str] = set()
         self.replayed: set[str] = set()  # finished before an interruption: already fully logged
+        self.adopted: set[str] = set()  # orphan trial ids whose run a new trial took over
         # (trial, metric) -> last step logged: a trial retried from a checkpoint older than its last
         # report repeats an epoch (same seed, same values); it is logged once.
         self.last_step: dict[tuple[str, str], int] = {}
         self.counts = collections.Counter()
+        self.flushed = time.monotonic()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"study_dir": self.study_dir}
@@ -338,7 +390,8 @@ class StudyLogger(tune.Callback):
             tid = run.data.tags.get("tpp.trial_id")
             if tid:
                 self.box.run_ids[tid] = run.info.run_id
-                self.known[tid] = {"status": run.info.status, "tags": dict(run.data.tags)}
+                self.known[tid] = {"status": run.info.status, "tags": dict(run.data.tags),
+                                   "point": _point(run.data.params)}
                 if "tpp.reuse" in run.data.tags:
                     self.reuse_tagged.add(tid)
                 if run.info.status in ("FINISHED", "FAILED"):
@@ -351,20 +404,45 @@ class StudyLogger(tune.Callback):
                             self.last_step[(tid, key)] = max(steps, default=-1)
 
     # -- trial lifecycle
+    def _orphan(self, point: Any, trials: list) -> str | None:
+        """The trial id of a run for `point` whose trial the resumed Tune does not know, if any."""
+        live = {t.trial_id for t in trials}
+        return next((old for old, info in self.known.items()
+                     if old not in live and old not in self.adopted and info["point"] == point), None)
+
+    def _adopt(self, tid: str, old: str) -> None:
+        """Trial `tid` takes over the run of the lost trial `old` (same point, same seed)."""
+        assert self.box is not None
+        self.adopted.add(old)
+        self.box.run_ids[tid] = self.box.run_ids[old]
+        self.known[tid] = self.known[old]
+        for (t, key), step in list(self.last_step.items()):
+            if t == old:
+                self.last_step[(tid, key)] = step
+        if old in self.reuse_tagged:
+            self.reuse_tagged.add(tid)
+        if old in self.ended:
+            self.ended.add(tid)
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from study.space import logged_params, point_from_config, run_config, run_name
+
         assert self.box is not None
         tid = trial.trial_id
+        point = point_from_config(trial.config)
+        retag = {}
+        if tid not in self.box.run_ids and (old := self._orphan(point, trials)) is not None:
+            self._adopt(tid, old)
+            if self.known[old]["status"] != "FINISHED":
+                retag = {"tpp.trial_id": tid}  # later resumes find the run under its live trial
         if tid in self.ended and self.known.get(tid, {}).get("status") == "FINISHED":
             self.replayed.add(tid)  # the trial only replays its recorded result: nothing to log
             return
         if tid in self.box.run_ids:  # resumed: reopen the existing run
             self.box.status(tid, "RUNNING")
-            self.box.batch(tid, tags={"tpp.status": "running"})
+            self.box.batch(tid, tags={"tpp.status": "running", **retag})
             self.ended.discard(tid)
         else:
-            from study.space import logged_params, point_from_config, run_config, run_name
-
-            point = point_from_config(trial.config)
             tags = {"mlflow.parentRunId": self.meta.parent_run_id, "tpp.study": self.meta.name,
                     "tpp.role": "trial", "tpp.trial_id": tid, "tpp.method": point.method,
                     "tpp.status": "running"}
@@ -378,9 +456,10 @@ class StudyLogger(tune.Callback):
         if tid in self.replayed:
             return
         step = int(result.get("epoch", 0))
-        rows = [(k, v, step) for k, v in result.items() if "/" in k and isinstance(v, (int, float))]
+        rows = []  # earlier epochs batched with this report first: steps are logged in order
         for ev in result.get("tpp_events") or []:
             rows += [(k, v, ev["step"]) for k, v in ev.items() if "/" in k]
+        rows += [(k, v, step) for k, v in result.items() if "/" in k and isinstance(v, (int, float))]
         rows = self._new_steps(tid, rows)
         tags = {}
         if "tpp_reuse" in result and tid not in self.reuse_tagged:
@@ -393,7 +472,22 @@ class StudyLogger(tune.Callback):
             rows += [(k, v, 0) for k, v in final.items() if isinstance(v, (int, float))]
             tags["tpp.status"] = str(result.get("tpp_status", "completed"))
         self.box.batch(tid, metrics=rows, tags=tags)
-        self.box.flush()
+        self._flush_due()
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        self._flush_due()
+
+    def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
+        """A trial resumes from its last checkpoint: every epoch before it must be in MLflow by then."""
+        assert self.box is not None
+        self.box.flush(force=True)
+
+    def _flush_due(self) -> None:
+        """Write at most every FLUSH_EVERY_S: one transaction per run instead of one per reported epoch."""
+        assert self.box is not None
+        if time.monotonic() - self.flushed >= FLUSH_EVERY_S:
+            self.box.flush()
+            self.flushed = time.monotonic()
 
     def _new_steps(self, tid: str, rows: list[tuple[str, Any, int]]) -> list[tuple[str, Any, int]]:
         """Drop per-epoch rows already logged for this trial (an epoch repeated after a retry)."""
@@ -412,7 +506,9 @@ class StudyLogger(tune.Callback):
         if tid in self.replayed:
             return
         last = trial.last_result or {}
-        StudyFolder(self.study_dir).record_finished(tid, last)
+        from study.space import point_from_config, point_id
+
+        StudyFolder(self.study_dir).record_finished(point_id(point_from_config(trial.config)), last)
         status = str(last.get("tpp_status", "completed"))
         if "tpp_final" not in last:  # stopped early by the scheduler: keep what it reached
             keys = [k for k in ("best_acc", "last_acc", "acc_after_removal")
@@ -452,6 +548,11 @@ class StudyLogger(tune.Callback):
                 self.box.batch(t.trial_id, tags={"tpp.status": "interrupted"})
                 self.box.status(t.trial_id, "KILLED")
                 self.ended.add(t.trial_id)
+        live = {t.trial_id for t in trials or []}
+        for old, info in self.known.items():  # lost trials no new trial took over (yet): not RUNNING
+            if trials is not None and old not in live | self.adopted and info["status"] == "RUNNING":
+                self.box.batch(old, tags={"tpp.status": "interrupted"})
+                self.box.status(old, "KILLED")
         if not self.box.drain(60):
             folder = StudyFolder(self.study_dir)
             self.box.save_pending(folder.pending_log)

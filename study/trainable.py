@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,11 @@ from typing import Any
 from ray import tune
 
 from study.config import StudyConfig
-from study.space import point_from_config, run_config
+from study.space import point_from_config, point_id, run_config
 from study.store import StudyFolder
 
 STATE_FILE = "state.pt"
+REPORT_EVERY_S = 1.0  # sub-second epochs are reported in batches (see _Reporter)
 EPOCH_KEYS = ("train_loss", "test_acc", "lr", "jsv_mean", "reg")
 
 
@@ -47,20 +49,37 @@ def _finite(x: Any) -> bool:
 
 
 class _Reporter:
-    """Turns tpp events into Tune reports; holds back the last epoch to merge the final metrics into it."""
+    """Turns tpp events into Tune reports; holds back the last epoch to merge the final metrics into it.
+
+    Each report costs the driver (Tune's loop, the MLflow write) and the worker CPU that a small
+    machine takes from the trials, so sub-second epochs are batched: an epoch is reported at once when
+    it is the first, carries a checkpoint, or `every_s` seconds passed since the last report (or
+    always, with `every_s` 0: ASHA counts reports as epochs); the epochs in between travel with it in
+    `tpp_events`, logged at their own steps. A worker that dies loses only unreported epochs, which it
+    re-runs from its last checkpoint (always reported at once).
+    """
 
     def __init__(self, epochs: int, objective: str, reuse: str, base: dict[str, float],
-                 pre_events: list[dict[str, Any]], best: float = -math.inf, last: float = math.nan):
+                 pre_events: list[dict[str, Any]], best: float = -math.inf, last: float = math.nan,
+                 every_s: float = 0.0):
         self.epochs, self.objective, self.reuse, self.base = epochs, objective, reuse, base
-        self.pre_events = pre_events
-        self.best, self.last = best, last
+        self.events = pre_events  # rows {"step": s, "stage/metric": v} not yet reported
+        self.best, self.last, self.every_s = best, last, every_s
         self.held: tuple[dict[str, Any], dict[str, Any] | None] | None = None
         self.last_epoch = -1
+        self.reported = -math.inf  # time.monotonic() of the last report
 
     def running(self) -> dict[str, Any]:
         best = self.best if self.best > -math.inf else self.last
         return {"best_acc": best, "last_acc": self.last, **self.base, "tpp_reuse": self.reuse,
                 "tpp_node": _node()}
+
+    def _result(self, epoch: int, metrics: dict[str, float]) -> dict[str, Any]:
+        """A report for `epoch`, carrying (and clearing) every row not reported yet."""
+        result = {"epoch": epoch, **metrics, **self.running()}
+        if self.events:
+            result["tpp_events"], self.events = self.events, []
+        return result
 
     def on_event(self, event: dict[str, Any]) -> None:
         if event.get("event") != "epoch" or event.get("stage") != "finetune":
@@ -70,14 +89,15 @@ class _Reporter:
         self.last = acc
         if math.isfinite(acc):
             self.best = max(self.best, acc)
-        self.last_epoch = int(event["epoch"])
-        result = {"epoch": self.last_epoch, **_epoch_metrics(event), **self.running()}
-        if self.pre_events:
-            result["tpp_events"], self.pre_events = self.pre_events, []
+        first, self.last_epoch = self.last_epoch < 0, int(event["epoch"])
+        metrics = _epoch_metrics(event)
         if self.last_epoch == self.epochs - 1:
-            self.held = (result, state)  # the final metrics are merged in when the stage ends
+            self.held = (self._result(self.last_epoch, metrics), state)  # merged with the final metrics
+        elif first or state is not None or time.monotonic() - self.reported >= self.every_s:
+            _report(self._result(self.last_epoch, metrics), state)
+            self.reported = time.monotonic()
         else:
-            _report(result, state)
+            self.events.append({"step": self.last_epoch, **metrics})
 
     def finish(self, status: str, final: dict[str, float], chance: float) -> None:
         """Last report: final metrics, status, and an objective the searcher can use even if diverged."""
@@ -88,10 +108,8 @@ class _Reporter:
                 final[key] = self.best if self.best > -math.inf else chance
         if self.held is not None:
             result, state = self.held
-        else:
-            result, state = {"epoch": max(self.last_epoch, 0), **self.running()}, None
-            if self.pre_events:
-                result["tpp_events"] = self.pre_events
+        else:  # diverged before the last epoch (or in the prune stage): unreported rows go along
+            result, state = self._result(max(self.last_epoch, 0), {}), None
         objective = final.get(self.objective, result.get(self.objective))
         result.update({k: v for k, v in final.items() if k in ("best_acc", "last_acc", "acc_after_removal")})
         if not _finite(objective):
@@ -169,7 +187,7 @@ def trial(config: dict[str, Any], dense: Any = None, ctx: TrialContext | None = 
             pre_events.append({"step": int(event["epoch"]), **_epoch_metrics(event)})
 
     holder = tune.get_context().get_trial_id() or "trial"
-    finished = StudyFolder(ctx.study_dir).read_finished(holder)
+    finished = StudyFolder(ctx.study_dir).read_finished(point_id(point))
     if finished is not None:  # finished before the driver was killed; Tune's saved state missed it
         tune.report({**finished, "tpp_replayed": True})
         return
@@ -185,9 +203,11 @@ def trial(config: dict[str, Any], dense: Any = None, ctx: TrialContext | None = 
         pre_events.clear()  # already logged before the interruption
     base = {"acc_after_removal": float(pruned.metrics.get("acc_after_removal", math.nan))}
     reporter = _Reporter(run_cfg.epochs, cfg.objective.metric, reuse, base, pre_events,
-                         best=float(resume_state["best_acc"]) if resume_state else -math.inf)
+                         best=float(resume_state["best_acc"]) if resume_state else -math.inf,
+                         every_s=0.0 if cfg.early_stopping.asha else REPORT_EVERY_S)
     result = finetune_stage(run_cfg, pruned, data, reporter.on_event, resume_state=resume_state,
-                            checkpoint_every=cfg.checkpoint_every)
+                            checkpoint_every=cfg.checkpoint_every,
+                            checkpoint_min_interval_s=cfg.checkpoint_min_interval_s)
     final = {**dense.metrics, **pruned.metrics, **result.metrics}
     if resume_state is not None:  # a retried or resumed trial: where it picked up
         final["resumed_from_epoch"] = float(resume_state["epoch"])

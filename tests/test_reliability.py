@@ -144,7 +144,7 @@ def local_ray():
 @pytest.mark.slow
 def test_killed_trial_worker_is_retried_from_its_checkpoint(local_ray, tmp_path):
     cfg = tiny("workerkill", space={"lr": [1e-2, 3e-2], "pr": [0.5], "growth": [0.2], "seeds": [0]},
-               finetune={"epochs": 5}, max_failures=2)
+               finetune={"epochs": 5}, max_failures=2, checkpoint_min_interval_s=0)
     killer = KillWorker()
     res = study.run(cfg, storage=str(tmp_path), callbacks=[killer])
     assert killer.killed is not None

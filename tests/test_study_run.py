@@ -119,6 +119,38 @@ def check_trial_runs(res: study.StudyResult, runs: list, epochs: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- tests
+def test_outbox_merges_a_runs_batches_without_losing_or_reordering_writes(tmp_path):
+    """Per-epoch writes of two interleaved runs go out in a few log_batch calls; a later tag value
+    still wins, and a write after a run's status change stays after it."""
+    from study.mlflow_logging import MAX_METRICS, Outbox
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = client(uri).create_experiment("outbox")
+    box = Outbox(uri)
+    for key in ("a", "b"):
+        box.create_run(key, exp, key, {"tpp.status": "running"})
+    epochs = 40
+    for epoch in range(epochs):  # interleaved, one op per run per epoch, as trials report them
+        for key in ("a", "b"):
+            box.batch(key, metrics=[(f"finetune/{m}", epoch + i, epoch) for i, m in enumerate("xyz")])
+    box.batch("a", tags={"tpp.status": "completed"})
+    box.status("a", "FINISHED")
+    box.batch("a", tags={"tpp.status": "interrupted"})  # after the status change: must stay after it
+    box.batch("b", metrics=[(f"big/{i}", i, 0) for i in range(MAX_METRICS)])  # overflows one call
+    queued = len(box.ops)
+    assert box.flush()
+    assert box.delivered < queued / 10, (box.delivered, queued)
+    c = client(uri)
+    for key in ("a", "b"):
+        run_id = box.run_ids[key]
+        for i, m in enumerate("xyz"):
+            history = c.get_metric_history(run_id, f"finetune/{m}")
+            assert sorted((h.step, h.value) for h in history) == [(e, e + i) for e in range(epochs)]
+    a, b = c.get_run(box.run_ids["a"]), c.get_run(box.run_ids["b"])
+    assert a.data.tags["tpp.status"] == "interrupted" and a.info.status == "FINISHED"
+    assert len([k for k in b.data.metrics if k.startswith("big/")]) == MAX_METRICS
+
+
 def test_study_end_to_end_sqlite(local_ray, tmp_path, capsys):
     cfg = tiny("e2e")
     res = study.run(cfg, storage=str(tmp_path))
@@ -180,6 +212,30 @@ def test_study_end_to_end_sqlite(local_ray, tmp_path, capsys):
     # an existing study is not overwritten by accident
     with pytest.raises(study.StudyError, match="already exists"):
         study.run(cfg, storage=str(tmp_path))
+
+
+class CountReports(tune.Callback):
+    def __init__(self) -> None:
+        self.reports: Counter = Counter()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.reports[trial.trial_id] += 1
+
+
+@pytest.mark.parametrize("asha", [False, True])
+def test_short_epochs_are_reported_in_batches_yet_all_logged(local_ray, tmp_path, asha):
+    """Each report stalls the trial for a round trip through the driver: sub-second epochs travel in
+    batches -- unless ASHA, which counts reports as epochs, needs every one."""
+    cfg = tiny(f"batched-{asha}", space={"lr": [1e-2], "pr": [0.5], "growth": [0.2], "seeds": [0]},
+               finetune={"epochs": 8}, early_stopping={"asha": asha, "grace_period": 8})
+    counter = CountReports()
+    res = study.run(cfg, storage=str(tmp_path), callbacks=[counter])
+    assert res.status == "completed" and len(counter.reports) == 2
+    if asha:
+        assert set(counter.reports.values()) == {8}
+    else:  # the first epoch at once (the trial is seen alive), the rest with the final metrics
+        assert max(counter.reports.values()) <= 3, counter.reports
+    check_trial_runs(res, child_runs(res), epochs=8)  # every epoch of every trial reached MLflow
 
 
 class Interrupt(tune.Callback):
