@@ -191,7 +191,8 @@ class CpuTimes(tune.Callback):
                 continue
             if proc.pid == me.pid:
                 kind = "driver"
-            elif cmd.startswith("ray::") and "PruneCacheActor" not in cmd:
+            elif (cmd.startswith("ray::") and "PruneCacheActor" not in cmd
+                  or self.seen.get(proc.pid, ("",))[0] == "workers"):  # an idle worker was a trial's
                 kind = "workers"
             else:
                 kind = "ray_system"

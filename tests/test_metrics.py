@@ -39,13 +39,14 @@ def with_running_stats(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
     ("vgg19", (3, 32, 32), {}),
     ("mlp", (1, 8, 8), {"depth": 4, "width": 24, "activation": "tanh"}),
 ], ids=["resnet20", "vgg19", "mlp"])
-def test_jsv_equals_the_explicit_per_class_jacobian(name, shape, kwargs):
+@pytest.mark.parametrize("strategy", ["vmap", "per_class", "auto"])
+def test_jsv_equals_the_explicit_per_class_jacobian(name, shape, kwargs, strategy):
     torch.manual_seed(0)
     model = with_running_stats(build_model(ModelSpec(name, 10, shape, kwargs)), shape)
     x = torch.randn(3, *shape)
     model.train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    sv = jacobian_singular_values(model, x)
+    sv = jacobian_singular_values(model, x, strategy=strategy)
     assert sv.shape == (3, 10) and sv.dtype == torch.float32
     assert model.training and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     ref = explicit_jsv(model, x)
@@ -62,7 +63,10 @@ def test_jsv_of_a_linear_map_is_its_singular_values_and_chunking_changes_nothing
     x = torch.randn(6, 1, 4, 4)
     whole = jacobian_singular_values(model, x)
     monkeypatch.setattr(jacobian_module, "MAX_JACOBIAN_ELEMENTS", 2 * 3 * 16)  # two samples per chunk
-    torch.testing.assert_close(jacobian_singular_values(model, x), whole)
+    for strategy in ("vmap", "per_class"):
+        torch.testing.assert_close(jacobian_singular_values(model, x, strategy=strategy), whole)
+    with pytest.raises(ValueError, match="accepted: auto, vmap, per_class"):
+        jacobian_singular_values(model, x, strategy="loop")
 
 
 def test_jsv_summary_on_a_known_matrix():
