@@ -105,7 +105,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     metrics = {"status": result.status, **dense.metrics, **pruned.metrics, **result.metrics,
                "time_total_s": time.perf_counter() - start}
     print(f"{cfg.method} pr={cfg.pr} lr={cfg.lr}: {result.status}, best acc {metrics['best_acc']:.2f}% "
-          f"(dense {dense.metrics.get('dense_acc', float('nan')):.2f}%), speed-up {metrics['speedup']:.2f}x",
+          f"(dense {dense.metrics.get('dense_acc', float('nan')):.2f}%), "
+          f"FLOPs speed-up {metrics['speedup']:.2f}x",
           file=sys.stderr)
     if args.json:
         print(json.dumps({"config": cfg.to_dict(), **_json_safe(metrics)}))
