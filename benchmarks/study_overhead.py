@@ -43,6 +43,11 @@ QUICK = {"num_trials": 2, "set": {"finetune.epochs": 1, "dense.epochs": 1, "spac
                                   "fixed.stabilize_reg_interval": 10}}
 
 
+def _copy(overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy whose nested dicts are fresh too (load_config may consume them)."""
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in overrides.items()}
+
+
 def prune_combos(cfg: Any) -> tuple[int, int]:
     """(regularising trials, distinct (method, pr, growth, seed) among them) of the study's design."""
     from study.space import design
@@ -170,9 +175,9 @@ class CpuTimes(tune.Callback):
 
     CPU seconds, unlike wall time, do not depend on what else the machine runs: they split the study's
     cost into trial workers (the trials' compute plus whatever runs around it in the worker), the
-    driver (Tune's loop, the MLflow and progress callbacks, Optuna) and Ray's own processes. Processes
-    are sampled after every trial and at the end (a worker that exits keeps its last sample); the
-    result is written to `path` as JSON.
+    driver (Tune's loop, the MLflow and progress callbacks, Optuna; with an embedded Ray also the
+    dense training) and Ray's own processes. Processes are sampled after every trial and at the end
+    (a worker that exits keeps its last sample); the result is written to `path` as JSON.
     """
 
     def __init__(self, path: str):
@@ -236,12 +241,11 @@ def main() -> None:
 
     # Read once: every study and the in-process run use the same config even if the file changes meanwhile.
     raw = yaml.safe_load(Path(args.config).read_text())
-    overrides: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v)
-                                 for k, v in (QUICK if args.quick else {}).items()}
+    overrides = _copy(QUICK if args.quick else {})
     for item in args.set:
         key, _, value = item.partition("=")
         overrides.setdefault("set", {})[key] = yaml.safe_load(value)
-    cfg = load_config(raw, **{k: (dict(v) if isinstance(v, dict) else v) for k, v in overrides.items()})
+    cfg = load_config(raw, **_copy(overrides))
     storage = tempfile.mkdtemp(prefix="tpp-study-bench-")
     # quick: the reuse-on study only (two studies do not fit the smoke budget); full: both
     modes = (True,) if args.quick else (True, False)
@@ -287,11 +291,11 @@ def main() -> None:
         {"quantity": "in-process: prune stages s (with reuse)", "value": t["prune_reused_s"]},
         {"quantity": "in-process: finetuning s (all trials)", "value": t["finetune_s"]},
         {"quantity": f"ideal wall s = dense + trials / {par}", "value": ideal_on},
-        {"quantity": "study wall s (StudyResult.wall_s: dense task + Tune)", "value": res.wall_s},
+        {"quantity": "study wall s (StudyResult.wall_s: dense model + Tune)", "value": res.wall_s},
         {"quantity": "study.run() s (incl. Ray start, MLflow set-up, shutdown)", "value": total},
         {"quantity": "overhead: study wall / ideal (goal <= 1.25)", "value": res.wall_s / ideal_on},
         {"quantity": "overhead: study.run() / ideal", "value": total / ideal_on},
-        {"quantity": "in study: dense task s (time_dense_s)", "value": st["dense_s"]},
+        {"quantity": "in study: dense training s (time_dense_s)", "value": st["dense_s"]},
         {"quantity": "in study: trials' own compute s (sum of time_prune_s run + time_finetune_s)",
          "value": st["compute_s"]},
         {"quantity": "in study / in-process compute (same work inside Ray trials)",
@@ -304,9 +308,9 @@ def main() -> None:
         {"quantity": "fixed cost per trial s, amortised ((wall - ideal) x concurrency / trials)",
          "value": (res.wall_s - ideal_on) * par / res.num_trials},
         {"quantity": "CPU s: in-process trials (the same work, no Ray)", "value": t["trials_cpu_s"]},
-        {"quantity": "CPU s: Ray worker processes (trials, dense task, worker start-up)",
+        {"quantity": "CPU s: Ray worker processes (trials, worker start-up; a cluster's dense task)",
          "value": st["cpu"]["workers"]},
-        {"quantity": "CPU s: driver (Tune loop, MLflow/progress callbacks, Optuna)",
+        {"quantity": "CPU s: driver (embedded: dense training; Tune loop, MLflow/progress callbacks, Optuna)",
          "value": st["cpu"]["driver"]},
         {"quantity": "CPU s: Ray system processes (raylet, GCS, agents, prune-cache actor)",
          "value": st["cpu"]["ray_system"]},

@@ -247,8 +247,6 @@ def _dense(cfg: StudyConfig, folder: StudyFolder, meta: StudyMeta, gpu: float, e
             task = ray.remote(_dense_task).options(num_cpus=cfg.resources.cpus,
                                                    num_gpus=gpu and min(1.0, gpu), max_retries=1)
             dense, history = ray.get(task.remote(run_cfg.to_dict(), cfg.dense.checkpoint))
-    except (KeyboardInterrupt, StudyError):
-        raise
     except Exception as e:  # noqa: BLE001 - one line, whatever the dense stage raised (or Ray wrapped)
         cause = getattr(e, "cause", None) or e
         raise StudyError(f"dense: {type(cause).__name__}: {str(cause).strip().splitlines()[-1]}") from None

@@ -548,11 +548,12 @@ class StudyLogger(tune.Callback):
                 self.box.batch(t.trial_id, tags={"tpp.status": "interrupted"})
                 self.box.status(t.trial_id, "KILLED")
                 self.ended.add(t.trial_id)
-        live = {t.trial_id for t in trials or []}
-        for old, info in self.known.items():  # lost trials no new trial took over (yet): not RUNNING
-            if trials is not None and old not in live | self.adopted and info["status"] == "RUNNING":
-                self.box.batch(old, tags={"tpp.status": "interrupted"})
-                self.box.status(old, "KILLED")
+        if trials is not None:  # lost trials no new trial took over (yet): not left RUNNING
+            keep = {t.trial_id for t in trials} | self.adopted
+            for old, info in self.known.items():
+                if old not in keep and info["status"] == "RUNNING":
+                    self.box.batch(old, tags={"tpp.status": "interrupted"})
+                    self.box.status(old, "KILLED")
         if not self.box.drain(60):
             folder = StudyFolder(self.study_dir)
             self.box.save_pending(folder.pending_log)
