@@ -1,5 +1,7 @@
-"""The run pipeline: schedules, config validation, prune-stage keys, resume, divergence, CLI."""
+"""The run pipeline: schedules, config stages and prune keys, validation split, members, resume,
+divergence, CLI."""
 
+import dataclasses
 import json
 import math
 import os
@@ -18,14 +20,24 @@ from tpp.checkpoint import (
     save_pruned,
     save_state,
 )
-from tpp.config import RunConfig
-from tpp.run import finetune_stage, load_run_data, prune_key, prune_stage, run_experiment, train_dense
-from tpp.schedules import PenaltySchedule, finetune_lr
+from tpp.config import PRUNE_INPUT_STAGES, RunConfig, is_penalty_only, stage_of
+from tpp.results import DenseModel
+from tpp.run import (
+    finetune_stage,
+    load_run_data,
+    prune_key,
+    prune_stage,
+    run_pipeline,
+    run_splits,
+    train_dense,
+)
+from tpp.schedules import DenseSchedule, PenaltySchedule, finetune_lr
 
 # A tiny but real setup: the bundled digits, a 4-layer MLP, a few epochs.
 TINY = dict(model="mlp", model_kwargs={"depth": 4, "width": 32, "activation": "relu"}, data="digits",
-            batch_size=64, epochs=4, dense_epochs=3, dense_lr=0.05, growth=0.05, update_reg_interval=1,
-            stabilize_reg_interval=10, lr=0.01, jsv_samples=8, device="cpu")
+            batch_size=64, reg_batch_size=64, dense_batch_size=64, epochs=4, dense_epochs=3, dense_lr=0.05,
+            growth=0.05, update_reg_interval=1, stabilize_reg_interval=10, lr=0.01, jsv_samples=8,
+            device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +81,72 @@ def test_step_schedule_is_the_papers_60_90_of_120():
     assert finetune_lr("cosine", 0.1, 5, 10, ()) == pytest.approx(0.05)
 
 
+def _torch_schedule(make, epochs: int, lr: float = 0.1) -> list[float]:
+    """The LR of each epoch of a torch.optim.lr_scheduler stepped once per epoch (the reference)."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched, out = make(opt), []
+    for _ in range(epochs):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+@pytest.mark.parametrize("epochs", [7, 30])
+def test_schedules_equal_torchs_own_schedulers(epochs):
+    S = torch.optim.lr_scheduler
+    cases = {
+        "step": (S.MultiStepLR, {"milestones": [round(0.5 * epochs), round(0.75 * epochs)], "gamma": 0.1}),
+        "cosine": (S.CosineAnnealingLR, {"T_max": epochs, "eta_min": 0.0}),
+        "linear": (S.LinearLR, {"start_factor": 1.0, "end_factor": 0.0, "total_iters": epochs}),
+        "constant": (S.ConstantLR, {"factor": 1.0, "total_iters": 1}),
+    }
+    for name, (cls, kw) in cases.items():
+        ref = _torch_schedule(lambda opt, cls=cls, kw=kw: cls(opt, **kw), epochs)
+        mine = [finetune_lr(name, 0.1, e, epochs, (0.5, 0.75)) for e in range(epochs)]
+        assert mine == pytest.approx(ref, rel=1e-9, abs=1e-12), name
+    for warmup in (2, 3):  # OneCycleLR defines no warmup of one epoch (it divides by zero)
+        ref = [torch_onecycle(e, epochs, warmup) for e in range(epochs)]
+        mine = [finetune_lr("onecycle", 0.1, e, epochs, (), warmup) for e in range(epochs)]
+        assert mine == pytest.approx(ref, rel=1e-9), warmup
+
+
+def torch_onecycle(epoch: int, epochs: int, warmup: int, lr: float = 0.1) -> float:
+    """OneCycleLR(total_steps=epochs, pct_start=warmup/epochs) after `epoch` steps, read off torch."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs, pct_start=warmup / epochs)
+    for _ in range(epoch):
+        opt.step()
+        sched.step()
+    return opt.param_groups[0]["lr"]
+
+
+def test_warmup_and_rewind_follow_their_formulas():
+    epochs, warmup, base = 10, 3, 0.2
+    for e in range(warmup):  # linear ramp to the base LR
+        ramp = base * (e + 1) / (warmup + 1)
+        assert finetune_lr("cosine", base, e, epochs, (), warmup) == pytest.approx(ramp)
+        assert finetune_lr("linear", base, e, epochs, (), warmup) == pytest.approx(ramp)
+    for e in range(warmup, epochs):  # then the decay over the remaining epochs
+        t = (e - warmup) / (epochs - warmup)
+        assert finetune_lr("cosine", base, e, epochs, (), warmup) == pytest.approx(
+            base * 0.5 * (1 + math.cos(math.pi * t)))
+        assert finetune_lr("linear", base, e, epochs, (), warmup) == pytest.approx(base * (1 - t))
+    dense = DenseSchedule("cosine", 0.05, 30)
+    own = [dense.lr_at(t) for t in range(30)]
+    # rewinding 10 epochs replays the dense schedule's last 10 epochs, scaled to start at the base LR
+    start = own[20]
+    assert [finetune_lr("rewind", start, e, 10, dense=dense) for e in range(10)] == pytest.approx(own[20:])
+    assert [finetune_lr("rewind", 1.0, e, 10, dense=dense) for e in range(10)] == pytest.approx(
+        [v / start for v in own[20:]])
+    with pytest.raises(ValueError, match="records none"):
+        finetune_lr("rewind", 0.1, 0, 10)
+
+
 @pytest.mark.parametrize("field,value,accepted", [
     ("method", "magnitude", "l1, tpp"), ("pr", 1.0, "[0, 1)"), ("lr", 0.0, "> 0"), ("growth", -1e-3, "> 0"),
-    ("schedule", "linear", "step, cosine"), ("epochs", 0, ">= 1"),
+    ("schedule", "exponential", "step, cosine"), ("epochs", 0, ">= 1"), ("val_fraction", 1.0, "[0, 1)"),
+    ("warmup_epochs", 2, "warmup applies to"),
 ])
 def test_bad_config_names_the_field_and_what_it_accepts(field, value, accepted):
     with pytest.raises(ValueError) as e:
@@ -86,16 +161,70 @@ def test_unknown_config_key_is_named():
     assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
-def test_prune_key_depends_on_the_prune_stage_inputs_only(tiny):
-    cfg, _, dense = tiny
-    key = prune_key(cfg, dense)
-    assert prune_key(cfg.replace(lr=0.5, epochs=99, schedule="cosine"), dense) == key
-    for change in ({"pr": 0.6}, {"growth": 0.01}, {"seed": 1}, {"method": "greg"}):
-        assert prune_key(cfg.replace(**change), dense) != key, change
-    l1 = cfg.replace(method="l1")
-    assert prune_key(l1.replace(growth=0.3), dense) == prune_key(l1, dense)  # growth means nothing to L1
-    other = train_dense(cfg.replace(seed=5, dense_epochs=1))
-    assert prune_key(cfg, other) != key
+# Another valid value for every RunConfig field (with the companions it needs to stay valid).
+ALTERNATIVES = {
+    "model": {"model": "mlp"}, "model_kwargs": {"model_kwargs": {"depth": 3}}, "data": {"data": "synthetic"},
+    "data_kwargs": {"data_kwargs": {"subset": 100}}, "val_fraction": {"val_fraction": 0.1},
+    "dense_epochs": {"dense_epochs": 2}, "dense_lr": {"dense_lr": 0.01},
+    "dense_batch_size": {"dense_batch_size": 32},
+    "dense_momentum": {"dense_momentum": 0.5}, "dense_weight_decay": {"dense_weight_decay": 0.0},
+    "method": {"method": "greg"}, "pr": {"pr": 0.7}, "prune_layers": {"prune_layers": {"layers.0": 0.5}},
+    "seed": {"seed": 3}, "growth": {"growth": 0.01}, "update_reg_interval": {"update_reg_interval": 2},
+    "reg_upper_limit": {"reg_upper_limit": 0.5}, "stabilize_reg_interval": {"stabilize_reg_interval": 3},
+    "lw_opp": {"lw_opp": 10.0}, "reg_lr": {"reg_lr": 0.1}, "reg_batch_size": {"reg_batch_size": 32},
+    "reg_momentum": {"reg_momentum": 0.0}, "reg_weight_decay": {"reg_weight_decay": 0.0},
+    "bf16": {"bf16": True},
+    "jsv_samples": {"jsv_samples": 4}, "lr": {"lr": 0.5}, "epochs": {"epochs": 99},
+    "schedule": {"schedule": "cosine"}, "milestones": {"milestones": (0.3,)},
+    "warmup_epochs": {"warmup_epochs": 2, "schedule": "cosine"}, "batch_size": {"batch_size": 32},
+    "momentum": {"momentum": 0.0}, "weight_decay": {"weight_decay": 0.0}, "jsv_every": {"jsv_every": 2},
+    "data_root": {"data_root": "/elsewhere"}, "device": {"device": "cuda"},
+    "channels_last": {"channels_last": True},
+    "eval_batch_size": {"eval_batch_size": 64},
+}
+
+
+@pytest.mark.parametrize("method", ["tpp", "l1"])
+def test_prune_key_changes_with_exactly_the_prune_stage_inputs(tiny, method):
+    """Walk every field: a model/data/dense/prune field changes the key (penalty knobs only for
+    methods with a penalty), a finetune or I/O field does not, and a field without a stage fails."""
+    _, _, dense = tiny
+    base = RunConfig(method=method)
+    key = prune_key(base, dense)
+    names = [f.name for f in dataclasses.fields(RunConfig)]
+    assert sorted(ALTERNATIVES) == sorted(names), "give the new RunConfig field an alternative value here"
+    for name in names:
+        if name == "method":
+            continue
+        changed = prune_key(base.replace(**ALTERNATIVES[name]), dense) != key
+        expected = stage_of(name) in PRUNE_INPUT_STAGES and (method == "tpp" or not is_penalty_only(name))
+        assert changed == expected, (name, stage_of(name))
+    assert prune_key(base.replace(method="greg" if method == "tpp" else "orthp"), dense) != key
+    # the dense model is named by its weights, not its path: one weight more or less changes the key
+    bumped = {k: v.clone() for k, v in dense.state_dict.items()}
+    first = next(iter(bumped))
+    bumped[first].view(-1)[0] += 1e-3
+    assert prune_key(base, DenseModel(dense.spec, bumped, dense.metrics)) != key
+    assert prune_key(base, DenseModel(dense.spec, dict(dense.state_dict), {})) == key
+
+
+def test_a_field_declared_without_a_stage_is_refused():
+    with pytest.raises(KeyError, match="declares no stage"):
+        stage_of("not_a_field")
+
+
+def test_validation_split_is_held_out_balanced_and_the_same_for_every_seed(tiny):
+    cfg, data, _ = tiny
+    train, val = run_splits(cfg.replace(val_fraction=0.2), data)
+    assert train.num_train + val.num_test == data.num_train and train.num_test == data.num_test
+    counts = torch.bincount(val.test_labels(), minlength=10)
+    assert val.num_test == round(0.2 * data.num_train) and int(counts.max() - counts.min()) <= 1  # balanced
+    held = {tuple(row.flatten().tolist()) for x, _ in val.test_batches(512, "cpu") for row in x}
+    epoch = train.train_batches(512, torch.Generator().manual_seed(0), "cpu")
+    seen = {tuple(row.flatten().tolist()) for x, _ in epoch for row in x}
+    assert not held & seen  # no held-out sample is trained on
+    again, val2 = run_splits(cfg.replace(val_fraction=0.2, seed=7), data)
+    assert torch.equal(val2.test_labels(), val.test_labels())
 
 
 def test_tpp_prune_stage_zeroes_then_removes(tiny):
@@ -163,15 +292,42 @@ def load_pruned_roundtrip(pruned, tmp_path):
 
 def test_a_huge_lr_diverges_as_a_result_not_an_exception(tiny):
     cfg, data, dense = tiny
-    result = run_experiment(cfg.replace(method="l1", lr=1e4, epochs=3), dense, data=data)
-    assert result.status == "diverged"
-    assert result.metrics["epochs_run"] <= 3 and "best_acc" in result.metrics
+    out = run_pipeline([cfg.replace(method="l1", lr=1e4, epochs=3), cfg.replace(method="l1", epochs=3)],
+                       dense=dense, data=data)
+    diverged, fine = out.members
+    assert diverged.status == "diverged" and fine.status == "completed"  # one member never spoils another
+    assert diverged.metrics["epochs_run"] <= 3 and "best_acc" in diverged.metrics
+
+
+def test_a_diverging_prune_stage_makes_every_member_diverged(tiny):
+    cfg, data, dense = tiny
+    bad = cfg.replace(reg_lr=1e6, lw_opp=1e6)
+    out = run_pipeline([bad, bad.replace(lr=0.1)], dense=dense, data=data)
+    assert out.pruned.diverged and [m.status for m in out.members] == ["diverged", "diverged"]
+    assert all(m.metrics["best_acc"] == pytest.approx(10.0) for m in out.members)  # chance on 10 classes
+
+
+def test_members_of_a_pipeline_equal_single_runs_and_must_share_the_prune_stage(tiny):
+    cfg, data, dense = tiny
+    cfg = cfg.replace(epochs=2, val_fraction=0.1)
+    members = [cfg.replace(lr=lr) for lr in (0.003, 0.03)]
+    members.append(cfg.replace(schedule="cosine", weight_decay=0.0))
+    together = run_pipeline(members, dense=dense, data=data)
+    for member, result in zip(members, together.members, strict=True):
+        alone = run_pipeline(member, dense=dense, data=data).members[0]
+        assert [h["test_acc"] for h in result.history] == [h["test_acc"] for h in alone.history]
+        assert result.metrics["best_acc"] == alone.metrics["best_acc"]
+        assert result.metrics["test_acc_at_best_val"] == alone.metrics["test_acc_at_best_val"]
+        m = result.metrics
+        assert m["iters_total"] == m["iters_prune"] + m["iters_finetune"]
+    with pytest.raises(ValueError, match=r"members\[1\]: .* differs in pr"):
+        run_pipeline([cfg, cfg.replace(pr=0.7)], dense=dense, data=data)
 
 
 def test_same_seed_same_result_on_cpu(tiny):
     cfg, data, dense = tiny
-    a = run_experiment(cfg.replace(epochs=2), dense, data=data)
-    b = run_experiment(cfg.replace(epochs=2), dense, data=data)
+    a = run_pipeline(cfg.replace(epochs=2), dense=dense, data=data).members[0]
+    b = run_pipeline(cfg.replace(epochs=2), dense=dense, data=data).members[0]
     assert a.metrics["best_acc"] == b.metrics["best_acc"]
     assert a.metrics["jsv_after_removal_mean"] == b.metrics["jsv_after_removal_mean"]
 
@@ -204,8 +360,9 @@ def run_cli(*args, check=True):
 def test_cli_pretrain_then_run_json(tmp_path):
     dense = tmp_path / "dense.pt"
     common = ["--model", "mlp", "--model-kwargs", '{"depth": 3, "width": 16}', "--data", "digits",
-              "--device", "cpu", "--batch-size", "128"]
-    run_cli("pretrain", *common, "--dense-epochs", "2", "--out", str(dense), "--quiet")
+              "--device", "cpu"]
+    run_cli("pretrain", *common, "--dense-epochs", "2", "--dense-batch-size", "128", "--out", str(dense),
+            "--quiet")
     proc = run_cli("run", *common, "--method", "tpp", "--pr", "0.5", "--lr", "1e-2", "--growth", "0.2",
                    "--update-reg-interval", "1", "--stabilize-reg-interval", "2", "--epochs", "2",
                    "--seed", "0",
@@ -213,7 +370,13 @@ def test_cli_pretrain_then_run_json(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["status"] == "completed" and out["config"]["method"] == "tpp"
     assert 0 <= out["best_acc"] <= 100 and out["speedup"] > 1
-    assert "[finetune] epoch   1" in proc.stderr
+    assert "[finetune] epoch   1/2" in proc.stderr
+    # several LRs: members of one pruned model, one JSON line each, in the order given
+    proc = run_cli("run", *common, "--method", "l1", "--pr", "0.5", "--lr", "1e-2", "3e-2", "--epochs", "1",
+                   "--dense", str(dense), "--json", "--quiet")
+    lines = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert [o["config"]["lr"] for o in lines] == [1e-2, 3e-2]
+    assert lines[0]["acc_after_removal"] == lines[1]["acc_after_removal"]  # one prune stage
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):

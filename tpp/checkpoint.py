@@ -53,7 +53,7 @@ def _load(path: str | Path, what: str) -> dict[str, Any]:
 
 def save_dense(path: str | Path, dense: DenseModel) -> None:
     atomic_save({"format": DENSE_FORMAT, "spec": dense.spec.to_dict(), "state_dict": dense.state_dict,
-                 "metrics": dict(dense.metrics)}, path)
+                 "metrics": dict(dense.metrics), "schedule": dense.schedule}, path)
 
 
 def load_dense(path: str | Path, expected: ModelSpec | None = None) -> DenseModel:
@@ -65,9 +65,9 @@ def load_dense(path: str | Path, expected: ModelSpec | None = None) -> DenseMode
     obj = _load(path, "dense checkpoint")
     if obj.get("format") == DENSE_FORMAT:
         spec = ModelSpec.from_dict(obj["spec"])
-        state, metrics = obj["state_dict"], obj.get("metrics", {})
+        state, metrics, schedule = obj["state_dict"], obj.get("metrics", {}), obj.get("schedule")
     elif expected is not None and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        spec, state, metrics = expected, obj, {}
+        spec, state, metrics, schedule = expected, obj, {}, None
     else:
         raise CheckpointError(f"dense checkpoint: {path} is neither a tpp dense checkpoint nor a state_dict")
     if expected is not None and spec != expected:
@@ -76,7 +76,7 @@ def load_dense(path: str | Path, expected: ModelSpec | None = None) -> DenseMode
             f"{tuple(spec.input_shape)}, but the run needs {expected.name} "
             f"for {expected.num_classes} classes "
             f"and input {tuple(expected.input_shape)}")
-    dense = DenseModel(spec, state, metrics)
+    dense = DenseModel(spec, state, metrics, schedule)
     try:
         dense.build()
     except Exception as e:
@@ -86,7 +86,8 @@ def load_dense(path: str | Path, expected: ModelSpec | None = None) -> DenseMode
 
 def save_pruned(path: str | Path, pruned: PrunedModel) -> None:
     atomic_save({"format": PRUNED_FORMAT, "spec": pruned.spec.to_dict(), "kept": pruned.kept,
-                 "state_dict": pruned.state_dict, "metrics": dict(pruned.metrics)}, path)
+                 "state_dict": pruned.state_dict, "metrics": dict(pruned.metrics),
+                 "dense_schedule": pruned.dense_schedule, "diverged": pruned.diverged}, path)
 
 
 def load_pruned(path: str | Path) -> PrunedModel:
@@ -94,7 +95,8 @@ def load_pruned(path: str | Path) -> PrunedModel:
     if obj.get("format") != PRUNED_FORMAT:
         raise CheckpointError(f"pruned checkpoint: {path} is not a tpp pruned-model checkpoint")
     return PrunedModel(ModelSpec.from_dict(obj["spec"]), {k: list(v) for k, v in obj["kept"].items()},
-                       obj["state_dict"], obj.get("metrics", {}))
+                       obj["state_dict"], obj.get("metrics", {}), obj.get("dense_schedule"),
+                       obj.get("diverged"))
 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:

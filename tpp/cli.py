@@ -1,9 +1,10 @@
 """`tpp`: single runs of the library from the shell.
 
     tpp pretrain --model resnet20 --data cifar10 --data-root DIR --dense-epochs 30 --out dense.pt
-    tpp run --model mlp7_linear --data digits --method tpp --pr 0.9 --lr 1e-3 --growth 1e-3 --epochs 30 --json
+    tpp run --model mlp7_linear --data digits --method tpp --pr 0.9 --lr 1e-3 1e-2 --growth 1e-3 --json
 
-Every RunConfig field is a flag (underscores become dashes); dict fields take JSON.
+Every RunConfig field is a flag (underscores become dashes; dict fields take JSON), with the help text
+its declaration carries. `--lr` takes several values: they are finetune members of one pruned model.
 """
 
 from __future__ import annotations
@@ -17,58 +18,65 @@ import time
 from typing import Any
 
 from tpp.checkpoint import CheckpointError, load_dense, save_dense, save_pruned
-from tpp.config import RunConfig
+from tpp.config import RunConfig, fields_of, help_of
 from tpp.data import list_data
 from tpp.methods import METHODS
 from tpp.models import list_models
 from tpp.run import DivergedError
 
-# Short help for the flags people use most; the rest are documented in RunConfig.
-HELP = {
-    "model": "architecture (see `tpp list`)", "data": "data set (see `tpp list`)",
-    "data_root": "folder of the data set (CIFAR/MNIST torchvision format, or train/ + val|test/ folders)",
-    "method": f"pruning method: {', '.join(METHODS)}", "pr": "pruning ratio of the preset layers, in [0, 1)",
-    "growth": "penalty growth: added to the penalty factor every --update-reg-interval iterations",
-    "lr": "finetuning learning rate", "epochs": "finetuning epochs", "seed": "seed of every random choice",
-    "prune_layers": 'explicit JSON {"glob pattern": ratio} instead of the model preset',
-    "device": "auto | cpu | cuda | cuda:N", "bf16": "bf16 autocast (CUDA only)",
-}
+# Prune-stage settings the dense stage reads too (its seed, numerics and JSV measurement).
+DENSE_ALSO_READS = ("seed", "bf16", "jsv_samples")
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, names: list[str], multi: tuple[str, ...] = ()) -> None:
     defaults = RunConfig()
-    for f in dataclasses.fields(RunConfig):
-        if f.name in skip:
-            continue
-        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
-        help_text = f"{HELP.get(f.name, f.name.replace('_', ' '))} (default: {default})"
+    for name in names:
+        flag, default = "--" + name.replace("_", "-"), getattr(defaults, name)
+        help_text = f"{help_of(name)} (default: {default})"
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        elif isinstance(default, dict) or f.name == "prune_layers":
+        elif isinstance(default, dict) or name == "prune_layers":
             parser.add_argument(flag, type=json.loads, default=default, metavar="JSON", help=help_text)
         elif isinstance(default, tuple):
             parser.add_argument(flag, type=float, nargs="+", default=default, help=help_text)
-        elif f.name == "data_root":
+        elif name in multi:
+            parser.add_argument(flag, type=type(default), nargs="+", default=[default],
+                                help=help_text + "; several values: one finetune member each")
+        elif name == "data_root":
             parser.add_argument(flag, default=default, help=help_text)
         else:
             parser.add_argument(flag, type=type(default), default=default, help=help_text)
 
 
-def _config_from_args(args: argparse.Namespace) -> RunConfig:
+def _configs_from_args(args: argparse.Namespace, multi: tuple[str, ...] = ()) -> list[RunConfig]:
     names = {f.name for f in dataclasses.fields(RunConfig)}
-    return RunConfig.from_dict({k: v for k, v in vars(args).items() if k in names})
+    given = {k: v for k, v in vars(args).items() if k in names}
+    values = {k: given.pop(k) for k in multi if k in given}
+    if not values:
+        return [RunConfig.from_dict(given)]
+    (key, levels), = values.items()
+    return [RunConfig.from_dict({**given, key: v}) for v in levels]
 
 
-def _progress(event: dict[str, Any]) -> None:
+def _progress(event: dict[str, Any], members: int = 1) -> None:
     """One line per epoch / stage on stderr, so stdout stays machine-readable with --json."""
+    stage = event.get("stage", "")
     if event["event"] == "epoch":
-        extra = f" reg={event['reg']:.3g}" if "reg" in event else ""
-        print(f"[{event['stage']:>8}] epoch {event['epoch']:>3}  loss {event['train_loss']:.4f}  "
-              f"acc {event['test_acc']:6.2f}%  lr {event['lr']:.2e}{extra}", file=sys.stderr, flush=True)
+        member = f" #{event['member']}" if "member" in event and members > 1 else ""
+        if stage == "prune":
+            where = f"iteration {event['iteration']:>6}/{event['iterations']}"
+        else:
+            where = f"epoch {event['epoch'] + 1:>3}/{event['epochs']}"
+        extra = f"  reg {event['reg']:.3g}" if "reg" in event else f"  lr {event['lr']:.2e}"
+        print(f"[{stage:>8}{member}] {where}  loss {event['train_loss']:.4f}  acc {event['test_acc']:6.2f}%"
+              f"{extra}  ({event['seconds']:.2f} s)", file=sys.stderr, flush=True)
     elif event["event"] == "stage_end":
+        if event.get("diverged"):
+            print(f"[{stage:>8}] diverged: {event['diverged']}", file=sys.stderr, flush=True)
+            return
         keys = [k for k in ("dense_acc", "acc_after_removal", "speedup", "jsv_after_removal_mean", "best_acc")
                 if k in event]
-        print(f"[{event['stage']:>8}] done: " + ", ".join(f"{k}={event[k]:.4g}" for k in keys),
+        print(f"[{stage:>8}] done: " + ", ".join(f"{k}={event[k]:.4g}" for k in keys),
               file=sys.stderr, flush=True)
 
 
@@ -79,7 +87,7 @@ def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from tpp.run import load_run_data, train_dense
 
-    cfg = _config_from_args(args)
+    cfg, = _configs_from_args(args)
     dense = train_dense(cfg, load_run_data(cfg), None if args.quiet else _progress)
     save_dense(args.out, dense)
     print(f"dense model ({cfg.model}, test acc {dense.metrics['dense_acc']:.2f}%) written to {args.out}",
@@ -90,26 +98,26 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tpp.run import finetune_stage, load_run_data, model_spec, prune_stage, train_dense
+    from tpp.run import load_run_data, model_spec, run_pipeline
 
-    cfg = _config_from_args(args)
-    progress = None if args.quiet else _progress
+    members = _configs_from_args(args, multi=("lr",))
+    cfg = members[0]
     start = time.perf_counter()
     data = load_run_data(cfg)
-    dense = (load_dense(args.dense, expected=model_spec(cfg, data)) if args.dense
-             else train_dense(cfg, data, progress))
-    pruned = prune_stage(cfg, dense, data, progress)
-    if args.save_pruned:
-        save_pruned(args.save_pruned, pruned)
-    result = finetune_stage(cfg, pruned, data, progress)
-    metrics = {"status": result.status, **dense.metrics, **pruned.metrics, **result.metrics,
-               "time_total_s": time.perf_counter() - start}
-    print(f"{cfg.method} pr={cfg.pr} lr={cfg.lr}: {result.status}, best acc {metrics['best_acc']:.2f}% "
-          f"(dense {dense.metrics.get('dense_acc', float('nan')):.2f}%), "
-          f"FLOPs speed-up {metrics['speedup']:.2f}x",
-          file=sys.stderr)
-    if args.json:
-        print(json.dumps({"config": cfg.to_dict(), **_json_safe(metrics)}))
+    dense = load_dense(args.dense, expected=model_spec(cfg, data)) if args.dense else None
+    out = run_pipeline(members, dense=dense, data=data,
+                       on_event=None if args.quiet else lambda e: _progress(e, len(members)))
+    if args.save_pruned and not out.pruned.diverged:
+        save_pruned(args.save_pruned, out.pruned)
+    for member, result in zip(members, out.members, strict=True):
+        assert result is not None
+        metrics = {"status": result.status, **result.metrics, "time_total_s": time.perf_counter() - start}
+        speedup = f", FLOPs speed-up {metrics['speedup']:.2f}x" if "speedup" in metrics else ""
+        print(f"{member.method} pr={member.pr} lr={member.lr}: {result.status}, best acc "
+              f"{metrics['best_acc']:.2f}% (dense {out.dense.metrics.get('dense_acc', float('nan')):.2f}%)"
+              f"{speedup}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"config": member.to_dict(), **_json_safe(metrics)}))
     return 0
 
 
@@ -128,21 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pretrain", help="train a dense model and save it",
                        description="Train the unpruned model (cosine LR from --dense-lr, --dense-epochs).")
-    _add_config_flags(p, skip=("method", "pr", "prune_layers", "growth", "update_reg_interval",
-                               "reg_upper_limit", "stabilize_reg_interval", "lw_opp", "reg_lr", "lr",
-                               "epochs",
-                               "schedule", "milestones", "jsv_every"))
+    dense_flags = set(fields_of("model", "data", "dense", "run")) | set(DENSE_ALSO_READS)
+    _add_config_flags(p, [f.name for f in dataclasses.fields(RunConfig) if f.name in dense_flags])
     p.add_argument("--out", required=True, help="where to write the dense checkpoint (.pt)")
     p.set_defaults(fn=cmd_pretrain)
     r = sub.add_parser("run", help="prune and finetune one configuration",
-                       description="Dense model (--dense PATH, or trained first) -> prune stage -> finetune.")
-    _add_config_flags(r)
+                       description="Dense model (--dense PATH, or trained first) -> prune stage -> "
+                       "finetune; several --lr values finetune the same pruned model once each.")
+    _add_config_flags(r, [f.name for f in dataclasses.fields(RunConfig)], multi=("lr",))
     r.add_argument("--dense", help="dense checkpoint from `tpp pretrain` (default: train one first)")
     r.add_argument("--save-pruned", metavar="PATH", help="also save the pruned model before finetuning")
     r.set_defaults(fn=cmd_run)
     for sp in (p, r):
         sp.add_argument("--json", action="store_true",
-                        help="print the final metrics as one JSON line on stdout")
+                        help="print the final metrics as one JSON line per member on stdout")
         sp.add_argument("--quiet", action="store_true", help="no per-epoch progress on stderr")
     sub.add_parser("list", help="list models, data sets and methods").set_defaults(fn=cmd_list)
     return parser
@@ -155,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, CheckpointError) as e:  # bad input: one line, no traceback
         print(f"tpp: error: {e}", file=sys.stderr)
         return 2
-    except DivergedError as e:  # the dense or prune stage blew up: a result to act on, not a crash
+    except DivergedError as e:  # the dense stage blew up: a result to act on, not a crash
         print(f"tpp: {e}; lower the stage's learning rate", file=sys.stderr)
         return 1
 

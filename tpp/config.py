@@ -1,56 +1,108 @@
-"""RunConfig: every knob of one pruning run, with the TPP authors' defaults.
+"""RunConfig: every knob of one pruning run, with the TPP authors' defaults, each tagged with its stage.
 
-It is a flat dataclass so it can be logged as parameters, hashed for prune-stage reuse and
-round-tripped through JSON/YAML unchanged.
+A run has stages -- model and data, dense training, the prune stage (filter selection + the penalty
+schedule), finetuning -- plus I/O and device settings that are part of no result. Each field declares
+its stage (and its help text, with the unit) once, here, in its metadata; everything else derives
+from that declaration: which inputs the prune stage depends on (`tpp.run.prune_key`), which fields
+finetune members of one pruned model may differ in, which flags `tpp pretrain` shows. A field added
+without a stage fails `stage_of` and the test that walks every field.
+
+The config stays flat so it can be logged as parameters, given as `tpp run` flags and a study's
+`fixed:` keys, and round-tripped through JSON/YAML unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from tpp.methods import list_methods
-from tpp.schedules import SCHEDULES
+from tpp.methods import get_method, list_methods
+from tpp.schedules import SCHEDULES, WARMUP_SCHEDULES
+
+Stage = Literal["model", "data", "dense", "prune", "finetune", "run"]
+STAGES: tuple[Stage, ...] = ("model", "data", "dense", "prune", "finetune", "run")
+# Stages whose settings change the pruned model: a prune key hashes exactly these (plus the dense weights).
+PRUNE_INPUT_STAGES: tuple[Stage, ...] = ("model", "data", "dense", "prune")
+
+
+def setting(default: Any, stage: Stage, help: str, *, penalty_only: bool = False) -> Any:
+    """A RunConfig field declared with its stage and help text.
+
+    `penalty_only`: a prune-stage knob that only a method with a regularisation stage reads (the
+    growth rate, ...); methods without one ignore it, so it is no part of their prune key.
+    """
+    meta = {"stage": stage, "help": help, "penalty_only": penalty_only}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class RunConfig:
-    # what to prune
-    model: str = "mlp7_linear"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    data: str = "digits"
-    data_root: str | None = None
-    data_kwargs: dict[str, Any] = field(default_factory=dict)
-    method: str = "tpp"
-    pr: float = 0.5  # pruning ratio, applied to the model's preset layers
-    prune_layers: dict[str, float] | None = None  # explicit glob pattern -> ratio (overrides the preset)
-    # prune stage of regularising methods (authors' CIFAR defaults)
-    growth: float = 1e-4  # reg_granularity: penalty added every update_reg_interval iterations
-    update_reg_interval: int = 10
-    reg_upper_limit: float = 1.0
-    stabilize_reg_interval: int = 10_000
-    lw_opp: float = 1000.0  # weight of the gram term
-    reg_lr: float = 1e-3  # constant LR of the regularisation stage
-    # finetune
-    lr: float = 1e-2
-    epochs: int = 120
-    schedule: str = "step"
-    milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of `epochs` where a step schedule drops 10x
-    batch_size: int = 128
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    # dense model, when none is given
-    dense_epochs: int = 30
-    dense_lr: float = 0.05  # 0.1 diverges for the deep linear MLP; CIFAR configs set their own
-    # run
-    seed: int = 0
-    device: str = "auto"
-    bf16: bool = False
-    channels_last: bool = False
-    jsv_every: int = 0  # measure the JSV every N finetune epochs (0: only at key points)
-    jsv_samples: int = 32
-    eval_batch_size: int = 512
+    # ------------------------------------------------------------------------------- model and data
+    model: str = setting("mlp7_linear", "model", "architecture (see `tpp list`)")
+    model_kwargs: dict[str, Any] = setting({}, "model", "JSON keyword arguments of the model factory")
+    data: str = setting("digits", "data", "data set (see `tpp list`)")
+    data_kwargs: dict[str, Any] = setting({}, "data", "JSON keyword arguments of the data loader "
+                                          '(e.g. {"subset": 5000})')
+    val_fraction: float = setting(0.0, "data", "fraction of the training set held out (seeded, class-"
+                                  "balanced) to choose the finetuning epoch on; 0 = no validation split")
+    # ---------------------------------------------------------------------------------------- dense
+    dense_epochs: int = setting(30, "dense", "epochs of dense training (when no --dense checkpoint)")
+    dense_lr: float = setting(0.05, "dense", "peak LR of dense training, cosine-annealed to 0 "
+                              "(0.1 diverges for the deep linear MLP)")
+    dense_batch_size: int = setting(128, "dense", "mini-batch size of dense training (samples)")
+    dense_momentum: float = setting(0.9, "dense", "SGD momentum of dense training")
+    dense_weight_decay: float = setting(5e-4, "dense", "L2 weight decay of dense training")
+    # ---------------------------------------------------------------------------------------- prune
+    method: str = setting("tpp", "prune", "pruning method (see `tpp list`)")
+    pr: float = setting(0.5, "prune", "pruning ratio of the model preset's layers, in [0, 1)")
+    prune_layers: dict[str, float] | None = setting(None, "prune", 'explicit JSON {"glob pattern": ratio} '
+                                                    "instead of the model preset")
+    seed: int = setting(0, "prune", "seed of every random choice (init, data order, augmentation) of the "
+                        "prune stage and finetuning")
+    growth: float = setting(1e-4, "prune", "penalty growth: added to the penalty factor every "
+                            "--update-reg-interval iterations (the authors' reg_granularity)",
+                            penalty_only=True)
+    update_reg_interval: int = setting(10, "prune", "iterations between penalty increments",
+                                       penalty_only=True)
+    reg_upper_limit: float = setting(1.0, "prune", "penalty factor at which growth stops",
+                                     penalty_only=True)
+    stabilize_reg_interval: int = setting(10_000, "prune", "iterations at the penalty limit, during which "
+                                          "pruned filters are zeroed layer by layer", penalty_only=True)
+    lw_opp: float = setting(1000.0, "prune", "weight of the gram (trainability) term in the loss",
+                            penalty_only=True)
+    reg_lr: float = setting(1e-3, "prune", "constant SGD LR of the regularisation stage", penalty_only=True)
+    reg_batch_size: int = setting(128, "prune", "mini-batch size of the regularisation stage (samples)",
+                                  penalty_only=True)
+    reg_momentum: float = setting(0.9, "prune", "SGD momentum of the regularisation stage",
+                                  penalty_only=True)
+    reg_weight_decay: float = setting(5e-4, "prune", "L2 weight decay of the regularisation stage",
+                                      penalty_only=True)
+    bf16: bool = setting(False, "prune", "bf16 autocast on CUDA (changes the numerics of every stage "
+                         "run with it)")
+    jsv_samples: int = setting(32, "prune", "test inputs the Jacobian singular values are measured on")
+    # ------------------------------------------------------------------------------------- finetune
+    lr: float = setting(1e-2, "finetune", "finetuning base learning rate")
+    epochs: int = setting(120, "finetune", "finetuning epochs (the finetuning budget)")
+    schedule: str = setting("step", "finetune", f"finetuning LR schedule: {', '.join(SCHEDULES)}")
+    milestones: tuple[float, ...] = setting((0.5, 0.75), "finetune", "fractions of --epochs where the step "
+                                            "schedule divides the LR by 10")
+    warmup_epochs: int = setting(0, "finetune", "epochs of linear LR warmup (schedules "
+                                 f"{', '.join(WARMUP_SCHEDULES)}; onecycle needs >= 1)")
+    batch_size: int = setting(128, "finetune", "mini-batch size of finetuning (samples)")
+    momentum: float = setting(0.9, "finetune", "SGD momentum of finetuning")
+    weight_decay: float = setting(5e-4, "finetune", "L2 weight decay of finetuning")
+    jsv_every: int = setting(0, "finetune", "measure the Jacobian singular values every N finetuning epochs "
+                             "(0: only after removal and at the end)")
+    # ------------------------------------------------------------------------------ I/O and device
+    data_root: str | None = setting(None, "run", "folder of the data set (CIFAR/MNIST torchvision format, "
+                                    "or train/ + val|test/ folders); default $TPP_DATA_ROOT, then ./data")
+    device: str = setting("auto", "run", "auto | cpu | cuda | cuda:N")
+    channels_last: bool = setting(False, "run", "channels-last memory format on CUDA")
+    eval_batch_size: int = setting(512, "run", "mini-batch size of evaluation (samples)")
 
     def __post_init__(self) -> None:
         self.milestones = tuple(float(m) for m in self.milestones)
@@ -65,21 +117,52 @@ class RunConfig:
             bad("method", ", ".join(list_methods()))
         if not 0.0 <= self.pr < 1.0:
             bad("pr", "a pruning ratio in [0, 1)")
+        if not 0.0 <= self.val_fraction < 1.0:
+            bad("val_fraction", "a fraction of the training set in [0, 1)")
         for name in ("growth", "reg_upper_limit", "lr", "reg_lr", "dense_lr"):
-            if not getattr(self, name) > 0:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
                 bad(name, "a number > 0")
-        for name in ("update_reg_interval", "batch_size", "epochs", "jsv_samples", "eval_batch_size"):
+        for name in ("momentum", "reg_momentum", "dense_momentum", "weight_decay", "reg_weight_decay",
+                     "dense_weight_decay"):
+            if not getattr(self, name) >= 0:
+                bad(name, "a number >= 0")
+        for name in ("update_reg_interval", "batch_size", "reg_batch_size", "dense_batch_size", "epochs",
+                     "jsv_samples", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 bad(name, "an integer >= 1")
-        for name in ("stabilize_reg_interval", "dense_epochs", "jsv_every"):
+        for name in ("stabilize_reg_interval", "dense_epochs", "jsv_every", "warmup_epochs"):
             if int(getattr(self, name)) < 0:
                 bad(name, "an integer >= 0")
         if self.schedule not in SCHEDULES:
             bad("schedule", ", ".join(SCHEDULES))
         if any(not 0 < m < 1 for m in self.milestones):
             bad("milestones", "fractions of the epochs in (0, 1)")
+        if self.warmup_epochs and self.schedule not in WARMUP_SCHEDULES:
+            bad("warmup_epochs", f"0 for schedule {self.schedule!r}; warmup applies to "
+                f"{', '.join(WARMUP_SCHEDULES)}")
+        if self.schedule == "onecycle" and not 1 <= self.warmup_epochs < self.epochs:
+            bad("warmup_epochs", "an integer in [1, epochs) for the onecycle schedule")
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs:
+            bad("warmup_epochs", f"fewer than epochs ({self.epochs})")
         if self.prune_layers is not None and any(not 0 <= r < 1 for r in self.prune_layers.values()):
             bad("prune_layers", "a mapping of layer patterns to ratios in [0, 1)")
+
+    # ----------------------------------------------------------------------------------- by stage
+    def section(self, *stages: Stage) -> dict[str, Any]:
+        """The fields of these stages, as a JSON-ready dict."""
+        d = self.to_dict()
+        return {f.name: d[f.name] for f in dataclasses.fields(self) if stage_of(f.name) in stages}
+
+    def prune_inputs(self) -> dict[str, Any]:
+        """Every setting the pruned model depends on (penalty knobs only for methods with a penalty)."""
+        has_penalty = get_method(self.method).regularize
+        return {k: v for k, v in self.section(*PRUNE_INPUT_STAGES).items()
+                if has_penalty or not is_penalty_only(k)}
+
+    def same_pruned_model(self, other: RunConfig) -> bool:
+        """Whether two configs prune identically (they may differ in finetune and I/O settings only)."""
+        return self.prune_inputs() == other.prune_inputs()
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -96,3 +179,30 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def stage_of(name: str) -> Stage:
+    """The stage a RunConfig field belongs to; a KeyError for a field declared without one."""
+    try:
+        stage = _FIELDS[name].metadata["stage"]
+    except KeyError:
+        raise KeyError(f"RunConfig field {name!r} declares no stage (use tpp.config.setting)") from None
+    if stage not in STAGES:
+        raise KeyError(f"RunConfig field {name!r} has an unknown stage {stage!r}")
+    return stage
+
+
+def is_penalty_only(name: str) -> bool:
+    return bool(_FIELDS[name].metadata.get("penalty_only"))
+
+
+def help_of(name: str) -> str:
+    return str(_FIELDS[name].metadata["help"])
+
+
+def fields_of(*stages: Stage) -> list[str]:
+    """Names of the RunConfig fields of these stages, in declaration order."""
+    return [name for name in _FIELDS if stage_of(name) in stages]

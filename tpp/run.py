@@ -1,8 +1,13 @@
-"""One pruning run, as three stages: dense training, the prune stage, finetuning.
+"""One pruning pipeline: dense training -> prune stage -> removal -> finetuning of one or several members.
 
-The prune stage depends only on (model, data, method, ratios, penalty knobs, seed, dense weights), not
-on the finetuning LR — `prune_key` hashes exactly those inputs so a study can compute it once and
-reuse it for every LR. Progress leaves through `on_event(dict)`; the library never logs anywhere itself.
+A *member* is one finetuning configuration (a RunConfig differing from its siblings only in finetune
+and I/O fields, `tpp.config`); all members of one pipeline share one pruned model, which is what a
+study's trial is. The prune stage depends only on `prune_key` (the prune-stage inputs and the dense
+weights), so a study computes it once per key and reuses it. Divergence is handled here and only here:
+a dense stage that diverges is an error (`DivergedError`); a prune stage that diverges is a result
+(every member "diverged"); a member that diverges ends with the metrics it reached.
+
+Progress leaves through `on_event(dict)`; the library never logs anywhere itself.
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
-from typing import Any
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -34,11 +41,12 @@ from tpp.pruning import (
     zero_pruned,
 )
 from tpp.results import DenseModel, PrunedModel, RunResult, cpu_state_dict, example_input
-from tpp.schedules import PenaltySchedule, finetune_lr
+from tpp.schedules import DenseSchedule, PenaltySchedule, finetune_lr
 from tpp.train import (
     Precision,
     epoch_generator,
     evaluate,
+    evaluate_metrics,
     resolve_device,
     seed_everything,
     set_lr,
@@ -47,17 +55,11 @@ from tpp.train import (
 )
 
 EventFn = Callable[[dict[str, Any]], None]
-
-# RunConfig fields that change what the prune stage produces (everything else is finetuning or I/O).
-PRUNE_FIELDS = ("model", "model_kwargs", "data", "data_kwargs", "method", "pr", "prune_layers", "growth",
-                "update_reg_interval", "reg_upper_limit", "stabilize_reg_interval", "lw_opp", "reg_lr",
-                "batch_size", "momentum", "weight_decay", "seed")
-REG_ONLY_FIELDS = ("growth", "update_reg_interval", "reg_upper_limit", "stabilize_reg_interval", "lw_opp",
-                   "reg_lr", "batch_size", "momentum", "weight_decay")
+VAL_SPLIT_SEED = 0  # the held-out samples are the same for every stage and every seed of a study
 
 
 class DivergedError(FloatingPointError):
-    """A stage before finetuning produced a NaN/inf loss (finetuning divergence is a status, not this)."""
+    """The dense stage produced a NaN/inf loss (prune and finetune divergence are results, not this)."""
 
     def __init__(self, stage: str, message: str):
         super().__init__(f"{stage} stage diverged: {message}")
@@ -77,6 +79,23 @@ def load_run_data(cfg: RunConfig):
     return load_data(cfg.data, root=cfg.data_root, **cfg.data_kwargs)
 
 
+_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def run_splits(cfg: RunConfig, data) -> tuple[Any, Any | None]:
+    """(the samples a run trains on, the validation bundle or None) for `cfg.val_fraction`.
+
+    Every stage trains on the same training part, so the validation samples stay unseen; the split is
+    made once per data bundle.
+    """
+    if not cfg.val_fraction:
+        return data, None
+    cache = _SPLITS.setdefault(data, {})
+    if cfg.val_fraction not in cache:
+        cache[cfg.val_fraction] = data.split_validation(cfg.val_fraction, VAL_SPLIT_SEED)
+    return cache[cfg.val_fraction]
+
+
 def measure_jsv(model: nn.Module, data, cfg: RunConfig, device: torch.device) -> dict[str, float]:
     """Jacobian singular-value summary on the data's fixed evaluation batch (always in float32)."""
     return jsv_summary(jacobian_singular_values(model, data.eval_inputs(cfg.jsv_samples, device)))
@@ -86,47 +105,58 @@ def _test_batches(data, cfg: RunConfig, device: torch.device):
     return data.test_batches(cfg.eval_batch_size, device)
 
 
+def _iters_per_epoch(data, batch_size: int) -> int:
+    return math.ceil(data.num_train / batch_size)
+
+
+def train_flops(forward_flops: int, samples: int) -> float:
+    """Training FLOPs of `samples` forward + backward passes: the usual 3 x forward estimate."""
+    return 3.0 * forward_flops * samples
+
+
 # ----------------------------------------------------------------------------------------------- dense
 def train_dense(cfg: RunConfig, data=None, on_event: EventFn | None = None) -> DenseModel:
     """Train the unpruned network: SGD, cosine LR from `dense_lr` over `dense_epochs` epochs."""
     data = data if data is not None else load_run_data(cfg)
+    train, _ = run_splits(cfg, data)
     device, precision = resolve_device(cfg.device), Precision(cfg.bf16, cfg.channels_last)
     seed_everything(cfg.seed)
     spec = model_spec(cfg, data)
     model = precision.prepare_model(build_model(spec), device)
-    opt = sgd(model, cfg.dense_lr, cfg.momentum, cfg.weight_decay)
+    opt = sgd(model, cfg.dense_lr, cfg.dense_momentum, cfg.dense_weight_decay)
+    schedule = DenseSchedule("cosine", cfg.dense_lr, cfg.dense_epochs)
     start = time.perf_counter()
-    acc = float("nan")
+    acc, iterations = float("nan"), 0
     for epoch in range(cfg.dense_epochs):
-        set_lr(opt, finetune_lr("cosine", cfg.dense_lr, epoch, cfg.dense_epochs, ()))
-        batches = data.train_batches(cfg.batch_size, epoch_generator(cfg.seed, "dense", epoch), device)
+        set_lr(opt, schedule.lr_at(epoch))
+        t0 = time.perf_counter()
+        batches = train.train_batches(cfg.dense_batch_size, epoch_generator(cfg.seed, "dense", epoch), device)
         stats = train_epoch(model, batches, opt, device, precision)
+        iterations += stats.iterations
         if not stats.finite:
             raise DivergedError("dense", f"the loss became NaN/inf at epoch {epoch} "
                                 f"(dense_lr={cfg.dense_lr})")
         acc = evaluate(model, _test_batches(data, cfg, device), device, precision)
-        _emit(on_event, event="epoch", stage="dense", epoch=epoch, train_loss=stats.loss, test_acc=acc,
-              lr=opt.param_groups[0]["lr"])
+        _emit(on_event, event="epoch", stage="dense", epoch=epoch, epochs=cfg.dense_epochs,
+              train_loss=stats.loss, test_acc=acc, lr=opt.param_groups[0]["lr"],
+              seconds=time.perf_counter() - t0)
     if cfg.dense_epochs == 0:
         acc = evaluate(model, _test_batches(data, cfg, device), device, precision)
     jsv = measure_jsv(model, data, cfg, device)
-    metrics = {"dense_acc": acc, "time_dense_s": time.perf_counter() - start,
+    flops = count_flops(model, spec.input_shape)
+    metrics = {"dense_acc": acc, "time_dense_s": time.perf_counter() - start, "iters_dense": iterations,
+               "flops_train_dense": train_flops(flops, iterations * cfg.dense_batch_size),
                **{f"dense_jsv_{k}": v for k, v in jsv.items()}}
     _emit(on_event, event="stage_end", stage="dense", **metrics)
-    return DenseModel(spec, cpu_state_dict(model), metrics)
+    return DenseModel(spec, cpu_state_dict(model), metrics, schedule.to_dict())
 
 
 # ----------------------------------------------------------------------------------------------- prune
 def prune_key(cfg: RunConfig, dense: DenseModel) -> str:
-    """Stable hash of everything the prune stage depends on (and nothing it does not)."""
-    fields = PRUNE_FIELDS if get_method(cfg.method).regularize else tuple(
-        f for f in PRUNE_FIELDS if f not in REG_ONLY_FIELDS)
-    d = cfg.to_dict()
-    h = hashlib.sha256(json.dumps({f: d[f] for f in fields}, sort_keys=True, default=str).encode())
-    for name in sorted(dense.state_dict):
-        t = dense.state_dict[name].detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    """Stable hash of everything the prune stage depends on and nothing it does not: the prune-stage
+    inputs `RunConfig.prune_inputs()` declares, and the dense weights' digest (not their path)."""
+    h = hashlib.sha256(json.dumps(cfg.prune_inputs(), sort_keys=True, default=str).encode())
+    h.update(dense.digest().encode())
     return h.hexdigest()[:20]
 
 
@@ -144,15 +174,18 @@ def layer_ratios(cfg: RunConfig, model: nn.Module) -> dict[str, float]:
 
 
 def _regularize(cfg: RunConfig, model: nn.Module, masks, followers, data, device, precision,
-                on_event: EventFn | None) -> int:
-    """The growing-penalty stage; ends with every pruned filter hard-zeroed. Returns iterations run."""
+                on_event: EventFn | None) -> tuple[int, str | None]:
+    """The growing-penalty stage; ends with every pruned filter hard-zeroed.
+
+    Returns (iterations run, None) or, when the loss became NaN/inf, (iterations, why).
+    """
     method = get_method(cfg.method)
     reg = PruneRegularizer(model, masks, followers, gram=method.gram, bn=method.bn, target=method.target,
                            lw=cfg.lw_opp)
     schedule = PenaltySchedule(cfg.growth, cfg.update_reg_interval, cfg.reg_upper_limit,
                                cfg.stabilize_reg_interval)
     zero_plan = sorted(zip(schedule.zeroing_iterations(len(masks)), list(masks), strict=True))
-    opt = sgd(model, cfg.reg_lr, cfg.momentum, cfg.weight_decay)
+    opt = sgd(model, cfg.reg_lr, cfg.reg_momentum, cfg.reg_weight_decay)
     state = {"it": 0, "factor": 0.0}
 
     def extra_loss() -> torch.Tensor:
@@ -170,18 +203,20 @@ def _regularize(cfg: RunConfig, model: nn.Module, masks, followers, data, device
 
     epoch = 0
     while state["it"] < schedule.total_iters:
-        batches = data.train_batches(cfg.batch_size, epoch_generator(cfg.seed, "prune", epoch), device)
+        t0 = time.perf_counter()
+        batches = data.train_batches(cfg.reg_batch_size, epoch_generator(cfg.seed, "prune", epoch), device)
         stats = train_epoch(model, batches, opt, device, precision, extra_loss, after_backward, after_step,
                             max_iterations=schedule.total_iters - state["it"])
         acc = evaluate(model, _test_batches(data, cfg, device), device, precision)
         _emit(on_event, event="epoch", stage="prune", epoch=epoch, train_loss=stats.loss, test_acc=acc,
-              lr=cfg.reg_lr, reg=state["factor"], iteration=state["it"])
+              reg=state["factor"], iteration=state["it"], iterations=schedule.total_iters,
+              seconds=time.perf_counter() - t0)
         if not stats.finite:
-            raise DivergedError("prune", f"the regularisation loss became NaN/inf at iteration {state['it']} "
-                                f"(reg_lr={cfg.reg_lr}, lw_opp={cfg.lw_opp}, growth={cfg.growth})")
+            return state["it"], (f"the regularisation loss became NaN/inf at iteration {state['it']} "
+                                 f"(reg_lr={cfg.reg_lr}, lw_opp={cfg.lw_opp}, growth={cfg.growth})")
         epoch += 1
     reg.zero_all()
-    return state["it"]
+    return state["it"], None
 
 
 def _reinit_scratch(model: nn.Module, seed: int) -> None:
@@ -195,8 +230,12 @@ def _reinit_scratch(model: nn.Module, seed: int) -> None:
 
 
 def prune_stage(cfg: RunConfig, dense: DenseModel, data=None, on_event: EventFn | None = None) -> PrunedModel:
-    """Select filters on the dense weights, run the method's regulariser, remove filters physically."""
+    """Select filters on the dense weights, run the method's regulariser, remove filters physically.
+
+    A regulariser whose loss becomes NaN/inf gives a PrunedModel with `diverged` set (and no weights).
+    """
     data = data if data is not None else load_run_data(cfg)
+    train, _ = run_splits(cfg, data)
     device, precision = resolve_device(cfg.device), Precision(cfg.bf16, cfg.channels_last)
     method = get_method(cfg.method)
     seed_everything(cfg.seed)
@@ -207,9 +246,18 @@ def prune_stage(cfg: RunConfig, dense: DenseModel, data=None, on_event: EventFn 
     followers = find_followers(model, example_input(dense.spec), list(masks))
     params_dense, flops_dense = count_params(model), count_flops(model, dense.spec.input_shape)
     model = precision.prepare_model(model, device)
-    iterations = 0
+    iterations, diverged = 0, None
     if method.regularize:
-        iterations = _regularize(cfg, model, masks, followers, data, device, precision, on_event)
+        iterations, diverged = _regularize(cfg, model, masks, followers, train, device, precision, on_event)
+    base = {"prune_iterations": iterations, "iters_prune": iterations, "params_dense": params_dense,
+            "flops_dense": flops_dense,
+            "flops_train_prune": train_flops(flops_dense, iterations * cfg.reg_batch_size),
+            "pruned_filters": int(sum(int(m.sum()) for m in masks.values()))}
+    if diverged is not None:
+        metrics = {**base, "time_prune_s": time.perf_counter() - start}
+        _emit(on_event, event="stage_end", stage="prune", diverged=diverged, **metrics)
+        return PrunedModel(dense.spec, {}, {}, metrics, dense.schedule, diverged=diverged)
+    if method.regularize:
         zero_pruned(model, masks, followers)
     model = remove_pruned(model.to("cpu").to(memory_format=torch.contiguous_format), masks, followers)
     if method.reinit == "orthp":
@@ -218,18 +266,16 @@ def prune_stage(cfg: RunConfig, dense: DenseModel, data=None, on_event: EventFn 
         _reinit_scratch(model, cfg.seed)
     model = precision.prepare_model(model, device)
     params, flops = count_params(model), count_flops(model, dense.spec.input_shape)
-    acc = evaluate(model, _test_batches(data, cfg, device), device, precision)
+    acc, loss = evaluate_metrics(model, _test_batches(data, cfg, device), device, precision)
     jsv = measure_jsv(model, data, cfg, device)
     metrics = {
-        "acc_after_removal": acc, "params": params, "flops": flops, "params_dense": params_dense,
-        "flops_dense": flops_dense, "speedup": flops_dense / max(flops, 1),
-        "param_ratio": params_dense / max(params, 1), "prune_iterations": iterations,
-        "pruned_filters": int(sum(int(m.sum()) for m in masks.values())),
+        **base, "acc_after_removal": acc, "loss_after_removal": loss, "params": params, "flops": flops,
+        "speedup": flops_dense / max(flops, 1), "param_ratio": params_dense / max(params, 1),
         "time_prune_s": time.perf_counter() - start,
         **{f"jsv_after_removal_{k}": v for k, v in jsv.items()},
     }
     _emit(on_event, event="stage_end", stage="prune", **metrics)
-    return PrunedModel(dense.spec, kept_indices(masks), cpu_state_dict(model), metrics)
+    return PrunedModel(dense.spec, kept_indices(masks), cpu_state_dict(model), metrics, dense.schedule)
 
 
 # -------------------------------------------------------------------------------------------- finetune
@@ -244,69 +290,181 @@ def finetune_stage(cfg: RunConfig, pruned: PrunedModel, data=None, on_event: Eve
     non-finite loss ends the run with status "diverged" and the metrics reached so far.
     """
     data = data if data is not None else load_run_data(cfg)
+    train, val = run_splits(cfg, data)
     device, precision = resolve_device(cfg.device), Precision(cfg.bf16, cfg.channels_last)
+    dense_schedule = DenseSchedule(**pruned.dense_schedule) if pruned.dense_schedule else None
     seed_everything(cfg.seed)
     model = precision.prepare_model(pruned.build(), device)
     opt = sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay)
-    best, history, start_epoch, elapsed = -math.inf, [], 0, 0.0
+    history, start_epoch, elapsed, iterations = [], 0, 0.0, 0
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         opt.load_state_dict(resume_state["optimizer"])
-        best, history = resume_state["best_acc"], list(resume_state["history"])
+        history = list(resume_state["history"])
         start_epoch, elapsed = resume_state["epoch"] + 1, resume_state.get("elapsed_s", 0.0)
+        iterations = resume_state.get("iterations", 0)
         torch.set_rng_state(resume_state["torch_rng"])
     t0 = time.perf_counter() - elapsed
     last_checkpoint = time.perf_counter()
     status = "completed"
     for epoch in range(start_epoch, cfg.epochs):
-        lr = finetune_lr(cfg.schedule, cfg.lr, epoch, cfg.epochs, cfg.milestones)
+        t_epoch = time.perf_counter()
+        lr = finetune_lr(cfg.schedule, cfg.lr, epoch, cfg.epochs, cfg.milestones, cfg.warmup_epochs,
+                         dense_schedule)
         set_lr(opt, lr)
-        batches = data.train_batches(cfg.batch_size, epoch_generator(cfg.seed, "finetune", epoch), device)
+        batches = train.train_batches(cfg.batch_size, epoch_generator(cfg.seed, "finetune", epoch), device)
         stats = train_epoch(model, batches, opt, device, precision)
-        acc = evaluate(model, _test_batches(data, cfg, device), device, precision)
-        record: dict[str, Any] = {"epoch": epoch, "train_loss": stats.loss, "test_acc": acc, "lr": lr}
+        iterations += stats.iterations
+        record: dict[str, Any] = {"epoch": epoch, "train_loss": stats.loss, "lr": lr}
+        record["test_acc"] = evaluate(model, _test_batches(data, cfg, device), device, precision)
+        if val is not None:
+            record["val_acc"] = evaluate(model, _test_batches(val, cfg, device), device, precision)
         if not stats.finite:
             status = "diverged"
-        else:
-            best = max(best, acc)
-            if cfg.jsv_every and (epoch + 1) % cfg.jsv_every == 0:
-                record["jsv_mean"] = measure_jsv(model, data, cfg, device)["mean"]
+        elif cfg.jsv_every and (epoch + 1) % cfg.jsv_every == 0:
+            record["jsv_mean"] = measure_jsv(model, data, cfg, device)["mean"]
         history.append(record)
-        event = {"event": "epoch", "stage": "finetune", **record}
+        event = {"event": "epoch", "stage": "finetune", "epochs": cfg.epochs,
+                 "seconds": time.perf_counter() - t_epoch, **record}
         if (status == "completed" and checkpoint_every and (epoch + 1) % checkpoint_every == 0
                 and time.perf_counter() - last_checkpoint >= checkpoint_min_interval_s):
             last_checkpoint = time.perf_counter()
             event["checkpoint"] = {
                 "epoch": epoch, "model": cpu_state_dict(model), "optimizer": opt.state_dict(),
-                "best_acc": best, "history": history, "elapsed_s": time.perf_counter() - t0,
+                "history": history, "elapsed_s": time.perf_counter() - t0, "iterations": iterations,
                 "torch_rng": torch.get_rng_state(),
             }
         _emit(on_event, **event)
         if status == "diverged":
             break
-    last = history[-1]["test_acc"] if history else float("nan")
-    metrics = {"best_acc": best if best > -math.inf else last, "last_acc": last,
-               "epochs_run": len(history), "time_finetune_s": time.perf_counter() - t0}
+    metrics = history_metrics(history, status, data.num_classes)
+    flops = train_flops(pruned.metrics.get("flops", 0), iterations * cfg.batch_size)
+    metrics.update(iters_finetune=iterations, time_finetune_s=time.perf_counter() - t0,
+                   flops_train_finetune=flops)
     if status == "completed":
         metrics.update({f"final_jsv_{k}": v for k, v in measure_jsv(model, data, cfg, device).items()})
     _emit(on_event, event="stage_end", stage="finetune", status=status, **metrics)
     return RunResult(status, metrics, history, model)
 
 
-def run_experiment(cfg: RunConfig, dense: DenseModel | None = None, on_event: EventFn | None = None,
-                   data=None) -> RunResult:
-    """Dense (trained unless given) -> prune stage -> finetune, with every stage's metrics merged.
+def history_metrics(history: list[dict[str, Any]], status: str, num_classes: int) -> dict[str, float]:
+    """A member's accuracy metrics from its per-epoch history (the epochs a diverged run reached).
 
-    A prune stage that diverges gives status "diverged" (the dense model itself diverging is an error).
+    best_acc: the maximum test accuracy over epochs -- the paper's convention, selected on the test
+    set; test_acc_at_best_val: the test accuracy at the epoch of the best validation accuracy (the
+    honest one, when a validation split exists); last_acc: the last epoch's.
     """
+    finite = [h for h in history if math.isfinite(h["train_loss"])]
+    chance = 100.0 / num_classes
+    out: dict[str, float] = {"epochs_run": len(history)}
+    if status == "diverged":
+        out["diverged_epoch"] = history[-1]["epoch"] if history else 0
+    if not finite:
+        return {**out, "best_acc": chance, "last_acc": chance}
+    best = max(finite, key=lambda h: h["test_acc"])
+    out.update(best_acc=best["test_acc"], best_epoch=best["epoch"], last_acc=finite[-1]["test_acc"])
+    if "val_acc" in finite[0]:
+        by_val = max(finite, key=lambda h: h["val_acc"])  # the first epoch of the best, as max() keeps
+        out.update(val_best_acc=by_val["val_acc"], test_acc_at_best_val=by_val["test_acc"],
+                   epoch_at_best_val=by_val["epoch"])
+    return out
+
+
+# -------------------------------------------------------------------------------------------- pipeline
+class PrunedStore(Protocol):
+    """Where a pipeline gets a pruned model it may share (a study's cache); `how` is computed|reused."""
+
+    def get_or_compute(self, key: str, compute: Callable[[], PrunedModel]) -> tuple[PrunedModel, str]: ...
+
+
+@dataclass
+class PipelineResult:
+    """One pipeline: the dense and pruned models and one RunResult per member (None: skipped)."""
+
+    dense: DenseModel
+    pruned: PrunedModel
+    members: list[RunResult | None]
+    reuse: str = "computed"  # computed | reused (from a PrunedStore) | given (pruned= was passed)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def check_members(members: Sequence[RunConfig]) -> list[RunConfig]:
+    """The members as a list, or a ValueError naming the first prune-stage setting where they differ."""
+    members = list(members)
+    if not members:
+        raise ValueError("members: a pipeline needs at least one finetune configuration")
+    first = members[0].prune_inputs()
+    for i, m in enumerate(members[1:], 1):
+        other = m.prune_inputs()
+        diff = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+        if diff:
+            raise ValueError(f"members[{i}]: members share one pruned model, so they may differ in "
+                             f"finetune and I/O settings only; it differs in {', '.join(diff)}")
+    return members
+
+
+def diverged_prune_result(pruned: PrunedModel, num_classes: int) -> RunResult:
+    """What every member of a diverged prune stage records: chance accuracy, a usable searcher value."""
+    chance = 100.0 / num_classes
+    return RunResult("diverged", {"best_acc": chance, "last_acc": chance, "epochs_run": 0,
+                                  "diverged_stage_prune": 1.0}, [{"error": pruned.diverged}])
+
+
+def member_metrics(dense: DenseModel, pruned: PrunedModel, result: RunResult) -> dict[str, float]:
+    """Every stage's metrics of one member, merged, with its budget totals (prune + finetune)."""
+    merged = {**dense.metrics, **pruned.metrics, **result.metrics}
+    for what in ("iters", "flops_train"):
+        merged[f"{what}_total"] = merged.get(f"{what}_prune", 0) + merged.get(f"{what}_finetune", 0)
+    return merged
+
+
+def run_pipeline(members: RunConfig | Sequence[RunConfig], *, dense: DenseModel | None = None,
+                 pruned: PrunedModel | None = None, store: PrunedStore | None = None, data=None,
+                 on_event: EventFn | None = None, skip: Sequence[int] = (),
+                 resume_state: dict[str, Any] | None = None, checkpoint_every: int = 1,
+                 checkpoint_min_interval_s: float = 0.0) -> PipelineResult:
+    """Dense (trained unless given) -> prune stage (given, from `store`, or computed) -> finetuning of
+    every member not in `skip`, one after another. Events of a member carry `member` (its index).
+
+    Checkpoint events carry {"member": i, "done": {index: metrics}, "state": member i's state};
+    passing one back as `resume_state` skips the done members and continues member i exactly.
+    Each returned RunResult's metrics hold every stage's metrics (`member_metrics`).
+    """
+    members = check_members([members] if isinstance(members, RunConfig) else members)
+    cfg = members[0]
     data = data if data is not None else load_run_data(cfg)
     dense = dense if dense is not None else train_dense(cfg, data, on_event)
-    try:
-        pruned = prune_stage(cfg, dense, data, on_event)
-    except DivergedError as e:
-        chance = 100.0 / data.num_classes  # what a collapsed network scores; a usable value for searchers
-        return RunResult("diverged", {**dense.metrics, "best_acc": chance, "last_acc": chance},
-                         [{"error": str(e)}])
-    result = finetune_stage(cfg, pruned, data, on_event)
-    result.metrics = {**dense.metrics, **pruned.metrics, **result.metrics}
-    return result
+    reuse = "given"
+    if pruned is None:
+        if store is not None and get_method(cfg.method).regularize:
+            pruned, reuse = store.get_or_compute(prune_key(cfg, dense),
+                                                 lambda: prune_stage(cfg, dense, data, on_event))
+        else:
+            pruned, reuse = prune_stage(cfg, dense, data, on_event), "computed"
+    results: list[RunResult | None] = [None] * len(members)
+    done = dict((resume_state or {}).get("done", {}))
+    for i, member in enumerate(members):
+        if i in skip:
+            continue
+        if pruned.diverged:
+            results[i] = diverged_prune_result(pruned, data.num_classes)
+        elif i in done:
+            results[i] = RunResult(done[i]["status"], done[i]["metrics"], [])
+            continue
+        else:
+            state = resume_state["state"] if resume_state and resume_state.get("member") == i else None
+
+            def tagged(event: dict[str, Any], i: int = i) -> None:
+                if "checkpoint" in event:
+                    event["checkpoint"] = {"member": i, "done": dict(done), "state": event["checkpoint"]}
+                _emit(on_event, member=i, **event)
+
+            results[i] = finetune_stage(member, pruned, data, tagged, resume_state=state,
+                                        checkpoint_every=checkpoint_every,
+                                        checkpoint_min_interval_s=checkpoint_min_interval_s)
+        result = results[i]
+        assert result is not None
+        result.metrics = member_metrics(dense, pruned, result)
+        done[i] = {"status": result.status, "metrics": result.metrics}
+        _emit(on_event, event="member_end", member=i, status=result.status, metrics=result.metrics)
+    return PipelineResult(dense, pruned, results, reuse)

@@ -7,23 +7,69 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-SCHEDULES = ("step", "cosine", "constant")
+SCHEDULES = ("step", "cosine", "linear", "constant", "onecycle", "rewind")
+WARMUP_SCHEDULES = ("cosine", "linear", "onecycle")  # the schedules a warmup prefix applies to
+ONECYCLE_DIV, ONECYCLE_FINAL_DIV = 25.0, 1e4  # torch.optim.lr_scheduler.OneCycleLR's defaults
 
 
-def finetune_lr(schedule: str, base_lr: float, epoch: int, epochs: int, milestones: Sequence[float]) -> float:
+@dataclass(frozen=True)
+class DenseSchedule:
+    """How the dense model was trained (recorded with it, so LR rewinding can replay its tail)."""
+
+    name: str  # "cosine": half-cosine from `lr` to 0 over `epochs`
+    lr: float
+    epochs: int
+
+    def lr_at(self, epoch: float) -> float:
+        if self.name != "cosine":
+            raise ValueError(f"dense schedule {self.name!r}: only 'cosine' can be replayed")
+        return 0.5 * self.lr * (1.0 + math.cos(math.pi * min(epoch, self.epochs) / max(self.epochs, 1)))
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "lr": self.lr, "epochs": self.epochs}
+
+
+def _cosine(epoch: float, epochs: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * epoch / max(epochs, 1)))
+
+
+def finetune_lr(schedule: str, base_lr: float, epoch: int, epochs: int, milestones: Sequence[float] = (),
+                warmup: int = 0, dense: DenseSchedule | None = None) -> float:
     """LR for `epoch` (0-based) of `epochs`.
 
     step: base, /10 and /100 after each milestone (fractions of `epochs`, as the paper's 60/90 of 120);
-    cosine: half-cosine from base to 0; constant: base.
+    cosine: half-cosine from base to 0; linear: straight from base to 0; constant: base;
+    cosine and linear with `warmup` W: linear ramp base*(e+1)/(W+1) for e < W, then the decay over the
+    remaining epochs. onecycle: torch's OneCycleLR stepped once per epoch with pct_start = W / epochs:
+    cosine from base/25 up to base at epoch W-1, then cosine down to base/25/1e4 at the last epoch.
+    rewind: the last `epochs` epochs of the `dense` schedule (Renda et al.'s LR rewinding), scaled to
+    start at `base` -- at base = that schedule's own LR at the rewind point it replays it exactly.
     """
     if schedule == "step":
         drops = sum(1 for m in milestones if epoch >= round(m * epochs))
         return base_lr * (0.1**drops)
-    if schedule == "cosine":
-        return 0.5 * base_lr * (1.0 + math.cos(math.pi * epoch / max(epochs, 1)))
     if schedule == "constant":
         return base_lr
+    if schedule in ("cosine", "linear"):
+        if epoch < warmup:
+            return base_lr * (epoch + 1) / (warmup + 1)
+        e, n = epoch - warmup, epochs - warmup
+        return base_lr * (_cosine(e, n) if schedule == "cosine" else 1.0 - e / max(n, 1))
+    if schedule == "onecycle":
+        low, final = base_lr / ONECYCLE_DIV, base_lr / ONECYCLE_DIV / ONECYCLE_FINAL_DIV
+        peak = max(warmup - 1, 0)  # OneCycleLR's phases: up over epochs [0, W-1], down over [W-1, E-1]
+        if epoch <= peak:
+            return base_lr + (low - base_lr) * _cosine(epoch, peak) if peak else base_lr
+        return final + (base_lr - final) * _cosine(epoch - peak, max(epochs - 1 - peak, 1))
+    if schedule == "rewind":
+        if dense is None:
+            raise ValueError("schedule: 'rewind' replays the dense model's own schedule, and this dense "
+                             "model records none (train it with tpp, or use another schedule)")
+        start = max(dense.epochs - epochs, 0)
+        first = dense.lr_at(start)
+        return base_lr * dense.lr_at(start + epoch) / first if first > 0 else 0.0
     raise ValueError(f"schedule: unknown schedule {schedule!r}; accepted: {', '.join(SCHEDULES)}")
 
 

@@ -115,20 +115,28 @@ def train_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, device: torch.device, precision: Precision | None = None) -> float:
-    """Top-1 accuracy in percent."""
+def evaluate_metrics(model: nn.Module, batches, device: torch.device,
+                     precision: Precision | None = None) -> tuple[float, float]:
+    """(top-1 accuracy in percent, mean cross-entropy) in eval mode; the train/eval flag is restored."""
     precision = precision or Precision()
     was_training = model.training
     model.eval()
     correct = torch.zeros((), device=device, dtype=torch.long)
+    loss = torch.zeros((), device=device, dtype=torch.float64)
     count = 0
     for x, y in batches:
         with precision.autocast(device):
             logits = model(precision.prepare_input(x, device))
         correct += (logits.argmax(1) == y).sum()
+        loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
         count += y.numel()
     model.train(was_training)
-    return 100.0 * correct.item() / max(count, 1)
+    return 100.0 * correct.item() / max(count, 1), float(loss.item() / max(count, 1))
+
+
+def evaluate(model: nn.Module, batches, device: torch.device, precision: Precision | None = None) -> float:
+    """Top-1 accuracy in percent."""
+    return evaluate_metrics(model, batches, device, precision)[0]
 
 
 def sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:

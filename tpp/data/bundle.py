@@ -68,6 +68,11 @@ class DataBundle(ABC):
     def _take(self, train_idx: torch.Tensor | None, test_idx: torch.Tensor | None) -> DataBundle:
         """A bundle of the same kind restricted to these samples (None: keep the split whole)."""
 
+    @abstractmethod
+    def _hold_out(self, keep_idx: torch.Tensor, val_idx: torch.Tensor) -> DataBundle:
+        """A bundle training on training samples `keep_idx` whose test split is training samples
+        `val_idx` (with the evaluation transform)."""
+
     # --------------------------------------------------------------------------------------- shared
     def eval_indices(self, n: int) -> torch.Tensor:
         """`n` test indices spread evenly over the set: test sets are often sorted by class, and the
@@ -85,6 +90,21 @@ class DataBundle(ABC):
         tr = None if n_train is None else balanced_subset(self.train_labels(), n_train, seed)
         te = None if n_test is None else balanced_subset(self.test_labels(), n_test, seed)
         return self._take(tr, te)
+
+    def split_validation(self, fraction: float, seed: int = 0) -> tuple[DataBundle, DataBundle]:
+        """(train, val): `fraction` of the training samples held out, class-balanced and drawn with
+        `seed`. `train` trains on the rest and keeps the real test split; `val.test_batches` iterates
+        the held-out samples, so choosing an epoch on it never looks at the test set."""
+        labels = self.train_labels()
+        n_val = round(fraction * len(labels))
+        if not 0 < n_val < len(labels):
+            raise ValueError(f"val_fraction: {fraction} of {len(labels)} training samples leaves no "
+                             "validation or no training sample; accepted: a fraction in (0, 1)")
+        val = balanced_subset(labels, n_val, seed)
+        keep = torch.ones(len(labels), dtype=torch.bool)
+        keep[val] = False
+        keep_idx = torch.nonzero(keep).flatten()
+        return self._take(keep_idx, None), self._hold_out(keep_idx, val)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.name!r}, train={self.num_train}, test={self.num_test}, "

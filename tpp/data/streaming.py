@@ -184,3 +184,8 @@ class FolderLoaderData(DataBundle):
         test = self._test if test_idx is None else self._test.take(test_idx.numpy())
         return FolderLoaderData(self.name, train, test, self.image_size, self._augment, self.workers,
                                 self._mean, self._std)
+
+    def _hold_out(self, keep_idx: torch.Tensor, val_idx: torch.Tensor) -> FolderLoaderData:
+        train, val = self._train.take(keep_idx.numpy()), self._train.take(val_idx.numpy())
+        return FolderLoaderData(self.name, train, val, self.image_size, self._augment, self.workers,
+                                self._mean, self._std)

@@ -168,6 +168,11 @@ class TensorData(DataBundle):
                           pick(self._x_test, test_idx), pick(self._y_test, test_idx), self.num_classes,
                           mean=self._mean, std=self._std, augment=self._augment, classes=self.classes)
 
+    def _hold_out(self, keep_idx: torch.Tensor, val_idx: torch.Tensor) -> TensorData:
+        return TensorData(self.name, self._x_train[keep_idx], self._y_train[keep_idx],
+                          self._x_train[val_idx], self._y_train[val_idx], self.num_classes,
+                          mean=self._mean, std=self._std, augment=self._augment, classes=self.classes)
+
 
 def _stored(x) -> torch.Tensor:
     """uint8 stays uint8; any other dtype is kept as float32."""
