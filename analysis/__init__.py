@@ -1,11 +1,13 @@
-"""Analysis of a tpp-study from what it logged to MLflow: LR-sensitivity measures, the paper's table,
-hyperparameter importance, figures and an HTML report (`tpp-analyze`).
+"""Analysis of a tpp-study from what it logged to MLflow: LR-sensitivity measures per group (stable LR range,
+robust LR window, sensitivity inside the stable range, Acc. diff, best accuracy) with intervals over seeds,
+paired method-vs-baseline comparisons, the trainability-vs-outcome Kendall τ, figures and an HTML report
+(`tpp-analyze`). Definitions: analysis/README.md.
 
 Names are imported lazily so that `import analysis` (and the CLI's argument checks) stay fast; e.g.::
 
-    from analysis import load_study, sensitivity_table, paper_table
+    from analysis import load_study, analyze
     data = load_study("quick", "sqlite:////abs/studies/quick/mlflow.db")
-    sens = sensitivity_table(data.trials, lrs=(1e-3, 1e-2))
+    res = analyze(data, baseline="l1")      # res.groups, res.comparison, res.summary.verdict, ...
 """
 
 from __future__ import annotations
@@ -14,13 +16,18 @@ import importlib
 
 _EXPORTS = {
     "load": ["StudyData", "Progress", "StudyNotFoundError", "load_study", "list_studies"],
-    "measures": ["prepare", "Prepared", "LrAxis", "sensitivity_table", "lr_curves", "divergence_table",
-                 "trainability_relation", "reference_growth", "spread", "fmt_lr"],
-    "importance": ["importance_table", "build_optuna_study", "lr_share"],
-    "tables": ["paper_table", "PaperTable", "TableUnavailable", "markdown_table", "sensitivity_text"],
+    "locate": ["tracking_uri_from_storage"],
+    "points": ["prepare", "Prepared", "LrAxis", "METRICS"],
+    "curves": ["curve_table", "robust_window", "stable_range", "stable_spread", "acc_at", "best", "Window"],
+    "measures": ["group_table", "lr_points", "lr_effect"],
+    "stats": ["interval", "sign_flip_p", "kendall", "Interval"],
+    "compare": ["comparison_table"],
+    "trainability": ["trainability_table"],
+    "tables": ["paper_table", "PaperTable", "markdown_table"],
     "figures": ["make_figures", "FigureSet"],
-    "summary": ["summarize"],
-    "report": ["build_report"],
+    "summary": ["summarize", "Summary"],
+    "report": ["build_report", "analyze", "Results"],
+    "fmt": ["fmt_lr"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -1,7 +1,7 @@
 """`tpp-analyze STUDY`: the LR-sensitivity report of a study, from what it logged to MLflow.
 
-Bad input is one line on stderr naming the field, exit code 2. Heavy imports (MLflow, matplotlib, Optuna)
-happen only after the arguments are checked, so mistakes are reported at once.
+Bad input is one line on stderr naming the field, exit code 2. Heavy imports (MLflow, matplotlib) happen
+only after the arguments are checked, so mistakes are reported at once.
 """
 
 from __future__ import annotations
@@ -10,8 +10,11 @@ import argparse
 import math
 import os
 import sys
+from pathlib import Path
 
 PROG = "tpp-analyze"
+METRIC_CHOICES = ("auto", "test_acc_at_best_val", "best_acc", "last_acc")
+_API_FIELDS = {"baseline": "--baseline", "methods": "--methods", "metric": "--metric"}
 
 
 class _BadInput(Exception):
@@ -24,66 +27,114 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {message} (see {PROG} --help)\n")
 
 
-def _pair(text: str, field: str, *, ordered: bool) -> tuple[float, float]:
+def _lr_pair(text: str) -> tuple[float, float]:
     parts = [p.strip() for p in text.split(",")]
-    if len(parts) != 2:
-        raise _BadInput(field, f"expected two numbers separated by a comma, got {text!r}")
     try:
-        a, b = float(parts[0]), float(parts[1])
+        a, b = (float(p) for p in parts) if len(parts) == 2 else (math.nan, math.nan)
     except ValueError:
-        raise _BadInput(field, f"expected two numbers separated by a comma, got {text!r}") from None
+        a = b = math.nan
     if not (math.isfinite(a) and math.isfinite(b) and a > 0 and b > 0):
-        raise _BadInput(field, f"learning rates must be positive numbers, got {text!r}")
-    if ordered and not a < b:
-        raise _BadInput(field, f"expected LOW,HIGH with LOW < HIGH, got {text!r}")
-    if not ordered and math.isclose(a, b):
-        raise _BadInput(field, f"expected two different learning rates, got {text!r}")
+        raise _BadInput("--lrs", f"expected two positive learning rates separated by a comma, got {text!r}")
+    if math.isclose(a, b):
+        raise _BadInput("--lrs", f"expected two different learning rates, got {text!r}")
     return a, b
+
+
+def _names(text: str | None, field: str) -> list[str] | None:
+    if text is None:
+        return None
+    names = [m.strip() for m in text.split(",")]
+    if not all(names):
+        raise _BadInput(field, f"expected method names separated by commas, got {text!r}")
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
         description="How much does the result depend on the finetuning LR, per method and pruning ratio, "
-                    "and does TPP reduce that dependence? Reads a study's MLflow runs (no re-running) and "
-                    "writes an HTML report, figures and CSV/Markdown tables; logs them to the study run.",
-        epilog="example: tpp-analyze quick --tracking-uri sqlite:////abs/studies/quick/mlflow.db "
-               "--out studies/quick/report",
+                    "and is one method less sensitive than another? Reads a study's MLflow runs (no "
+                    "re-running) and writes an HTML report (verdict, summary, figures, tables) with the CSV "
+                    "tables behind every number; logs them to the study run.",
+        epilog="examples: tpp-analyze quick --storage studies    |    "
+               "tpp-analyze quick --tracking-uri sqlite:////abs/studies/quick/mlflow.db --out report/ "
+               "--baseline l1 --methods tpp,greg",
     )
     p.add_argument("study", metavar="STUDY", help="study name (or the id of its parent MLflow run)")
+    p.add_argument("--storage", default=None,
+                   help="the studies folder tpp-study wrote (DIR/STUDY/study.json names the tracking URI); "
+                        "the report then goes to DIR/STUDY/report/ unless --out is given")
     p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI), e.g. sqlite:////abs/mlflow.db "
-                        "or http://127.0.0.1:5000")
-    p.add_argument("--out", default=None, help="output folder (default: reports/STUDY)")
+                   help="MLflow tracking URI (default: from --storage, else $MLFLOW_TRACKING_URI), e.g. "
+                        "sqlite:////abs/mlflow.db or http://127.0.0.1:5000")
+    p.add_argument("--out", default=None, help="output folder (default: DIR/STUDY/report with --storage, "
+                                                "else reports/STUDY)")
+    p.add_argument("--baseline", default="l1", help="the method every other method is compared with, paired "
+                                                    "by seed and LR (default: l1)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods to compare with the baseline (default: every other method)")
+    p.add_argument("--compare", default=None, metavar="TREATMENT,BASELINE",
+                   help="shorthand for --methods TREATMENT --baseline BASELINE")
+    p.add_argument("--metric", default="auto",
+                   help="accuracy of every table but the paper table: auto (test_acc_at_best_val when the "
+                        "study held out a validation split, else best_acc), test_acc_at_best_val, best_acc "
+                        "(max test accuracy over epochs, the paper's convention) or last_acc")
+    p.add_argument("--delta", default="1", help="robust window: accuracy within DELTA points of the best "
+                                                "(default: 1)")
     p.add_argument("--lrs", default="1e-3,1e-2",
-                   help="the two LRs of the paper's Acc. diff = acc(A) - acc(B) (default: 1e-3,1e-2)")
-    p.add_argument("--window", default=None,
-                   help="LR window LOW,HIGH for the robustness score (mean accuracy over the window; "
-                        "default: the whole LR range studied)")
-    p.add_argument("--metric", default="best_acc",
-                   help="per-trial accuracy metric (default: best_acc; e.g. last_acc)")
-    p.add_argument("--compare", default="tpp,l1",
-                   help="TREATMENT,BASELINE methods compared in the summary and difference heatmap "
-                        "(default: tpp,l1)")
+                   help="the two LRs A,B of the paper's Acc. diff = acc(A) - acc(B) (default: 1e-3,1e-2)")
+    p.add_argument("--group-by", default=None,
+                   help="extra comma-separated run parameters to measure separately (method, pr, growth and "
+                        "the finetuning recipe keys that vary always are)")
     p.add_argument("--no-log", action="store_true", help="do not log the report to the study's MLflow run")
     p.add_argument("--quiet", action="store_true", help="print only where the report is")
     return p
 
 
+def _resolve(args) -> dict:
+    """The checked arguments of build_report, or _BadInput naming the flag."""
+    from analysis.load import tracking_uri_problem
+    from analysis.locate import LocateError, study_folder, tracking_uri_from_storage
+
+    lrs = _lr_pair(args.lrs)
+    try:
+        delta = float(args.delta)
+    except ValueError:
+        delta = math.nan
+    if not (math.isfinite(delta) and delta > 0):
+        raise _BadInput("--delta", f"expected a positive number of accuracy points, got {args.delta!r}")
+    if args.metric not in METRIC_CHOICES:
+        raise _BadInput("--metric", f"got {args.metric!r}; accepted: {', '.join(METRIC_CHOICES)}")
+    baseline, methods = args.baseline, _names(args.methods, "--methods")
+    if args.compare is not None:
+        pair = _names(args.compare, "--compare")
+        if len(pair) != 2 or pair[0] == pair[1]:
+            raise _BadInput("--compare",
+                            f"expected TREATMENT,BASELINE (two different methods), got {args.compare!r}")
+        methods, baseline = [pair[0]], pair[1]
+    uri, out = args.tracking_uri, args.out
+    if args.storage is not None:
+        if uri is None:
+            try:
+                uri = tracking_uri_from_storage(args.storage, args.study)
+            except LocateError as exc:
+                raise _BadInput("--storage", str(exc).removeprefix("--storage: ")) from None
+        out = out or str(study_folder(args.storage, args.study) / "report")
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    problem = tracking_uri_problem(uri)
+    if problem:
+        if not uri:
+            problem = "none given (pass --storage DIR or --tracking-uri URI, or set MLFLOW_TRACKING_URI)"
+        raise _BadInput("--tracking-uri", problem)
+    return {"tracking_uri": uri, "out_dir": Path(out) if out else None, "lrs": lrs, "metric": args.metric,
+            "baseline": baseline, "methods": methods, "delta": delta,
+            "group_by": _names(args.group_by, "--group-by") or ()}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from analysis.load import tracking_uri_problem
-
     try:
-        lrs = _pair(args.lrs, "--lrs", ordered=False)
-        window = _pair(args.window, "--window", ordered=True) if args.window else None
-        compare = [m.strip() for m in args.compare.split(",")]
-        if len(compare) != 2 or not all(compare):
-            raise _BadInput("--compare", f"expected TREATMENT,BASELINE, got {args.compare!r}")
-        uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        problem = tracking_uri_problem(uri)
-        if problem:
-            raise _BadInput("--tracking-uri", problem)
+        kw = _resolve(args)
     except _BadInput as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -96,10 +147,13 @@ def main(argv: list[str] | None = None) -> int:
             print(msg, flush=True)
 
     try:
-        path = build_report(args.study, uri, args.out, lrs=lrs, window=window, metric=args.metric,
-                            treatment=compare[0], baseline=compare[1], log=not args.no_log, progress=say)
+        path = build_report(args.study, log=not args.no_log, progress=say, **kw)
     except (StudyNotFoundError, ValueError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        msg = str(exc)
+        field = msg.split(":", 1)[0]
+        if field in _API_FIELDS:  # name the flag, not the build_report argument
+            msg = _API_FIELDS[field] + msg[len(field):]
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - one line for the user; the traceback helps nobody here
         print(f"{PROG}: error: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -1,8 +1,7 @@
-"""Figures (matplotlib, Agg; no pyplot state) that read without the paper: titles, units, log LR axes.
+"""Figures (matplotlib Agg, no pyplot state), drawn from the same tables the report shows.
 
-Each figure is skipped with a note when the study lacks the data for it (one PR, no growth levels, no
-histories...); a figure never stops the report. Where one curve per method is drawn, a method studied at
-several growth rates is shown at its most-studied growth (the growth figure shows them all).
+Each figure is skipped with a note when the study lacks what it needs; a figure never stops the report.
+A *series* is a group without its PR (method, growth, recipe): one line per series, one panel per PR.
 """
 
 from __future__ import annotations
@@ -17,22 +16,13 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from analysis.load import StudyData
-from analysis.measures import (
-    Prepared,
-    fmt_lr,
-    lr_curves,
-    prepare,
-    reference_growth,
-    same_level,
-    sensitivity_table,
-    trainability_relation,
-)
-from analysis.tables import fmt_pr, method_label, method_sort_key
+from analysis.fmt import finite, fmt_level, fmt_lr, fmt_pr
+from analysis.labels import KEY_NAMES, color, group_title, levels_text, method_label
+from analysis.points import SHORT, Prepared
+from analysis.trainability import NAMES, OUTCOMES
 
-COLORS = {"l1": "tab:red", "tpp": "tab:blue", "greg": "tab:orange", "scratch": "tab:gray",
-          "orthp": "tab:green", "tpp-nobn": "tab:purple", "tpp-korth": "tab:brown"}
-_EXTRA = ["tab:olive", "tab:cyan", "tab:pink", "black"]
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+_STYLES = ["-", "--", ":", "-."]
 
 
 class _Skip(Exception):
@@ -49,61 +39,57 @@ class FigureSet:
 
 
 @dataclass
-class _Ctx:
+class Tables:
+    """Everything a figure may read: the prepared points and the report's tables."""
+
     name: str
     prep: Prepared
-    sens: pd.DataFrame
     curves: pd.DataFrame
-    ref: dict
+    groups: pd.DataFrame
+    lr_points: pd.DataFrame
+    comparison: pd.DataFrame
+    tau: pd.DataFrame
     epochs: pd.DataFrame | None
-    treatment: str
-    baseline: str
+    delta: float
 
-    def methods(self, frame: pd.DataFrame) -> list[str]:
-        return sorted(frame["method"].unique(), key=method_sort_key)
+    @property
+    def strata_keys(self) -> list[str]:
+        """Keys that make a panel: the PR and the recipe levels."""
+        return [k for k in self.prep.keys if k not in ("method", "growth")]
 
-    def at_ref(self, frame: pd.DataFrame) -> pd.DataFrame:
-        keep = [same_level(g, self.ref.get(m, np.nan)) for m, g in zip(frame["method"], frame["growth"],
-                                                                       strict=True)]
-        return frame[np.asarray(keep, dtype=bool)] if len(frame) else frame
+    @property
+    def series_keys(self) -> list[str]:
+        return [k for k in self.prep.keys if k != "pr"]
 
-    def label(self, method: str) -> str:
-        g = self.ref.get(method, np.nan)
-        several = self.prep.results.loc[self.prep.results["method"] == method, "growth"].nunique() > 1
-        return method_label(method, g, several)
+    def series_of(self, frame: pd.DataFrame) -> pd.Series:
+        return pd.Series([group_title(r, self.prep.keys) for _, r in frame.iterrows()], index=frame.index,
+                         dtype=object)
+
+    def style(self, title: str, method: str) -> dict:
+        """Colour by method; line style and marker by the series' position within its method."""
+        mine = [t for t in dict.fromkeys(self.series_of(self.groups)) if t.startswith(method_label(method))]
+        k = mine.index(title) if title in mine else 0
+        return {"color": color(method), "ls": _STYLES[k % len(_STYLES)],
+                "marker": _MARKERS[k % len(_MARKERS)]}
+
+    def band_note(self) -> str:
+        n = self.prep.n_seeds
+        if n >= 5:
+            return f"band: 95% bootstrap CI over {n} seeds"
+        return f"band: min–max over {n} seeds" if n > 1 else "one seed (no band)"
 
 
-def color(method: str) -> str:
-    if method in COLORS:
-        return COLORS[method]
-    return _EXTRA[sum(map(ord, method)) % len(_EXTRA)]
-
-
-def make_figures(data: StudyData | pd.DataFrame, out_dir: str | Path, *, epochs: pd.DataFrame | None = None,
-                 metric: str = "best_acc", lrs: tuple[float, float] = (1e-3, 1e-2),
-                 window: tuple[float, float] | None = None, treatment: str = "tpp", baseline: str = "l1",
-                 rel_tol: float = 0.01, lr_mode: str = "auto", dpi: int = 110) -> FigureSet:
+def make_figures(tables: Tables, out_dir: str | Path, *, dpi: int = 110) -> FigureSet:
     """Write every figure the study has data for as PNG into `out_dir`; returns paths, captions, notes."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if isinstance(data, StudyData):
-        name, trials, epochs = data.name, data.trials, data.epochs if epochs is None else epochs
-    else:
-        name, trials = "study", data
     result = FigureSet()
-    try:
-        prep = prepare(trials, metric, rel_tol=rel_tol, lr_mode=lr_mode)
-    except ValueError as exc:
-        result.notes.append(f"no figures: {exc}")
+    if tables.curves.empty:
+        result.notes.append("no figures: the study has no finished member runs yet")
         return result
-    if prep.results.empty:
-        result.notes.append("no figures: the study has no finished trials yet")
-        return result
-    sens = sensitivity_table(prep, lrs=lrs, window=window)
-    ctx = _Ctx(name, prep, sens, lr_curves(prep), reference_growth(prep), epochs, treatment, baseline)
     for fig_name, fn in FIGURES.items():
         try:
-            fig, caption = fn(ctx)
+            fig, caption = fn(tables)
         except _Skip as skip:
             result.notes.append(f"figure '{fig_name}' skipped: {skip}")
             continue
@@ -117,9 +103,7 @@ def make_figures(data: StudyData | pd.DataFrame, out_dir: str | Path, *, epochs:
     return result
 
 
-# -------------------------------------------------------------------------------------------- figures
-
-def _grid(n: int, max_cols: int = 4, w: float = 4.4, h: float = 3.6):
+def _grid(n: int, max_cols: int = 3, w: float = 4.8, h: float = 3.8):
     ncols = min(n, max_cols)
     nrows = math.ceil(n / ncols)
     fig = Figure(figsize=(w * ncols, h * nrows), layout="constrained")
@@ -129,260 +113,290 @@ def _grid(n: int, max_cols: int = 4, w: float = 4.4, h: float = 3.6):
     return fig, axes[:n]
 
 
-def _band(ax, x, mean, lo, hi, col, label, marker):
-    ax.plot(x, mean, color=col, marker=marker, ms=4, lw=1.8, label=label)
-    ok = np.isfinite(lo) & np.isfinite(hi)
-    if ok.sum() >= 2 and np.any(hi[ok] > lo[ok]):
-        ax.fill_between(x[ok], lo[ok], hi[ok], color=col, alpha=0.18, lw=0)
+def _strata(t: Tables, frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    keys = t.strata_keys
+    out = []
+    for _, rows in frame.groupby(keys, sort=True, dropna=False):
+        out.append((levels_text(rows.iloc[0], keys), rows))
+    return out
 
 
-def _seed_note(ctx: _Ctx) -> str:
-    n = int(ctx.prep.results["seed"].nunique())
-    if ctx.prep.pooled:
-        return f"{n} seeds pooled: too few LRs per seed for a band"
-    if n >= 5:
-        return f"band: 95% bootstrap CI over {n} seeds"
-    return f"band: ±1 std over {n} seeds" if n > 1 else "one seed (no band)"
+# -------------------------------------------------------------------------------------------- figures
 
-
-def fig_acc_vs_lr(ctx: _Ctx):
-    curves = ctx.at_ref(ctx.curves)
-    if curves["lr"].nunique() < 2:
+def fig_acc_vs_lr(t: Tables):
+    pts = t.lr_points
+    if pts["lr"].nunique() < 2:
         raise _Skip("the study has one LR only (needs at least two)")
-    prs = sorted(curves["pr"].unique())
-    fig, axes = _grid(len(prs))
-    res = ctx.at_ref(ctx.prep.results)
-    grid = ctx.prep.lr_axis.mode == "grid"
-    for ax, pr in zip(axes, prs, strict=True):
-        for m in ctx.methods(curves):
-            c = curves[(curves["method"] == m) & np.isclose(curves["pr"], pr)].sort_values("lr")
-            if c.empty:
-                continue
-            boot = ctx.prep.results["seed"].nunique() >= 5
-            lo = (c["lo"] if boot else c["mean"] - c["sd"]).to_numpy()
-            hi = (c["hi"] if boot else c["mean"] + c["sd"]).to_numpy()
-            _band(ax, c["lr"].to_numpy(), c["mean"].to_numpy(), lo, hi, color(m), ctx.label(m),
-                  "o" if grid else None)
-            pts = res[(res["method"] == m) & np.isclose(res["pr"], pr)]
-            ok, div = pts[~pts["diverged"]], pts[pts["diverged"]]
-            ax.scatter(ok["lr_raw"], ok["acc"], s=10, color=color(m), alpha=0.35, lw=0)
-            ax.scatter(div["lr_raw"], div["acc"], s=28, color=color(m), marker="x")
+    strata = _strata(t, pts)
+    fig, axes = _grid(len(strata))
+    ladder = t.prep.lr_axis.mode == "ladder"
+    for ax, (title, rows) in zip(axes, strata, strict=True):
+        rows = rows.assign(_s=t.series_of(rows))
+        bar_y = 0.03
+        for s, r in rows.groupby("_s", sort=False):
+            r = r.sort_values("lr")
+            st = t.style(s, r["method"].iloc[0])
+            ax.plot(r["lr"], r["acc"], color=st["color"], ls=st["ls"],
+                    marker=st["marker"] if ladder else None, ms=4, lw=1.6, label=s)
+            if (r["hi"] > r["lo"]).any():
+                ax.fill_between(r["lr"], r["lo"], r["hi"], color=st["color"], alpha=0.15, lw=0)
+            group = r["group"].iloc[0]
+            div = t.prep.points[(t.prep.points["group"] == group) & t.prep.points["diverged"]]
+            ax.scatter(div["lr"], div["acc"], marker="x", s=40, color=st["color"], zorder=5)
+            for _, c in t.curves[t.curves["group"] == group].iterrows():
+                if finite(c["window_edge_lo"]):
+                    ax.plot([10 ** c["window_edge_lo"], 10 ** c["window_edge_hi"]], [bar_y, bar_y],
+                            transform=ax.get_xaxis_transform(), color=st["color"], lw=3,
+                            solid_capstyle="butt")
+                    bar_y += 0.025
+        lo, hi = ax.get_ylim()
+        room = min(0.4, bar_y + 0.02)  # the window bars sit in a strip below the lowest accuracy
+        ax.set_ylim(lo - room / (1 - room) * (hi - lo), hi)
         ax.set_xscale("log")
-        ax.set_title(f"pruning ratio {fmt_pr(pr)}")
-        ax.set_xlabel("finetuning LR (log scale)")
-        ax.set_ylabel(f"test accuracy, {ctx.prep.metric} (%)")
+        ax.set_title(title)
+        ax.set_xlabel("finetuning LR (log scale)" + ("; markers: the ladder" if ladder else ""))
+        ax.set_ylabel(f"{SHORT.get(t.prep.metric, t.prep.metric)} (%)")
         ax.grid(alpha=0.3, which="both")
     handles, labels = axes[0].get_legend_handles_labels()
-    if ctx.prep.results["diverged"].any():
-        handles.append(Line2D([], [], color="k", marker="x", ls="none"))
-        labels.append("diverged trial")
-    axes[0].legend(handles, labels, fontsize=8, loc="best")
-    fig.suptitle(f"{ctx.name}: accuracy vs finetuning LR ({_seed_note(ctx)}; dots: single trials)")
-    return fig, ("Accuracy after finetuning against the finetuning LR, one panel per pruning ratio. "
-                 "A flat curve means the method is insensitive to the LR.")
+    handles += [Line2D([], [], color="k", marker="x", ls="none"), Line2D([], [], color="k", lw=3)]
+    labels += ["diverged (that seed)", f"robust window of one seed (within {t.delta:g} of its best)"]
+    fig.legend(handles, labels, fontsize=8, loc="outside lower center", ncols=min(4, len(labels)))
+    fig.suptitle(f"{t.name}: accuracy vs finetuning LR ({t.band_note()})")
+    return fig, ("Accuracy after finetuning against the finetuning LR, one panel per pruning ratio: the seed "
+                 "mean at each LR that ran, the band over seeds, × where a seed diverged, and at the bottom "
+                 f"one bar per seed spanning its robust window (accuracy within {t.delta:g} point of that "
+                 "seed's best).")
 
 
-def _lr_levels(ctx: _Ctx, res: pd.DataFrame, n_bins: int = 6) -> pd.Series:
-    if ctx.prep.lr_axis.mode == "grid":
-        return res["lr"]
-    lo, hi = np.log10(res["lr"].min()), np.log10(res["lr"].max())
-    edges = np.linspace(lo, hi, n_bins + 1)
-    centers = 10 ** ((edges[:-1] + edges[1:]) / 2)
-    idx = np.clip(np.searchsorted(edges, np.log10(res["lr"]), side="right") - 1, 0, n_bins - 1)
-    return pd.Series(centers[idx], index=res.index)
-
-
-def fig_heatmap(ctx: _Ctx):
-    res = ctx.at_ref(ctx.prep.results).copy()
-    if res["pr"].nunique() < 2:
-        raise _Skip("the study has one pruning ratio (the LR × PR heatmap needs at least two)")
-    res["lr_level"] = _lr_levels(ctx, res)
-    if res["lr_level"].nunique() < 2:
+def fig_heatmap(t: Tables):
+    pts = t.lr_points
+    if pts["lr"].nunique() < 2:
         raise _Skip("the study has one LR only (needs at least two)")
-    # Seed-balanced cell means: average each seed first, then the seeds.
-    cell = (res.groupby(["method", "lr_level", "pr", "seed"])["acc"].mean()
-            .groupby(["method", "lr_level", "pr"]).mean())
-    lrs, prs = sorted(res["lr_level"].unique()), sorted(res["pr"].unique())
-    methods = ctx.methods(res)
-    mats = {m: np.array([[cell.get((m, lr, pr), np.nan) for pr in prs] for lr in lrs]) for m in methods}
-    panels = list(methods)
-    diff = None
-    if ctx.treatment in mats and ctx.baseline in mats:
-        diff = mats[ctx.treatment] - mats[ctx.baseline]
-        panels.append("diff")
-    fig, axes = _grid(len(panels), max_cols=3, w=4.6, h=4.0)
-    allv = np.concatenate([v[np.isfinite(v)] for v in mats.values()])
-    vmin, vmax = float(allv.min()), float(allv.max())
-    for ax, p in zip(axes, panels, strict=True):
-        if p == "diff":
-            lim = float(np.nanmax(np.abs(diff))) if np.isfinite(diff).any() else 1.0
-            im = ax.imshow(diff, origin="lower", aspect="auto", cmap="RdBu", vmin=-lim or -1, vmax=lim or 1)
-            t_lab, b_lab = method_label(ctx.treatment), method_label(ctx.baseline)
-            title = f"{t_lab} − {b_lab} (blue: {t_lab} better)"
-            cbar_label, mat = "accuracy difference (points)", diff
+    pts = pts.assign(_s=t.series_of(pts))
+    series = list(dict.fromkeys(pts["_s"]))
+    prs = sorted(pts["pr"].unique())
+    lrs = sorted(pts["lr"].unique())
+    recipe = [k for k in t.strata_keys if k != "pr"]
+    if recipe:
+        raise _Skip("the recipe varies: see the accuracy-vs-LR panels per recipe level")
+
+    def matrix(s: str, col: str = "acc") -> np.ndarray:
+        r = pts[pts["_s"] == s]
+        cell = {(lr, pr): v for lr, pr, v in zip(r["lr"], r["pr"], r[col], strict=True)}
+        return np.array([[cell.get((lr, pr), np.nan) for pr in prs] for lr in lrs], dtype=float)
+
+    diffs = []
+    cmp = t.comparison[t.comparison["measure"] == "acc_at_lr"]
+    for (gm, gb), _ in cmp.groupby(["group", "baseline_group"], sort=False):
+        sm = t.series_of(t.groups[t.groups["group"] == gm]).iloc[0]
+        sb = t.series_of(t.groups[t.groups["group"] == gb]).iloc[0]
+        if (sm, sb) not in diffs:
+            diffs.append((sm, sb))
+    panels = [("acc", s) for s in series] + [("diff", d) for d in diffs]
+    fig, axes = _grid(len(panels), w=max(3.2, 0.9 * len(prs) + 2.4), h=max(3.4, 0.32 * len(lrs) + 1.6))
+    vals = pts["acc"].to_numpy(float)
+    vmin, vmax = np.nanmin(vals), np.nanmax(vals)
+    for ax, (kind, p) in zip(axes, panels, strict=True):
+        if kind == "acc":
+            mat, div = matrix(p), matrix(p, "n_diverged")
+            im = ax.imshow(mat, origin="lower", aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
+            ax.set_title(p, fontsize=9)
+            label = "accuracy (%)"
         else:
-            im = ax.imshow(mats[p], origin="lower", aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
-            title, cbar_label, mat = ctx.label(p), "test accuracy (%)", mats[p]
-        if mat.size <= 120:
+            mat = matrix(p[0]) - matrix(p[1])
+            div = matrix(p[0], "n_diverged") + matrix(p[1], "n_diverged")
+            lim = float(np.nanmax(np.abs(mat))) if np.isfinite(mat).any() else 1.0
+            im = ax.imshow(mat, origin="lower", aspect="auto", cmap="RdBu", vmin=-(lim or 1), vmax=lim or 1)
+            ax.set_title(f"{p[0]} − {p[1]}\n(blue: {p[0].split(' (')[0]} higher)", fontsize=9)
+            label = "difference (points)"
+        if mat.size <= 160:
             for i in range(mat.shape[0]):
                 for j in range(mat.shape[1]):
                     if np.isfinite(mat[i, j]):
                         r, g, b, _ = im.cmap(im.norm(mat[i, j]))
-                        dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # pick a readable text colour
-                        ax.text(j, i, f"{mat[i, j]:.1f}", ha="center", va="center", fontsize=8,
+                        dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+                        mark = "†" if finite(div[i, j]) and div[i, j] > 0 else ""
+                        ax.text(j, i, f"{mat[i, j]:.1f}{mark}", ha="center", va="center", fontsize=7,
                                 color="white" if dark else "black")
         ax.set_xticks(range(len(prs)), [fmt_pr(v) for v in prs])
         ax.set_yticks(range(len(lrs)), [fmt_lr(v) for v in lrs])
         ax.set_xlabel("pruning ratio")
-        ax.set_ylabel("finetuning LR" + (" (bin centre)" if ctx.prep.lr_axis.mode != "grid" else ""))
-        ax.set_title(title, fontsize=10)
-        fig.colorbar(im, ax=ax, label=cbar_label, shrink=0.85)
-    fig.suptitle(f"{ctx.name}: accuracy ({ctx.prep.metric}, seed mean) over LR × pruning ratio")
-    note = "" if diff is not None else (f" (no difference panel: needs both {ctx.treatment} and "
-                                        f"{ctx.baseline} in the study)")
-    return fig, "Seed-mean accuracy for each finetuning LR and pruning ratio, per method" + note + "."
+        ax.set_ylabel("finetuning LR" + ("" if t.prep.lr_axis.mode == "ladder" else " (interpolated)"))
+        fig.colorbar(im, ax=ax, label=label, shrink=0.85)
+    fig.suptitle(f"{t.name}: seed-mean {SHORT.get(t.prep.metric, t.prep.metric)} over LR × PR (†: a seed "
+                 "diverged there)")
+    return fig, ("Seed-mean accuracy at every LR of the ladder and every pruning ratio, per method, and the "
+                 "paired difference to the baseline (same LR, same seeds). † marks cells where a seed "
+                 "diverged.")
 
 
-def fig_sensitivity_vs_pr(ctx: _Ctx):
-    sens = ctx.at_ref(ctx.sens)
-    if sens["pr"].nunique() < 2:
-        raise _Skip("the study has one pruning ratio (needs at least two)")
-    if not np.isfinite(sens["acc_std"]).any():
-        raise _Skip("no group has two or more LRs")
-    fig, axes = _grid(2, w=5.0)
-    for ax, (col, ylabel) in zip(axes, [("acc_std", "accuracy std over LRs (points)"),
-                                        ("acc_range", "accuracy range over LRs (points)")],
-                                 strict=True):
-        for m in ctx.methods(sens):
-            s = sens[sens["method"] == m].sort_values("pr")
-            ax.errorbar(s["pr"], s[col], yerr=s[f"{col}_sd"].fillna(0), color=color(m), marker="o",
-                        capsize=3, label=ctx.label(m))
+def fig_window_vs_pr(t: Tables):
+    g = t.groups.assign(_s=t.series_of(t.groups))
+    fig, axes = _grid(3, w=4.6)
+    panels = [("window_decades", f"robust window (decades within {t.delta:g} of the best)"),
+              ("stable_range", "accuracy range in the stable LRs (points)"),
+              ("lr_stable_max", "largest stable LR (each seed; line: every seed)")]
+    for ax, (col, ylabel) in zip(axes, panels, strict=True):
+        for s, r in g.groupby("_s", sort=False):
+            r = r.sort_values("pr")
+            st = t.style(s, r["method"].iloc[0])
+            if col == "lr_stable_max":
+                ax.plot(r["pr"], r[col], color=st["color"], ls=st["ls"], marker=st["marker"], label=s)
+                for pr, seeds in zip(r["pr"], r["lr_stable_max_seeds"], strict=True):
+                    vals = [float(v) for v in str(seeds).split(";") if v != "none"]
+                    ax.scatter([pr] * len(vals), vals, color=st["color"], s=12, alpha=0.5)
+                ax.set_yscale("log")
+                continue
+            err = np.vstack([r[col] - r[f"{col}_lo"], r[f"{col}_hi"] - r[col]]).clip(min=0)
+            ax.errorbar(r["pr"], r[col], yerr=err, color=st["color"], ls=st["ls"], marker=st["marker"],
+                        capsize=3, label=s)
+        ax.set_xticks(sorted(g["pr"].unique()))
         ax.set_xlabel("pruning ratio")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{ctx.name}: LR sensitivity vs pruning ratio (lower = less sensitive; error bars: std "
-                 "over seeds)")
-    return fig, ("How much the accuracy varies across the finetuning LRs studied, per pruning ratio. "
-                 "Lower means the method is less sensitive to the finetuning LR.")
-
-
-def fig_growth(ctx: _Ctx):
-    sens = ctx.sens[np.isfinite(ctx.sens["growth"].astype(float))]
-    multi = [m for m in ctx.methods(sens) if sens.loc[sens["method"] == m, "growth"].nunique() >= 2]
-    if not multi:
-        raise _Skip("no method was studied at two or more penalty growth rates")
-    fig, axes = _grid(2, w=5.0)
-    window = ctx.sens.attrs.get("window", (np.nan, np.nan))
-    styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1, 1, 1)), "v"), ((0, (1, 2)), "P")]
-    prs = sorted(sens["pr"].unique())
-    for m in multi:
-        s = sens[sens["method"] == m]
-        for pr in sorted(s["pr"].unique()):
-            ls, mk = styles[prs.index(pr) % len(styles)]
-            g = s[np.isclose(s["pr"], pr)].sort_values("growth")
-            lab = f"{method_label(m)}, PR {fmt_pr(pr)}"
-            axes[0].errorbar(g["growth"], g["robust"], yerr=g["robust_sd"].fillna(0), color=color(m),
-                             ls=ls, marker=mk, capsize=3, label=lab)
-            if np.isfinite(g["time_prune_s"]).any():
-                axes[1].plot(g["growth"], g["time_prune_s"], color=color(m), ls=ls, marker=mk, label=lab)
-    if not axes[1].lines:
-        axes[1].text(0.5, 0.5, "no time_prune_s logged", ha="center", va="center",
-                     transform=axes[1].transAxes)
-    for ax in axes:
-        ax.set_xscale("log")
-        ax.set_xlabel("penalty growth rate (added per update, log scale)")
+        ax.set_ylabel(ylabel, fontsize=9)
         ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel(f"mean accuracy over LRs {fmt_lr(window[0])}…{fmt_lr(window[1])} (%)")
-    axes[1].set_ylabel("regularization (prune-stage) time (s)")
-    axes[0].set_title("accuracy vs growth rate")
-    axes[1].set_title("regularization cost vs growth rate")
-    times = sens["time_prune_s"][np.isfinite(sens["time_prune_s"]) & (sens["time_prune_s"] > 0)]
-    if len(times) and times.max() > 20 * times.min():
-        axes[1].set_yscale("log")
-        axes[1].set_ylabel("regularization (prune-stage) time (s, log scale)")
-    axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="upper left",
-                   bbox_to_anchor=(1.02, 1.0))
-    fig.suptitle(f"{ctx.name}: the penalty growth rate trades accuracy for regularization time")
-    return fig, ("Left: accuracy averaged over the finetuning LRs, by penalty growth rate. Right: the time "
-                 "spent in the regularization stage (a faster growth rate is cheaper).")
+    axes[0].legend(fontsize=7)
+    iv = "95% bootstrap CI" if t.prep.n_seeds >= 5 else f"min–max over {t.prep.n_seeds} seeds"
+    fig.suptitle(f"{t.name}: LR robustness vs pruning ratio (error bars: {iv}; wider window = less "
+                 "sensitive)")
+    return fig, ("Left: the width of the robust LR window (wider = less sensitive to the LR). Middle: how "
+                 "much the accuracy moves inside the stable LR range. Right: the largest LR that did not "
+                 "diverge.")
 
 
-def fig_jsv_vs_sensitivity(ctx: _Ctx):
-    s = ctx.sens[np.isfinite(ctx.sens["jsv_after_removal"].astype(float))
-                 & np.isfinite(ctx.sens["acc_std"].astype(float))]
-    if len(s) < 2:
-        raise _Skip("needs jsv_after_removal_mean and an accuracy std over LR for at least two groups")
-    fig = Figure(figsize=(6.0, 4.4), layout="constrained")
-    ax = fig.subplots()
-    for m in ctx.methods(s):
-        g = s[s["method"] == m]
-        ax.scatter(g["jsv_after_removal"], g["acc_std"], color=color(m), s=40, label=method_label(m))
-        for r in g.itertuples(index=False):
-            extra = f", g {fmt_lr(r.growth)}" if np.isfinite(r.growth) and g["growth"].nunique() > 1 else ""
-            ax.annotate(f"PR {fmt_pr(r.pr)}{extra}", (r.jsv_after_removal, r.acc_std), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
-    if (s["jsv_after_removal"] > 0).all():
-        ax.set_xscale("log")
-    rel = trainability_relation(s)
-    rho = f"Spearman ρ = {rel['spearman']:.2f}, n = {rel['n']}" if np.isfinite(rel["spearman"]) else \
-        f"n = {rel['n']}"
-    ax.set_xlabel("mean Jacobian singular value right after removal (log scale)")
-    ax.set_ylabel("accuracy std over LRs (points)")
-    ax.set_title(f"{ctx.name}: trainability vs LR sensitivity ({rho})", fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    return fig, ("Each point is a (method, pruning ratio, growth) group: trainability right after removal "
-                 "(isometry means singular values near 1) against the accuracy spread over finetuning LRs.")
+def fig_trainability(t: Tables):
+    tau = t.tau[t.tau["stratum"] == "all"]
+    preds = list(dict.fromkeys(tau["predictor"]))
+    if not preds or not np.isfinite(tau["tau"].astype(float)).any():
+        raise _Skip("needs predictors after removal and at least three curves with varying outcomes")
+    fig = Figure(figsize=(4.2 * len(preds), 3.6 * len(OUTCOMES)), layout="constrained")
+    axes = fig.subplots(len(OUTCOMES), len(preds), squeeze=False)
+    prs = sorted(t.curves["pr"].unique())
+    for i, y in enumerate(OUTCOMES):
+        for j, x in enumerate(preds):
+            ax = axes[i, j]
+            for m, c in t.curves.groupby("method", sort=False):
+                for pr, cc in c.groupby("pr"):
+                    ax.scatter(cc[x], cc[y], color=color(m), marker=_MARKERS[prs.index(pr) % len(_MARKERS)],
+                               s=22, alpha=0.8)
+            r = tau[(tau["predictor"] == x) & (tau["outcome"] == y)].iloc[0]
+            txt = (f"τ = {r['tau']:+.2f} [{r['lo']:+.2f}, {r['hi']:+.2f}], n = {int(r['n'])}"
+                   if finite(r["tau"]) else f"τ undefined, n = {int(r['n'])}")
+            ax.set_title(txt, fontsize=9)
+            if x == "jsv_after_removal_mean" and (t.curves[x] > 0).all():
+                ax.set_xscale("log")
+            ax.set_xlabel(NAMES[x])
+            ax.set_ylabel(NAMES[y])
+            ax.grid(alpha=0.3, which="both")
+    handles = [Line2D([], [], color=color(m), marker="o", ls="none", label=method_label(m))
+               for m in dict.fromkeys(t.curves["method"])]
+    handles += [Line2D([], [], color="gray", marker=_MARKERS[k % len(_MARKERS)], ls="none",
+                       label=f"PR {fmt_pr(p)}") for k, p in enumerate(prs)]
+    axes[0, 0].legend(handles=handles, fontsize=7)
+    fig.suptitle(f"{t.name}: do measurements right after removal predict the finetuning outcome? "
+                 "(one point per pruned model; Kendall τ, 95% bootstrap CI)")
+    return fig, ("Each point is one pruned model (a curve: group and seed): its trainability right after "
+                 "removal against its robust LR window and best accuracy. τ is pooled over methods and PRs; "
+                 "the table has it within each PR.")
 
 
-def fig_finetune_curves(ctx: _Ctx):
-    ep = ctx.epochs
+def fig_finetune_curves(t: Tables):
+    ep = t.epochs
     if ep is None or ep.empty or "test_acc" not in ep or not (ep["stage"] == "finetune").any():
         raise _Skip("no per-epoch finetune/test_acc histories were loaded")
-    res = ctx.at_ref(ctx.prep.results)
-    if res["lr"].nunique() < 2:
-        raise _Skip("the study has one LR only (needs at least two)")
-    ep = ep[(ep["stage"] == "finetune") & ep["test_acc"].notna()][["run_id", "epoch", "test_acc"]]
-    prs = sorted(res["pr"].unique())
-    if len(prs) > 3:
-        prs = [prs[0], prs[len(prs) // 2], prs[-1]]
-    fig = Figure(figsize=(10.0, 3.4 * len(prs)), layout="constrained")
+    if t.prep.lr_axis.mode != "ladder":
+        raise _Skip("needs an LR ladder (the lowest and highest LR shared by every curve)")
+    ends = (t.prep.lr_axis.levels[0], t.prep.lr_axis.levels[-1])
+    mem = t.prep.members
+    ep = ep[(ep["stage"] == "finetune") & ep["test_acc"].notna()]
+    prs = sorted(mem["pr"].unique())
+    prs = [prs[0], prs[len(prs) // 2], prs[-1]] if len(prs) > 3 else prs
+    fig = Figure(figsize=(10.0, 3.3 * len(prs)), layout="constrained")
     axes = fig.subplots(len(prs), 2, squeeze=False)
     for row, pr in zip(axes, prs, strict=True):
-        sub = res[np.isclose(res["pr"], pr)]
-        for col, (ax, pick) in enumerate(zip(row, ("min", "max"), strict=True)):
-            for m in ctx.methods(sub):
-                g = sub[sub["method"] == m]
-                chosen = g.loc[g.groupby("seed")["lr_raw"].idxmin() if pick == "min"
-                               else g.groupby("seed")["lr_raw"].idxmax()]
-                curves = ep[ep["run_id"].isin(chosen["run_id"])].pivot_table(
-                    index="epoch", columns="run_id", values="test_acc")
-                if curves.empty:
+        for ax, lr in zip(row, ends, strict=True):
+            sub = mem[np.isclose(mem["pr"], pr) & np.isclose(mem["lr"], lr)]
+            for s, g in sub.assign(_s=t.series_of(sub)).groupby("_s", sort=False):
+                st = t.style(s, g["method"].iloc[0])
+                c = ep[ep["run_id"].isin(g["run_id"])].pivot_table(index="epoch", columns="run_id",
+                                                                  values="test_acc")
+                if c.empty:
                     continue
-                x = curves.index.to_numpy(dtype=float)
-                mean, sd = curves.mean(axis=1).to_numpy(), curves.std(axis=1).to_numpy()
-                lr = float(10 ** np.log10(chosen["lr_raw"]).mean())
-                _band(ax, x, mean, mean - sd, mean + sd, color(m), f"{ctx.label(m)} (LR {fmt_lr(lr)})", None)
-            ax.set_title(f"PR {fmt_pr(pr)}, {'lowest' if col == 0 else 'highest'} LR studied", fontsize=10)
+                x = c.index.to_numpy(float)
+                ax.plot(x, c.mean(axis=1), color=st["color"], ls=st["ls"], label=f"{s} ({c.shape[1]} seeds)")
+                ax.fill_between(x, c.min(axis=1), c.max(axis=1), color=st["color"], alpha=0.15, lw=0)
+            end = "lowest" if lr == ends[0] else "highest"
+            ax.set_title(f"PR {fmt_pr(pr)}, LR {fmt_lr(lr)} (the ladder's {end})", fontsize=10)
             ax.set_xlabel("finetuning epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel("test accuracy (%)")
             ax.grid(alpha=0.3)
             if ax.lines:
-                ax.legend(fontsize=8)
+                ax.legend(fontsize=7)
     if not any(ax.lines for ax in axes.ravel()):
-        raise _Skip("the finished trials have no finetune/test_acc history")
-    fig.suptitle(f"{ctx.name}: finetuning curves at the lowest vs highest LR ({_seed_note(ctx)})")
-    return fig, ("Test accuracy during finetuning for the lowest and the highest LR studied "
-                 "(per seed, the trial with the lowest / highest LR).")
+        raise _Skip("the finished members have no finetune/test_acc history")
+    fig.suptitle(f"{t.name}: test accuracy during finetuning at the lowest and highest LR of the ladder "
+                 "(band: min–max over seeds)")
+    return fig, "Test accuracy per finetuning epoch at both ends of the LR ladder."
+
+
+def fig_recipe(t: Tables):
+    """#15: the robust window and Acc. diff against each varied finetuning dimension (and growth)."""
+    g = t.groups
+    dims = [k for k in ("growth", *t.prep.recipe)
+            if any(r[k].nunique() >= 2 for _, r in g.groupby("method"))]
+    if not dims:
+        raise _Skip("no growth or finetuning-recipe dimension has two or more levels")
+    fig, axes = _grid(2 * len(dims), max_cols=2, w=5.2)
+    for k, dim in enumerate(dims):
+        levels = sorted(g[dim].dropna().unique(), key=lambda v: (isinstance(v, str), v))
+        for ax, col, ylabel in ((axes[2 * k], "window_decades", "robust window (decades)"),
+                                (axes[2 * k + 1], "acc_diff", "Acc. diff (points)")):
+            for (m, pr), r in g.dropna(subset=[dim]).groupby(["method", "pr"], sort=False):
+                if r[dim].nunique() < 2:
+                    continue
+                r = r.assign(_x=[levels.index(v) for v in r[dim]]).sort_values("_x")
+                err = np.vstack([r[col] - r[f"{col}_lo"], r[f"{col}_hi"] - r[col]]).clip(min=0)
+                ax.errorbar(r["_x"], r[col], yerr=err, color=color(m), capsize=3,
+                            marker=_MARKERS[sorted(g["pr"].unique()).index(pr) % len(_MARKERS)],
+                            label=f"{method_label(m)}, PR {fmt_pr(pr)}")
+            ax.set_xticks(range(len(levels)), [fmt_level(dim, v) for v in levels])
+            ax.set_xlabel(KEY_NAMES.get(dim, dim))
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=7)
+    fig.suptitle(f"{t.name}: robust window and Acc. diff against the penalty growth and the finetuning "
+                 "recipe")
+    return fig, "How the robust LR window and the paper's Acc. diff change with each varied dimension."
+
+
+def fig_budget(t: Tables):
+    c = t.curves
+    if "iters_total" not in c or c["iters_total"].nunique() < 2:
+        raise _Skip("the members' total iterations (iters_prune + iters_finetune) do not vary")
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.subplots()
+    prs = sorted(c["pr"].unique())
+    for m, r in c.groupby("method", sort=False):
+        for pr, rr in r.groupby("pr"):
+            ax.scatter(rr["iters_total"], rr["best_acc"], color=color(m),
+                       marker=_MARKERS[prs.index(pr) % len(_MARKERS)],
+                       label=f"{method_label(m)}, PR {fmt_pr(pr)}")
+    ax.set_xscale("log")
+    ax.set_xlabel("total iterations of the member (prune + finetune, log scale)")
+    ax.set_ylabel(f"best {SHORT.get(t.prep.metric, t.prep.metric)} over the ladder (%)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    ax.set_title(f"{t.name}: accuracy vs compute budget (one point per curve)", fontsize=10)
+    return fig, "Best accuracy over the LR ladder against the iterations spent pruning and finetuning."
 
 
 FIGURES = {
     "acc_vs_lr": fig_acc_vs_lr,
     "heatmap_lr_pr": fig_heatmap,
-    "sensitivity_vs_pr": fig_sensitivity_vs_pr,
-    "growth": fig_growth,
-    "jsv_vs_sensitivity": fig_jsv_vs_sensitivity,
+    "window_vs_pr": fig_window_vs_pr,
+    "trainability": fig_trainability,
+    "recipe": fig_recipe,
+    "budget": fig_budget,
     "finetune_curves": fig_finetune_curves,
 }

@@ -1,8 +1,9 @@
-"""Load a study from MLflow into tidy tables: one row per trial, one row per (trial, stage, epoch).
+"""Load a study from MLflow into tidy tables: one row per member run, one row per (member, stage, epoch).
 
 The study driver writes one parent run per study (tags ``tpp.study``, ``tpp.role=study``) and one child
-run per trial (tag ``mlflow.parentRunId``). Everything here is read-only: nothing is re-run and no store
-is created (a missing SQLite file is an error, not a new empty database).
+run per finetune *member* = one (prune group, finetune config) (tag ``mlflow.parentRunId``; ``tpp.member_id``,
+``tpp.prune_key``, ``tpp.trial_id`` for the Ray Tune trial that ran it). Everything here is read-only:
+nothing is re-run and no store is created (a missing SQLite file is an error, not a new empty database).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-FINISHED = ("completed", "diverged")  # trials that are results (a diverged trial counts with what it reached)
+FINISHED = ("completed", "diverged")  # members that are results (diverged ones are measured as divergence)
 PLANNED_KEYS = ("num_trials", "num_samples", "n_trials", "planned_trials")  # parent param/tag names
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-_EPOCH_RENAME = {"lr": "epoch_lr"}  # the per-epoch LR must not shadow the trial's configured LR
+_EPOCH_RENAME = {"lr": "epoch_lr"}  # the per-epoch LR must not shadow the member's configured LR
+_TAG_COLUMNS = {"trial_id": "tpp.trial_id", "member_id": "tpp.member_id", "prune_key": "tpp.prune_key",
+                "reuse": "tpp.reuse", "diverged_stage": "tpp.diverged_stage"}
 
 
 class StudyNotFoundError(LookupError):
@@ -35,7 +38,8 @@ class StudyNotFoundError(LookupError):
 
 @dataclass
 class Progress:
-    """How far a study got: counts by trial status, and the planned count when the parent run records it."""
+    """How far a study got: counts of member runs by status, and the planned count when the parent run
+    records it (``num_trials`` = planned member runs)."""
 
     planned: int | None
     total: int
@@ -43,6 +47,7 @@ class Progress:
     diverged: int
     failed: int
     running: int
+    interrupted: int = 0
 
     @property
     def finished(self) -> int:
@@ -57,11 +62,13 @@ class Progress:
 class StudyData:
     """A study as read from MLflow.
 
-    ``trials``: one row per child run -- ids, ``method``, ``status`` (completed | diverged | failed |
-    running), the run's parameters typed back to numbers (``growth`` is NaN for methods without a
-    penalty) and its final metrics. ``epochs``: one row per (trial, stage, epoch) with the per-epoch
-    metrics as columns (``test_acc``, ``train_loss``, ``epoch_lr`` = the LR in effect that epoch, ``reg``,
-    ``jsv_mean``) plus the trial's method/pr/growth/lr/seed.
+    ``trials``: one row per member run -- ids (``run_id``, ``trial_id``, ``member_id``, ``prune_key``),
+    ``method``, ``status`` (completed | diverged | failed | interrupted | running), the run's parameters
+    typed back to numbers (``growth`` is NaN for methods without a penalty, whether absent or "none") and
+    its final metrics. ``param_names``: which columns are run parameters. ``epochs``: one row per
+    (member, stage, epoch) with the per-epoch metrics as columns (``test_acc``, ``val_acc``,
+    ``train_loss``, ``epoch_lr`` = the LR in effect that epoch, ``reg``...) plus the member's
+    method/pr/growth/lr/seed.
     """
 
     name: str
@@ -77,6 +84,7 @@ class StudyData:
     epochs: pd.DataFrame
     config_text: str | None = None  # the parent's study_config.yaml artifact, when present
     notes: list[str] = field(default_factory=list)
+    param_names: list[str] = field(default_factory=list)
 
     @property
     def progress(self) -> Progress:
@@ -88,6 +96,7 @@ class StudyData:
             diverged=int((status == "diverged").sum()),
             failed=int((status == "failed").sum()),
             running=int((status == "running").sum()),
+            interrupted=int((status == "interrupted").sum()),
         )
 
     @property
@@ -104,16 +113,19 @@ class StudyData:
             running = self.trials[self.trials["status"] == "running"]
             names = ", ".join(str(n) for n in running["run_name"].head(5))
             more = f" and {p.running - 5} more" if p.running > 5 else ""
-            lines.append(f"{p.running} trial(s) still running: {names}{more}")
+            lines.append(f"{p.running} member run(s) still running: {names}{more}")
         if p.planned is not None:
             if p.not_started:
-                lines.append(f"{p.not_started} of {p.planned} planned trials not started yet")
+                lines.append(f"{p.not_started} of {p.planned} planned member runs not started yet")
             if p.finished < p.planned:
-                lines.append(f"{p.finished} of {p.planned} planned trials finished")
+                lines.append(f"{p.finished} of {p.planned} planned member runs finished")
         if p.failed:
-            lines.append(f"{p.failed} trial(s) failed (excluded from the measures)")
+            lines.append(f"{p.failed} member run(s) failed (excluded from the measures)")
+        if p.interrupted:
+            lines.append(f"{p.interrupted} member run(s) interrupted (excluded; `tpp-study resume` "
+                         "finishes them)")
         if p.planned is None and lines:
-            lines.append(f"{p.finished} trials finished (the planned count is not recorded)")
+            lines.append(f"{p.finished} member runs finished (the planned count is not recorded)")
         return lines
 
 
@@ -166,7 +178,7 @@ def load_study(study: str, tracking_uri: str | None = None, *,
     exp = client.get_experiment(parent.info.experiment_id)
     children = _search_all(client, [parent.info.experiment_id],
                            f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    trials = _trials_frame(children)
+    trials, param_names = _trials_frame(children)
     epochs = _epochs_frame(client, children, trials, histories, max_workers or _default_workers(uri))
     params = {k: _typed(v) for k, v in parent.data.params.items()}
     return StudyData(
@@ -183,6 +195,7 @@ def load_study(study: str, tracking_uri: str | None = None, *,
         epochs=epochs,
         config_text=_config_text(client, parent.info.run_id, notes),
         notes=notes,
+        param_names=param_names,
     )
 
 
@@ -308,16 +321,18 @@ def _trial_status(run) -> str:
     state = run.info.status
     if state in ("RUNNING", "SCHEDULED"):
         return "running"
+    if state == "KILLED":
+        return "interrupted"
     if state == "FINISHED" and "best_acc" in run.data.metrics:
         return "completed"
     return "failed"
 
 
-def _trials_frame(children: list) -> pd.DataFrame:
-    base_cols = ["run_id", "trial_id", "run_name", "method", "status", "run_status", "reuse",
-                 "start_time", "end_time"]
+def _trials_frame(children: list) -> tuple[pd.DataFrame, list[str]]:
+    base_cols = ["run_id", "run_name", "method", "status", "run_status", *_TAG_COLUMNS, "start_time",
+                 "end_time"]
     if not children:
-        return pd.DataFrame(columns=base_cols)
+        return pd.DataFrame(columns=base_cols), []
     rows, param_keys, metric_keys = [], set(), set()
     for r in children:
         params = dict(r.data.params)
@@ -331,12 +346,11 @@ def _trials_frame(children: list) -> pd.DataFrame:
     for r, params, finals in rows:
         rec = {
             "run_id": r.info.run_id,
-            "trial_id": r.data.tags.get("tpp.trial_id"),
             "run_name": r.info.run_name,
             "method": r.data.tags.get("tpp.method") or params.get("method"),
             "status": _trial_status(r),
             "run_status": r.info.status,
-            "reuse": r.data.tags.get("tpp.reuse"),
+            **{col: r.data.tags.get(tag) for col, tag in _TAG_COLUMNS.items()},
             "start_time": pd.to_datetime(r.info.start_time, unit="ms") if r.info.start_time else pd.NaT,
             "end_time": pd.to_datetime(r.info.end_time, unit="ms") if r.info.end_time else pd.NaT,
         }
@@ -350,7 +364,11 @@ def _trials_frame(children: list) -> pd.DataFrame:
     for k in metric_keys:
         df[k] = pd.to_numeric(df[k], errors="coerce")
     df["trial_id"] = df["trial_id"].fillna(df["run_name"])
-    return df.sort_values(["start_time", "run_id"], ignore_index=True)
+    df["member_id"] = df["member_id"].fillna(df["run_id"])
+    if "growth" not in df:  # v2 schema: growth is logged only for methods with a penalty
+        df["growth"] = np.nan
+    names = sorted({f"param.{k}" if k in clash else k for k in param_keys} | {"method", "growth"})
+    return df.sort_values(["start_time", "run_id"], ignore_index=True), names
 
 
 def _epochs_frame(client, children: list, trials: pd.DataFrame, histories, workers: int) -> pd.DataFrame:

@@ -1,69 +1,119 @@
-"""The report: one self-contained HTML page (figures as base64 PNG, tables, a computed summary, the study
-config) plus CSV/Markdown tables in an out folder, logged to the study's parent run under ``report/``."""
+"""The report: one self-contained HTML page (figures as base64 PNG, the verdict, the summary, tables, the
+study config) plus the CSV tables every stated number comes from, logged to the study's parent run under
+``report/``.
+
+Files written next to ``report.html``: members.csv (every member run), curves.csv (one row per curve),
+groups.csv (per group, over seeds), lr_points.csv (per group and LR), comparison.csv (paired
+differences), trainability.csv (Kendall τ), paper_table.csv/.md, summary.md, figures/*.png.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from analysis.figures import make_figures
-from analysis.importance import importance_table, lr_share
+from analysis.compare import comparison_table
+from analysis.curves import curve_table
+from analysis.definitions import DEFINITIONS
+from analysis.figures import Tables, make_figures
+from analysis.fmt import fmt_lr
 from analysis.load import StudyData, client_for, load_study
-from analysis.measures import (
-    divergence_table,
-    fmt_lr,
-    prepare,
-    sensitivity_table,
-    trainability_relation,
-)
-from analysis.summary import summarize
+from analysis.measures import group_table, lr_points
+from analysis.points import Prepared, prepare
+from analysis.summary import Summary, summarize
 from analysis.tables import (
-    TableUnavailable,
-    divergence_text,
-    importance_text,
+    comparison_text,
+    groups_text,
+    lr_comparison_text,
+    lr_points_text,
     markdown_table,
     paper_table,
-    sensitivity_text,
+    tau_text,
 )
+from analysis.trainability import trainability_table
 
 ARTIFACT_DIR = "report"
+HISTORIES = ["finetune/test_acc", "finetune/val_acc"]
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1250px;margin:2em auto;padding:0 1em;
 color:#222;line-height:1.45}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
-table.tbl{border-collapse:collapse;font-size:.85em;margin:.5em 0}
+table.tbl{border-collapse:collapse;font-size:.82em;margin:.5em 0}
 table.tbl td,table.tbl th{border:1px solid #ccc;padding:.25em .5em;text-align:right}
 table.tbl th{background:#f3f3f3}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.9em;color:#555}
 .meta{color:#666;font-size:.9em}pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:.85em}
-.summary li{margin:.3em 0}.warn{color:#8a4b00}
+.verdict{background:#f4f8ff;border:1px solid #bcd;padding:.6em 1.2em;border-radius:4px}
+.verdict li,.summary li{margin:.35em 0}.warn{color:#8a4b00}
 """
 
-_DEFINITIONS = [
-    ("best accuracy / best LR", "the highest accuracy over the LRs studied and the LR that gives it"),
-    ("accuracy range / std over LR",
-     "max − min and the (population) std of accuracy across the LRs, per seed"),
-    ("Acc. diff", "acc(LR a) − acc(LR b) for the same seed, as in the paper (default 1e-3 − 1e-2)"),
-    ("mean accuracy over a window",
-     "robustness: the accuracy averaged over an LR window (uniform in log LR)"),
-    ("spread", "mean ± std over seeds; with ≥ 5 seeds, intervals are 95% bootstrap CIs of the mean"),
-    ("diverged / failed", "diverged trials are results with the accuracy they reached; failed trials are "
-     "excluded and counted"),
-]
+
+@dataclass
+class Results:
+    """Every table of one analysis, computed once and shared by the text, the figures and the CSVs."""
+
+    prep: Prepared
+    curves: pd.DataFrame
+    groups: pd.DataFrame
+    lr_points: pd.DataFrame
+    comparison: pd.DataFrame
+    tau: pd.DataFrame
+    paper_curves: pd.DataFrame
+    paper_groups: pd.DataFrame
+    summary: Summary
+
+
+def check_methods(prep: Prepared, baseline: str, methods: Sequence[str] | None) -> None:
+    """One-line errors for a baseline or method the study does not hold."""
+    have = sorted(prep.points["method"].unique())
+    listing = ", ".join(have) or "none finished"
+    if baseline not in have:
+        raise ValueError(f"baseline: {baseline!r} is not a method of this study with finished runs (its "
+                         f"methods: {listing})")
+    for m in methods or ():
+        if m not in have:
+            raise ValueError(f"methods: {m!r} is not a method of this study with finished runs (its methods: "
+                             f"{listing})")
+
+
+def analyze(data: StudyData, *, lrs: tuple[float, float] = (1e-3, 1e-2), metric: str = "auto",
+            baseline: str = "l1", methods: Sequence[str] | None = None, delta: float = 1.0,
+            group_by: Sequence[str] = ()) -> Results:
+    """All tables of the report for a loaded study (no files written)."""
+    prep = prepare(data, metric, group_by=group_by)
+    if prep.points.empty:
+        empty = pd.DataFrame()
+        return Results(prep, empty, empty, empty, empty, empty, empty, empty,
+                       summarize(prep, data.progress, empty, empty, empty, empty, baseline=baseline, lrs=lrs,
+                                 delta=delta))
+    check_methods(prep, baseline, methods)
+    curves = curve_table(prep, lrs=lrs, delta=delta)
+    groups = group_table(prep, curves, lrs=lrs, delta=delta)
+    cmp = comparison_table(prep, curves, baseline=baseline, methods=methods)
+    tau = trainability_table(curves)
+    if prep.metric == "best_acc":
+        paper_curves, paper_groups = curves, groups
+    else:
+        paper_prep = prepare(data, "best_acc", group_by=group_by)
+        paper_curves = curve_table(paper_prep, lrs=lrs, delta=delta)
+        paper_groups = group_table(paper_prep, paper_curves, lrs=lrs, delta=delta)
+    summary = summarize(prep, data.progress, groups, curves, cmp, tau, baseline=baseline, lrs=lrs,
+                        delta=delta)
+    return Results(prep, curves, groups, lr_points(prep), cmp, tau, paper_curves, paper_groups, summary)
 
 
 def build_report(study: str | StudyData, tracking_uri: str | None = None, out_dir: str | Path | None = None,
-                 *, lrs: tuple[float, float] = (1e-3, 1e-2), window: tuple[float, float] | None = None,
-                 metric: str = "best_acc", treatment: str = "tpp", baseline: str = "l1", log: bool = True,
-                 progress: Callable[[str], None] | None = None) -> Path:
+                 *, lrs: tuple[float, float] = (1e-3, 1e-2), metric: str = "auto", baseline: str = "l1",
+                 methods: Sequence[str] | None = None, delta: float = 1.0, group_by: Sequence[str] = (),
+                 log: bool = True, progress: Callable[[str], None] | None = None) -> Path:
     """Build the report of `study` (a name, parent run id or a loaded StudyData) into `out_dir`
     (default ``reports/<study>``); log it to the parent run under ``report/`` unless `log` is False.
     Returns the path of ``report.html``."""
@@ -72,86 +122,99 @@ def build_report(study: str | StudyData, tracking_uri: str | None = None, out_di
         data = study
     else:
         say(f"loading study {study!r} from {tracking_uri or 'MLFLOW_TRACKING_URI'}")
-        data = load_study(study, tracking_uri, histories=["finetune/test_acc"])
+        data = load_study(study, tracking_uri, histories=HISTORIES)
     p = data.progress
-    say(f"  {p.total} trials: {p.completed} completed, {p.diverged} diverged, {p.failed} failed, "
-        f"{p.running} running" + (f" (planned {p.planned})" if p.planned is not None else ""))
+    say(f"  {p.total} member runs: {p.completed} completed, {p.diverged} diverged, {p.failed} failed, "
+        f"{p.interrupted} interrupted, {p.running} running"
+        + (f" (planned {p.planned})" if p.planned else ""))
     for line in data.missing():
         say(f"  missing: {line}")
+    say("computing measures")
+    res = analyze(data, lrs=lrs, metric=metric, baseline=baseline, methods=methods, delta=delta,
+                  group_by=group_by)
     out = Path(out_dir) if out_dir is not None else Path("reports") / data.name
     out.mkdir(parents=True, exist_ok=True)
-
-    say("computing measures")
-    notes = list(data.notes)
-    sections: dict[str, str] = {}
-    if p.finished:
-        prep = prepare(data.trials, metric)
-        sens = sensitivity_table(prep, lrs=lrs, window=window)
-        div = divergence_table(prep)
-        imp = importance_table(prep)
-        rel = trainability_relation(sens)
-        notes += list(prep.notes) + [n for n in sens.attrs.get("notes", []) if n not in prep.notes]
-        notes += imp.attrs.get("notes", [])
-        lines = summarize(prep, sens, data=data, importance_lr=lr_share(imp) if len(imp) else None,
-                          relation=rel, treatment=treatment, baseline=baseline)
-        sections["Paper table"] = _paper_section(prep, lrs, out, notes)
-        sections["LR sensitivity per method, PR and growth"] = _write_table(
-            out, "sensitivity", sens, sensitivity_text(sens))
-        sections["Hyperparameter importance"] = (
-            _write_table(out, "importance", imp, importance_text(imp)) if len(imp) else
-            "<p>Not enough finished trials per method for an importance analysis.</p>")
-        sections["Divergence by LR"] = _write_table(out, "divergence", div, divergence_text(div))
-        window_used = sens.attrs.get("window")
-        say(f"  {len(sens)} (method, PR, growth) groups; LR: {prep.lr_axis.describe()}")
-    else:
-        from analysis.summary import progress_line
-
-        lines = [progress_line(data), "No finished trials yet: nothing to measure."]
-        window_used = window
-    data.trials.to_csv(out / "trials.csv", index=False)
-
+    notes = list(dict.fromkeys([*data.notes, *res.prep.notes]))
+    if not res.curves.empty:
+        say(f"  {len(res.groups)} groups, {len(res.curves)} curves; LR: {res.prep.lr_axis.describe()}; "
+            f"accuracy: {res.prep.metric}")
+    sections = _write_tables(out, data, res)
     say("drawing figures")
-    figs = make_figures(data, out / "figures", metric=metric, lrs=lrs, window=window,
-                        treatment=treatment, baseline=baseline)
+    figs = make_figures(Tables(data.name, res.prep, res.curves, res.groups, res.lr_points, res.comparison,
+                               res.tau, data.epochs, delta), out / "figures")
     notes += figs.notes
     say(f"  {len(figs.paths)} figure(s) written" + (f", {len(figs.notes)} skipped" if figs.notes else ""))
-
-    (out / "summary.md").write_text("\n".join(f"- {line}" for line in lines) + "\n")
-    page = _html(data, lines, figs, sections, notes, metric=metric, lrs=lrs, window=window_used)
+    (out / "summary.md").write_text("## Verdict\n\n" + "".join(f"- {x}\n" for x in res.summary.verdict)
+                                    + "\n## Summary\n\n" + "".join(f"- {x}\n" for x in res.summary.lines))
+    page = _html(data, res, figs, sections, notes, lrs=lrs, baseline=baseline, delta=delta)
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
     say(f"report: {path.resolve()}")
     if log:
-        try:
-            client, _ = client_for(data.tracking_uri)
-            client.log_artifacts(data.parent_run_id, str(out), artifact_path=ARTIFACT_DIR)
-        except Exception as exc:  # noqa: BLE001 - the report on disk is still good; say why it is not logged
-            msg = f"could not log the report to study run {data.parent_run_id}: {type(exc).__name__}: {exc}"
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
-            say(f"warning: {msg}")
-        else:
-            say(f"logged to run {data.parent_run_id} under {ARTIFACT_DIR}/ "
-                "(see the study run in the MLflow UI)")
+        _log(data, out, say)
     return path
 
 
-def _paper_section(prep, lrs, out: Path, notes: list[str]) -> str:
+def _log(data: StudyData, out: Path, say) -> None:
     try:
-        table = paper_table(prep, lrs=lrs)
-    except TableUnavailable as exc:
-        notes.append(str(exc))
-        return f"<p>{html.escape(str(exc))}</p>"
-    table.to_csv(out / "paper_table.csv")
-    (out / "paper_table.md").write_text(table.to_markdown())
-    a, b = fmt_lr(lrs[0]), fmt_lr(lrs[1])
-    return (table.text().to_html(index=False, classes="tbl", border=0)
-            + f"<p class='meta'>Cells: {html.escape(prep.metric)} (%), mean ± std over seeds. Δ rows: the "
-              f"paper's Acc. diff = acc({a}) − acc({b}) per seed, then mean ± std.</p>")
+        client, _ = client_for(data.tracking_uri)
+        client.log_artifacts(data.parent_run_id, str(out), artifact_path=ARTIFACT_DIR)
+    except Exception as exc:  # noqa: BLE001 - the report on disk is still good; say why it is not logged
+        msg = f"could not log the report to study run {data.parent_run_id}: {type(exc).__name__}: {exc}"
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        say(f"warning: {msg}")
+    else:
+        say(f"logged to run {data.parent_run_id} under {ARTIFACT_DIR}/ (see the study run in the MLflow UI)")
 
 
-def _write_table(out: Path, name: str, numeric: pd.DataFrame, text: pd.DataFrame) -> str:
-    numeric.to_csv(out / f"{name}.csv", index=False)
-    (out / f"{name}.md").write_text(markdown_table(text) + "\n")
+def _write_tables(out: Path, data: StudyData, res: Results) -> dict[str, str]:
+    """Write the CSVs (full precision) and return the HTML of the readable tables by section title."""
+    data.trials.to_csv(out / "members.csv", index=False)
+    if res.curves.empty:
+        return {}
+    keys = res.prep.keys
+    for name, frame in (("curves", res.curves), ("groups", res.groups), ("lr_points", res.lr_points),
+                        ("comparison", res.comparison), ("trainability", res.tau)):
+        frame.to_csv(out / f"{name}.csv", index=False)
+    metric = res.prep.metric
+    acc = f"Accuracy: <code>{html.escape(metric)}</code> = {html.escape(res.prep.metric_text)}."
+    paper = paper_table(res.paper_curves, res.paper_groups, keys)
+    paper.to_csv(out / "paper_table.csv")
+    (out / "paper_table.md").write_text(paper.to_markdown())
+    a, b = fmt_lr(paper.lrs[0]), fmt_lr(paper.lrs[1])
+    sections = {
+        "Per group: stable range, robust window, best accuracy (groups.csv)":
+            _table(out, "groups", groups_text(res.groups, keys))
+            + f"<p class='meta'>{acc} Each cell: the mean over seeds [interval]; intervals: 95% bootstrap CI "
+              "with ≥ 5 seeds, else the min–max over seeds. LRs are LRs that ran.</p>",
+        "Paired comparisons (comparison.csv)":
+            _table(out, "comparison_text", comparison_text(res.comparison, keys))
+            + f"<p class='meta'>{acc} method − baseline per shared seed; p: exact sign-flip test; outcome "
+              "higher/lower only when p < 0.05 and the interval excludes 0.</p>",
+        "Paired accuracy difference at each LR (comparison.csv, measure acc_at_lr)":
+            _table(out, "lr_comparison_text", lr_comparison_text(res.comparison, keys))
+            + f"<p class='meta'>{acc} method − baseline at the same LR and seed, mean over seeds (p: "
+              "sign-flip test); † where a member diverged there (its accuracy is what it reached).</p>",
+        "Accuracy at each LR (lr_points.csv)":
+            _table(out, "lr_points_text", lr_points_text(res.lr_points, keys))
+            + f"<p class='meta'>{acc} Seed mean at each LR that ran; † where a seed diverged there.</p>",
+        "Trainability before finetuning vs outcome (trainability.csv)":
+            _table(out, "trainability_text", tau_text(res.tau))
+            + f"<p class='meta'>{acc} Kendall τ-b across curves (one pruned model each), 95% bootstrap CI "
+              "over curves; p from scipy.stats.kendalltau.</p>",
+        "The paper's table (paper_table.csv)":
+            paper.text().to_html(index=False, classes="tbl", border=0)
+            + "<p class='meta'>Accuracy: <code>best_acc</code>, the maximum test accuracy over finetuning "
+              "epochs (the paper's convention, selected on the test set). Cells: mean ± std over seeds. Δ "
+              f"rows: the paper's Acc. diff = acc({a}) − acc({b}) per seed, then mean ± std.</p>",
+    }
+    return sections
+
+
+def _table(out: Path, name: str, text: pd.DataFrame) -> str:
+    if text.empty:
+        return "<p>Nothing to show.</p>"
+    (out / f"{name.removesuffix('_text')}.md").write_text(markdown_table(text) + "\n")
     return text.to_html(index=False, classes="tbl", border=0, na_rep="–")
 
 
@@ -170,23 +233,26 @@ def _config_html(data: StudyData) -> str:
     return "<p>The study run records no configuration.</p>"
 
 
-def _html(data: StudyData, lines, figs, sections, notes, *, metric, lrs, window) -> str:
-    def e(text) -> str:  # element text: quotes need no escaping and stay readable in the source
+def _html(data: StudyData, res: Results, figs, sections, notes, *, lrs, baseline, delta) -> str:
+    def e(text) -> str:
         return html.escape(str(text), quote=False)
 
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    missing = data.missing()
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>LR sensitivity report: {e(data.name)}</title><style>{_CSS}</style></head><body>",
         f"<h1>How much does the result depend on the finetuning LR? Study <code>{e(data.name)}</code></h1>",
         f"<p class='meta'>MLflow {e(data.tracking_uri)} · experiment {e(data.experiment_name)} · study run "
-        f"{e(data.parent_run_id)} ({e(data.parent_status)}) · accuracy metric <code>{e(metric)}</code> · "
-        f"Acc. diff LRs {fmt_lr(lrs[0])} vs {fmt_lr(lrs[1])}"
-        + (f" · window {fmt_lr(window[0])}…{fmt_lr(window[1])}" if window and np.isfinite(window[0]) else "")
-        + f" · generated {now}</p>",
-        "<h2>Summary</h2><ul class='summary'>" + "".join(f"<li>{e(x)}</li>" for x in lines) + "</ul>",
+        f"{e(data.parent_run_id)} ({e(data.parent_status)}) · accuracy <code>{e(res.prep.metric)}</code> · "
+        f"baseline {e(baseline)} · δ = {delta:g} · Acc. diff LRs {fmt_lr(lrs[0])} vs {fmt_lr(lrs[1])} · "
+        f"generated {now}</p>",
     ]
+    if res.summary.verdict:
+        parts.append("<h2>Verdict</h2><div class='verdict'><ul>"
+                     + "".join(f"<li>{e(x)}</li>" for x in res.summary.verdict) + "</ul></div>")
+    parts.append("<h2>Summary</h2><ul class='summary'>"
+                 + "".join(f"<li>{e(x)}</li>" for x in res.summary.lines) + "</ul>")
+    missing = data.missing()
     if missing:
         parts.append("<p class='warn'><b>Incomplete study:</b> " + e("; ".join(missing)) + ".</p>")
     parts.append("<h2>Figures</h2>")
@@ -197,11 +263,10 @@ def _html(data: StudyData, lines, figs, sections, notes, *, metric, lrs, window)
         parts.append("<p>No figure could be drawn from this study yet.</p>")
     for title, body in sections.items():
         parts.append(f"<h2>{e(title)}</h2>{body}")
-    parts.append("<h2>Definitions</h2><ul>" + "".join(f"<li><b>{e(k)}</b>: {e(v)}</li>"
-                                                       for k, v in _DEFINITIONS) + "</ul>")
+    parts.append("<h2>Definitions</h2><ul>"
+                 + "".join(f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in DEFINITIONS) + "</ul>")
     if notes:
         items = "".join(f"<li>{e(n)}</li>" for n in dict.fromkeys(notes))
         parts.append(f"<h2>Notes</h2><ul>{items}</ul>")
-    parts.append("<h2>Study configuration</h2>" + _config_html(data))
-    parts.append("</body></html>")
+    parts.append("<h2>Study configuration</h2>" + _config_html(data) + "</body></html>")
     return "\n".join(parts)

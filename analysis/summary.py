@@ -1,182 +1,230 @@
-"""A short plain-language summary of what the numbers say, computed from the tables (never canned)."""
+"""The verdict block and the summary: sentences built only from the tables the report writes (groups,
+curves, comparison, trainability, members), with the rounding of analysis.fmt, so a test can read every
+number back from the CSVs. The templates are fixed; change them together with
+tests/test_analysis_summary.py, which parses them.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from analysis.load import StudyData
-from analysis.measures import Prepared, fmt_lr, reference_growth, same_level
-from analysis.tables import fmt_pr, method_label, method_sort_key
+from analysis.fmt import finite, fmt_acc, fmt_dec, fmt_lr, fmt_p, fmt_share
+from analysis.labels import KEY_NAMES, group_title, levels_text, method_label
+from analysis.load import Progress
+from analysis.points import METRICS, Prepared
+from analysis.stats import ALPHA, MIN_BOOT, min_pairs, p_floor
+from analysis.trainability import NAMES
+
+IVL = {"bootstrap95": "95% CI", "range": "range over seeds"}
+WINDOW_WORDS = {"higher": "{m}'s robust window is wider: less sensitive to the LR",
+                "lower": "{m}'s robust window is narrower: more sensitive to the LR",
+                "tie": "no detectable difference in LR sensitivity"}
+ACC_WORDS = {"higher": "{m} is more accurate", "lower": "{m} is less accurate",
+             "tie": "no detectable difference in best accuracy"}
 
 
-def _at_ref(sens: pd.DataFrame, ref: dict) -> pd.DataFrame:
-    keep = [same_level(g, ref.get(m, np.nan)) for m, g in zip(sens["method"], sens["growth"], strict=True)]
-    return sens[np.asarray(keep, dtype=bool)] if len(sens) else sens
+@dataclass
+class Summary:
+    verdict: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
 
 
-def _row(sens: pd.DataFrame, method: str, pr: float):
-    hit = sens[(sens["method"] == method) & np.isclose(sens["pr"], pr)]
-    return hit.iloc[0] if len(hit) else None
+def _points(delta: float) -> str:
+    return f"{delta:g} point" + ("" if delta == 1 else "s")
 
 
-def progress_line(data: StudyData) -> str:
-    p = data.progress
+def _ge(value: str, open_n: int) -> str:
+    return ("≥" if open_n else "") + value
+
+
+def _where(row: pd.Series, keys: list[str], groups: pd.DataFrame) -> str:
+    """'PR 0.9 (TPP growth 1e-3 vs L1)', recipe levels after the PR."""
+    g = groups[groups["group"] == row["group"]].iloc[0]
+    b = groups[groups["group"] == row["baseline_group"]].iloc[0]
+    recipe = levels_text(g, keys, skip=("method", "pr", "growth"))
+    head = levels_text(g, ["pr"]) + (f", {recipe}" if recipe else "")
+
+    def who(r):
+        grow = levels_text(r, ["growth"])
+        return method_label(r["method"]) + (f" {grow}" if grow else "")
+
+    return f"{head} ({who(g)} vs {who(b)})"
+
+
+def verdict_lines(prep: Prepared, groups: pd.DataFrame, comparison: pd.DataFrame, *, baseline: str,
+                  delta: float, alpha: float = ALPHA) -> list[str]:
+    """One sentence per compared (method group, baseline group), after two lines saying how to read them."""
+    b_lab = method_label(baseline)
+    seed_rows = comparison[comparison["measure"].isin(["window_decades", "best_acc"])]
+    if seed_rows.empty:
+        others = sorted(set(groups["method"]) - {baseline})
+        why = ("the study has no other method" if not others
+               else "no group of another method matches one of it")
+        return [f"No paired comparison with {b_lab}: {why}."]
+    lines = [f"Paired comparison with {b_lab} (same LR ladder and seeds; accuracy: {prep.metric}; δ = "
+             f"{_points(delta)}): a direction is stated only when the exact sign-flip test gives "
+             f"p < {alpha:g} and the interval excludes 0."]
+    ns = sorted({int(n) for n in seed_rows["n"] if n >= 1})
+    if ns and ns[0] < MIN_BOOT:
+        n_txt = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
+        line = (f"n = {n_txt} seeds: intervals are wide (the min–max over seeds is shown instead of a "
+                "bootstrap CI)")
+        if p_floor(ns[-1]) >= alpha:
+            line += (f"; with {ns[-1]} seeds the smallest p the test can give is {fmt_p(p_floor(ns[-1]))}, "
+                     f"so no difference can be declared (that takes ≥ {min_pairs(alpha)} seeds)")
+        lines.append(line + ".")
+    for _, rows in seed_rows.groupby(["group", "baseline_group"], sort=False):
+        lines.append(_verdict(rows.set_index("measure"), prep.keys, groups, delta))
+    return lines
+
+
+def _verdict(r: pd.DataFrame, keys: list[str], groups: pd.DataFrame, delta: float) -> str:
+    w, a = r.loc["window_decades"], r.loc["best_acc"]
+    where = _where(w, keys, groups)
+    m_lab, b_lab = method_label(w["method"]), method_label(w["baseline"])
+    n = int(w["n"])
+    if n == 0:
+        return f"{where}: cannot compare: {m_lab} and {b_lab} share no seed with a finished curve."
+    wm = _ge(fmt_dec(w["method_mean"]), w["method_open"])
+    wb = _ge(fmt_dec(w["baseline_mean"]), w["baseline_open"])
+    if n == 1:
+        return (f"{where}: only 1 shared seed ({m_lab} {wm} vs {b_lab} {wb} decades within {_points(delta)} "
+                f"of the best; best accuracy {fmt_acc(a['method_mean'])}% vs "
+                f"{fmt_acc(a['baseline_mean'])}%): one seed supports no claim.")
+    return (f"{where}: {m_lab} stays within {_points(delta)} of its best over {wm} decades of LR vs {wb} for "
+            f"{b_lab} (difference {fmt_dec(w['diff'], True)} decades, {IVL[w['interval']]} "
+            f"{fmt_dec(w['lo'], True)} to {fmt_dec(w['hi'], True)}, p = {fmt_p(w['p'])}, {n} seeds): "
+            f"{WINDOW_WORDS[w['outcome']].format(m=m_lab)}; best accuracy {fmt_acc(a['method_mean'])}% vs "
+            f"{fmt_acc(a['baseline_mean'])}% (difference {fmt_acc(a['diff'], True)} points, "
+            f"{IVL[a['interval']]} {fmt_acc(a['lo'], True)} to {fmt_acc(a['hi'], True)}, "
+            f"p = {fmt_p(a['p'])}): {ACC_WORDS[a['outcome']].format(m=m_lab)}.")
+
+
+# ------------------------------------------------------------------------------------------- summary
+
+def progress_line(p: Progress) -> str:
     of = f" of {p.planned} planned" if p.planned is not None else ""
-    line = (f"The study holds {p.finished} finished trial(s){of} ({p.completed} completed, {p.diverged} "
-            f"diverged); {p.failed} failed (excluded from the measures)")
-    if p.running:
-        line += f"; {p.running} still running"
-    if p.not_started:
-        line += f"; {p.not_started} not started"
-    return line + "."
+    extra = "".join(f", {k} {name}" for k, name in ((p.interrupted, "interrupted"),
+                                                     (p.running, "still running")) if k)
+    return (f"The study holds {p.finished} finished member runs{of} ({p.completed} completed, {p.diverged} "
+            f"diverged); {p.failed} failed{extra} (not measured).")
 
 
-def summarize(prep: Prepared, sens: pd.DataFrame, *, data: StudyData | None = None,
-              importance_lr: pd.DataFrame | None = None, relation: dict | None = None,
-              treatment: str = "tpp", baseline: str = "l1") -> list[str]:
-    """Sentences for the report, each computed from the study's numbers."""
-    lines: list[str] = []
-    if data is not None:
-        lines.append(progress_line(data))
-    if sens.empty:
-        lines.append("No finished trials yet: nothing to measure.")
-        return lines
-    ref = reference_growth(prep)
-    s = _at_ref(sens, ref)
-    methods = sorted(s["method"].unique(), key=method_sort_key)
-    t_lab, b_lab = method_label(treatment), method_label(baseline)
-    for m in methods:
-        if prep.results.loc[prep.results["method"] == m, "growth"].nunique() > 1:
-            lines.append(f"{method_label(m)} was run at several penalty growth rates; it is compared at "
-                         f"growth {fmt_lr(ref[m])} (its most-studied level); the growth figure shows "
-                         "the others.")
-    lines += _sensitivity_lines(s, methods, treatment, baseline, t_lab, b_lab)
-    lines += _diff_lines(s, sens.attrs, treatment, baseline, t_lab, b_lab)
-    lines += _best_lines(s, methods)
-    if importance_lr is not None and not importance_lr.empty:
-        lines += _importance_lines(importance_lr, treatment, baseline)
-    if relation is not None:
-        lines += _relation_lines(relation)
-    lines += _divergence_lines(prep)
-    return lines
+def design_line(prep: Prepared, curves: pd.DataFrame) -> str:
+    ax = prep.lr_axis
+    n_groups, n_seeds, n_curves = curves["group"].nunique(), curves["seed"].nunique(), len(curves)
+    lo, hi = fmt_lr(ax.levels[0]), fmt_lr(ax.levels[-1])
+    if ax.mode == "ladder":
+        short = int((curves["n_lrs"] < len(ax.levels)).sum())
+        tail = (f"{short} of {n_curves} curves miss ladder LRs" if short
+                else "every curve ran the full ladder")
+        per = f" ({ax.per_decade:.0f} per decade)" if finite(ax.per_decade) else ""
+        return (f"LR: a ladder of {len(ax.levels)} LRs from {lo} to {hi}{per}, {n_groups} groups × {n_seeds} "
+                f"seeds = {n_curves} curves; {tail}.")
+    return (f"LR: scattered by the sampler ({len(ax.levels)} distinct LRs from {lo} to {hi}), {n_groups} "
+            f"groups, {n_curves} curves: values between the LRs that ran are interpolated in log10 LR.")
 
 
-def _sensitivity_lines(s, methods, treatment, baseline, t_lab, b_lab) -> list[str]:
+def metric_line(prep: Prepared) -> str:
+    line = (f"Accuracy in every table but the paper table: {prep.metric} = "
+            f"{METRICS.get(prep.metric, prep.metric)}.")
+    if prep.metric != "best_acc":
+        line += " The paper table uses best_acc (max test accuracy over epochs, the paper's convention)."
+    return line
+
+
+def _group_clause(g: pd.Series, keys: list[str], shown: list[str]) -> str:
+    stable = (f"stable up to LR {fmt_lr(g['lr_stable_max'])} in every seed" if finite(g["lr_stable_max"])
+              else "no LR is stable in every seed")
+    seeds = ", ".join(fmt_lr(float(v)) if v != "none" else "none" for v in str(g["best_lr_seeds"]).split(";"))
+    window = _ge(fmt_dec(g["window_decades"]), g["window_open_n"])
+    return (f"{group_title(g, keys, shown)}: {stable} ({fmt_share(g['diverged_members_share'])} of members "
+            f"diverged); best {fmt_acc(g['best_acc'])}% (best LR per seed: {seeds}); robust window {window} "
+            f"decades; accuracy range in the stable range {fmt_acc(g['stable_range'])} points; LR main "
+            f"effect {fmt_acc(g['lr_effect_sd'])} points.")
+
+
+def pr_lines(groups: pd.DataFrame, keys: list[str]) -> list[str]:
+    """One line per PR (and recipe): every group's stable range, best accuracy, window, spread, LR effect."""
     lines = []
-    prs = sorted(s["pr"].unique())
-    if treatment in methods and baseline in methods:
-        wins, compared = 0, 0
-        shown = prs if len(prs) <= 4 else prs[-2:]
-        for pr in prs:
-            t, b = _row(s, treatment, pr), _row(s, baseline, pr)
-            if t is None or b is None or not np.isfinite(t["acc_range"]) or not np.isfinite(b["acc_range"]):
-                continue
-            compared += 1
-            wins += int(t["acc_range"] < b["acc_range"])
-            if pr in shown:
-                lo, hi = min(t["lr_min"], b["lr_min"]), max(t["lr_max"], b["lr_max"])
-                lines.append(f"At PR {fmt_pr(pr)}, {t_lab}'s accuracy varies by {t['acc_range']:.1f} points "
-                             f"across LRs {fmt_lr(lo)}…{fmt_lr(hi)} versus {b['acc_range']:.1f} for {b_lab}.")
-        if compared:
-            lines.append(f"{t_lab} is less LR-sensitive than {b_lab} (smaller accuracy range over the LRs) "
-                         f"at {wins} of {compared} pruning ratio(s).")
-        return lines
-    for m in methods:
-        for pr in prs[-2:]:
-            r = _row(s, m, pr)
-            if r is not None and np.isfinite(r["acc_range"]):
-                lines.append(f"At PR {fmt_pr(pr)}, {method_label(m)}'s accuracy varies by "
-                             f"{r['acc_range']:.1f} points across LRs "
-                             f"{fmt_lr(r['lr_min'])}…{fmt_lr(r['lr_max'])}.")
-    if lines:
-        lines.append(f"The study lacks {t_lab if treatment not in methods else b_lab}, so no "
-                     f"{t_lab}-versus-{b_lab} comparison is made.")
+    by = [k for k in keys if k not in ("method", "growth")]
+    for _, rows in groups.groupby(by, sort=True, dropna=False):
+        head = levels_text(rows.iloc[0], by)
+        lines.append(f"{head} — " + " ".join(_group_clause(g, keys, by) for _, g in rows.iterrows()))
     return lines
 
 
-def _diff_lines(s, attrs, treatment, baseline, t_lab, b_lab) -> list[str]:
-    a, b = (fmt_lr(x) for x in attrs.get("lrs", (1e-3, 1e-2)))
-    interp = (s["acc_diff_how"] == "interpolated").any()
-    how = " (interpolated in log-LR: the LR was sampled continuously)" if interp else ""
-    parts, smaller, compared = [], 0, 0
-    for pr in sorted(s["pr"].unique()):
-        t, bb = _row(s, treatment, pr), _row(s, baseline, pr)
-        vals = [(lab, r) for lab, r in ((t_lab, t), (b_lab, bb))
-                if r is not None and np.isfinite(r["acc_diff"])]
-        if not vals:
-            continue
-        parts.append(f"PR {fmt_pr(pr)}: " + ", ".join(f"{lab} {r['acc_diff']:+.2f}" for lab, r in vals))
-        if len(vals) == 2:
-            compared += 1
-            smaller += int(abs(t["acc_diff"]) < abs(bb["acc_diff"]))
-    if not parts:
-        return [f"Acc. diff = acc({a}) − acc({b}) is not available: no seed covered both LRs."]
-    line = f"Acc. diff = acc({a}) − acc({b}){how}: " + "; ".join(parts[:4])
-    line += "; …" if len(parts) > 4 else ""
-    if compared:
-        line += f". |Acc. diff| is smaller for {t_lab} at {smaller} of {compared} ratio(s)"
-    return [line + "."]
-
-
-def _best_lines(s, methods) -> list[str]:
-    pr = max(s["pr"].dropna()) if s["pr"].notna().any() else np.nan
+def acc_diff_line(groups: pd.DataFrame, keys: list[str], lrs: tuple[float, float]) -> str:
+    hows = set(groups["acc_diff_how"])
+    how = ("exact ladder points" if hows == {"exact"}
+           else "interpolated in log10 LR" if hows == {"interpolated"}
+           else "exact where the LR ran, interpolated between ladder points otherwise; – where an LR is "
+                "outside the ladder or diverged")
+    by = [k for k in keys if k not in ("method", "growth")]
     parts = []
-    for m in methods:
-        r = _row(s, m, pr) if np.isfinite(pr) else None
-        if r is not None:
-            sd = f" ± {r['best_acc_sd']:.2f}" if np.isfinite(r["best_acc_sd"]) else ""
-            parts.append(f"{method_label(m)} {r['best_acc']:.2f}{sd}% (at LR {fmt_lr(r['best_lr'])})")
-    if not parts:
+    for _, rows in groups.groupby(by, sort=True, dropna=False):
+        vals = ", ".join(f"{group_title(g, keys, by)} {fmt_acc(g['acc_diff'], True)}"
+                         for _, g in rows.iterrows())
+        parts.append(f"{levels_text(rows.iloc[0], by)}: {vals}")
+    return (f"Paper's Acc. diff = acc({fmt_lr(lrs[0])}) − acc({fmt_lr(lrs[1])}), mean over seeds ({how}): "
+            + "; ".join(parts) + ".")
+
+
+def tau_line(tau: pd.DataFrame) -> list[str]:
+    t = tau[tau["stratum"] == "all"]
+    t = t[np.isfinite(t["tau"].astype(float))]
+    if t.empty:
+        return ["Before vs after finetuning: too few curves, or no variation, for a Kendall τ."]
+    parts = []
+    for x, rows in t.groupby("predictor", sort=False):
+        vals = ", ".join(f"vs {NAMES[r['outcome']]} {fmt_num2(r['tau'])} ({fmt_num2(r['lo'])} to "
+                         f"{fmt_num2(r['hi'])})" for _, r in rows.iterrows())
+        parts.append(f"{NAMES[x]} {vals}")
+    k = int(((t["lo"] > 0) | (t["hi"] < 0)).sum())
+    return [f"Before vs after finetuning (Kendall τ over {int(t['n'].max())} curves, 95% CI): "
+            + "; ".join(parts) + f". The CI excludes 0 for {k} of {len(t)} pairs. Pooled over methods and "
+            "PRs (which move both); the table has τ within each PR."]
+
+
+def fmt_num2(x: float) -> str:
+    return f"{x:+.2f}" if finite(x) else "–"
+
+
+def which_accuracy_line(curves: pd.DataFrame) -> list[str]:
+    parts = [f"{fmt_acc(curves[f'top_{m}'].mean())}% by {m}" for m in METRICS
+             if f"top_{m}" in curves and curves[f"top_{m}"].notna().any()]
+    if len(parts) < 2:
         return []
-    return [f"Best accuracy at the highest pruning ratio studied (PR {fmt_pr(pr)}): "
-            + ", ".join(parts) + "."]
+    return ["Which accuracy: the best over the LR ladder, mean over curves, is " + ", ".join(parts)
+            + " (best_acc picks its epoch on the test set)."]
 
 
-def _importance_lines(lr_imp: pd.DataFrame, treatment: str, baseline: str) -> list[str]:
-    first = {treatment: 0, baseline: 1}
-    rows = lr_imp.sort_values("method", key=lambda c: c.map(lambda m: (first.get(m, 2), method_sort_key(m))))
-    rows = list(rows.itertuples())
-    parts = [(f"{100 * r.variance_fraction:.0f}%", method_label(r.method)) for r in rows
-             if np.isfinite(r.variance_fraction)]
-    ranks = [f"#{int(r.pedanova_rank)} for {method_label(r.method)}" for r in rows
-             if np.isfinite(r.pedanova_rank)]
-    if not parts and not ranks:
-        return []
-    if parts:
-        line = (f"Under {parts[0][1]}, the finetuning LR explains {parts[0][0]} of the accuracy variance"
-                + (", versus " + ", ".join(f"{p} under {m}" for p, m in parts[1:]) if len(parts) > 1 else "")
-                + " (fANOVA main effect, over all of each method's trials)")
-    else:
-        line = "fANOVA could not score the LR"
-    if ranks:
-        line += "; PED-ANOVA ranks the LR " + ", ".join(ranks) + " among the parameters"
-    return [line + "."]
-
-
-def _relation_lines(rel: dict) -> list[str]:
-    rho = rel.get("spearman", np.nan)
-    if not np.isfinite(rho):
-        return []
-    if rho <= -0.3:
-        meaning = "groups that keep more trainability after removal are less LR-sensitive"
-    elif rho >= 0.3:
-        meaning = "higher trainability after removal goes with more LR sensitivity here"
-    else:
-        meaning = "no clear relation between trainability after removal and LR sensitivity"
-    return [f"Across {rel['n']} (method, PR, growth) groups, the rank correlation between the mean Jacobian "
-            f"singular value after removal and the accuracy std over LRs is ρ = {rho:+.2f}: {meaning}."]
-
-
-def _divergence_lines(prep: Prepared) -> list[str]:
-    res = prep.results
-    n_div = int(res["diverged"].sum())
+def divergence_line(prep: Prepared) -> str:
+    pts = prep.points
+    n_div, n = int(pts["n_diverged"].sum()), int(pts["n_members"].sum())
     if not n_div:
-        return ["No trial diverged."]
+        return f"No member diverged ({n} finished)."
     parts = []
-    for m, g in res[res["diverged"]].groupby("method"):
-        lo, hi = g["lr_raw"].min(), g["lr_raw"].max()
-        span = fmt_lr(lo) if np.isclose(lo, hi) else f"{fmt_lr(lo)}…{fmt_lr(hi)}"
-        parts.append(f"{method_label(m)} {len(g)} (LR {span})")
-    return [f"{n_div} of {len(res)} finished trials diverged (they count with the accuracy they reached): "
-            + ", ".join(parts) + "."]
+    for m, rows in pts[pts["n_diverged"] > 0].groupby("method", sort=False):
+        lrs = ", ".join(fmt_lr(v) for v in sorted(rows["lr"].unique()))
+        parts.append(f"{method_label(m)} {int(rows['n_diverged'].sum())} (at LR {lrs})")
+    return f"{n_div} of {n} finished members diverged: " + ", ".join(parts) + "."
+
+
+def summarize(prep: Prepared, progress: Progress, groups: pd.DataFrame, curves: pd.DataFrame,
+              comparison: pd.DataFrame, tau: pd.DataFrame, *, baseline: str, lrs: tuple[float, float],
+              delta: float, alpha: float = ALPHA) -> Summary:
+    """The verdict block and the summary lines of the report."""
+    if groups.empty:
+        return Summary([], [progress_line(progress), "No finished member runs yet: nothing to measure."])
+    lines = [progress_line(progress), design_line(prep, curves), metric_line(prep),
+             *pr_lines(groups, prep.keys), acc_diff_line(groups, prep.keys, lrs), *tau_line(tau),
+             *which_accuracy_line(curves), divergence_line(prep)]
+    if prep.recipe:
+        names = ", ".join(KEY_NAMES.get(k, k) for k in prep.recipe)
+        lines.insert(2, f"Finetuning recipe varies ({names}): every measure is per recipe level.")
+    verdict = verdict_lines(prep, groups, comparison, baseline=baseline, delta=delta, alpha=alpha)
+    return Summary(verdict, lines)

@@ -1,0 +1,42 @@
+"""Find a study from its folder: ``STORAGE/STUDY/study.json`` (written by tpp-study) names the tracking URI,
+so ``tpp-analyze STUDY --storage DIR`` needs nothing else. Read as plain JSON: no dependency on `study`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+META = "study.json"
+
+
+class LocateError(ValueError):
+    """One line naming the field (--storage) and what was expected."""
+
+
+def study_folder(storage: str | Path, study: str) -> Path:
+    return Path(storage).expanduser() / study
+
+
+def tracking_uri_from_storage(storage: str | Path, study: str) -> str:
+    """The tracking URI recorded in ``storage/study/study.json``.
+
+    A SQLite URI whose file is not where it says (a relative path, or a moved study folder) falls back to
+    the ``mlflow.db`` inside the study folder when that file exists."""
+    folder = study_folder(storage, study)
+    meta = folder / META
+    if not meta.is_file():
+        found = sorted(p.parent.name for p in Path(storage).expanduser().glob(f"*/{META}"))
+        listing = ", ".join(found) if found else "none"
+        raise LocateError(f"--storage: no {META} at {meta} (studies under {storage}: {listing})")
+    try:
+        uri = json.loads(meta.read_text()).get("tracking_uri")
+    except (OSError, ValueError) as exc:
+        raise LocateError(f"--storage: {meta} is not readable JSON ({exc})") from None
+    if not isinstance(uri, str) or not uri:
+        raise LocateError(f"--storage: {meta} has no \"tracking_uri\"")
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+        local = folder / path.name
+        if not path.is_file() and local.is_file():
+            return f"sqlite:///{local.resolve()}"
+    return uri
