@@ -6,7 +6,8 @@
     tpp-study list                                            # studies under ./studies
     tpp-study status quick
 
-Exit codes: 0 done, 1 the study failed or was interrupted, 2 bad config / cannot start (nothing ran).
+Exit codes: 0 completed; 1 interrupted (resume it); 2 bad config or cannot start (nothing ran);
+3 every run finished but some failed (`tpp-study status` lists them).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         result = run(args.config, if_exists=args.if_exists, **overrides)
     except (StudyConfigError, StudyError) as e:
         return _err(str(e))
-    return 0 if result.status == "completed" else 1
+    return result.exit_code
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -91,38 +92,42 @@ def cmd_resume(args: argparse.Namespace) -> int:
                         tracking_uri=args.tracking_uri)
     except (StudyConfigError, StudyError, FileNotFoundError) as e:
         return _err(str(e))
-    return 0 if result.status == "completed" else 1
+    return result.exit_code
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from study.store import as_dict, list_studies, live_status
+    from dataclasses import asdict
+
+    from study.store import list_studies, live_status
 
     studies = list_studies(args.storage)
     if args.json:
-        print(json.dumps([{**as_dict(m), "status": live_status(m)} for m in studies], indent=2))
+        print(json.dumps([{**asdict(f.read_meta()), "status": live_status(f)} for f in studies], indent=2))
         return 0
     if not studies:
         print(f"no studies under {args.storage}")
         return 0
-    print(f"{'name':<24} {'status':<12} {'trials':>9}  {'parent run':<32}  tracking URI")
-    for m in studies:
-        trials = f"{m.done + m.failed}/{m.num_trials}"
-        run_id = m.parent_run_id or "-"
-        print(f"{m.name:<24} {live_status(m):<12} {trials:>9}  {run_id:<32}  {m.tracking_uri}")
+    print(f"{'name':<24} {'status':<12} {'runs':>9}  {'parent run':<32}  tracking URI")
+    for f in studies:
+        m = f.read_meta()
+        print(f"{m.name:<24} {live_status(f):<12} {f'{m.done + m.failed}/{m.num_runs}':>9}  "
+              f"{m.parent_run_id or '-':<32}  {m.tracking_uri}")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from study.mlflow_logging import is_http, server_healthy
-    from study.store import as_dict, disk_usage, find_study, human_bytes, live_status
+    from study.store import disk_usage, find_study, human_bytes, live_status
 
     try:
         folder = find_study(args.study, args.storage)
     except FileNotFoundError as e:
         return _err(str(e))
     meta = folder.read_meta()
-    info: dict[str, Any] = {**as_dict(meta), "status": live_status(meta), "path": str(folder.path),
-                            "disk_bytes": disk_usage(folder.path)}
+    info: dict[str, Any] = {**asdict(meta), "status": live_status(folder), "path": str(folder.path),
+                            "disk_bytes": disk_usage(folder.path), "running_by": folder.holder()}
     reachable = not is_http(meta.tracking_uri) or server_healthy(meta.tracking_uri)
     if reachable and meta.parent_run_id:
         from study.driver import collect
@@ -137,7 +142,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"study      {meta.name}  ({info['status']})")
     print(f"folder     {folder.path}  ({human_bytes(info['disk_bytes'])})")
-    print(f"trials     {meta.done + meta.failed}/{meta.num_trials} finished ({meta.failed} failed)")
+    print(f"runs       {meta.done + meta.failed}/{meta.num_runs} finished ({meta.failed} failed)"
+          + (f", running ({info['running_by']})" if info["running_by"] else ""))
     if "counts" in info:
         print("by status  " + ", ".join(f"{k} {v}" for k, v in sorted(info["counts"].items())))
         print("prune      " + ", ".join(f"{k} {v}" for k, v in sorted(info["reuse"].items())))

@@ -1,14 +1,14 @@
 """The study config: one YAML file that says what to compare, over which space, on what resources.
 
 Validated up front with pydantic (unknown keys are errors) so that a typo fails in a second with one
-line naming the field and what it accepts -- before Ray, MLflow or any folder is touched. Names of
-models, data sets and methods are checked against the tpp registries, so a user-registered model is
-accepted as soon as it is registered.
+line naming the field and what it accepts -- before Ray, MLflow or any folder is touched. Which run
+setting goes where follows the stage each `tpp.RunConfig` field declares: `dense:` takes the dense
+stage's settings, `finetune:` every finetune-stage setting (each a value or a list of values to
+cross: the members of a trial), `fixed:` the remaining prune-stage and I/O settings.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Mapping
@@ -19,10 +19,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SAMPLERS = ("qmc", "grid", "tpe", "gp")
-OBJECTIVES = ("best_acc", "last_acc", "acc_after_removal")
-# RunConfig fields the study sets itself; everything else may be fixed under `fixed:`.
-CONTROLLED = ("model", "model_kwargs", "data", "data_root", "data_kwargs", "method", "pr", "lr", "growth",
-              "seed", "epochs", "schedule", "milestones", "dense_epochs", "dense_lr")
+DESIGNS = ("grid", "qmc")  # fixed designs; tpe and gp are adaptive (Optuna proposes each trial)
+OBJECTIVES = ("best_acc", "last_acc", "test_acc_at_best_val", "acc_after_removal")
+SPACE_FIELDS = ("method", "pr", "growth", "seed")  # prune-stage fields a study searches (`space:`)
+MAX_MEMBERS = 200_000  # a design larger than this cannot be run (nor built in memory)
 # Top-level keyword overrides of `study.run(...)` that live deeper in the config.
 OVERRIDE_ALIASES = {"tracking_uri": ("mlflow", "tracking_uri"), "experiment": ("mlflow", "experiment"),
                     "address": ("ray", "address"), "num_cpus": ("ray", "num_cpus")}
@@ -36,6 +36,14 @@ class StudyConfigError(ValueError):
         super().__init__(f"{path}: {message}" if path else message)
 
 
+class _PathError(ValueError):
+    """Raised inside a validator to point at a field other than the one being validated."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(message)
+        self.path = path
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -46,11 +54,16 @@ def _one_of(value: str, accepted: list[str] | tuple[str, ...], what: str) -> str
     return value
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 class Range(_Strict):
-    """A continuous range; `lr` and `growth` are sampled on a log scale, `pr` linearly."""
+    """A continuous range {low, high}; with `per_decade` (LRs) a log-spaced ladder over it."""
 
     low: float
     high: float
+    per_decade: int | None = Field(default=None, ge=1, le=100)
 
     @model_validator(mode="after")
     def _ordered(self) -> Range:
@@ -59,25 +72,42 @@ class Range(_Strict):
                              "accepted: low < high")
         return self
 
+    def ladder(self) -> list[float]:
+        """Log-spaced values from low to high, both included, `per_decade` per factor of ten."""
+        assert self.per_decade is not None
+        n = max(1, round(math.log10(self.high / self.low) * self.per_decade)) + 1
+        step = math.log10(self.high / self.low) / (n - 1)
+        return [float(f"{self.low * 10 ** (i * step):.6g}") for i in range(n)]
+
 
 Values = Range | list[float]
 
 
-def _parse_values(v: Any, name: str) -> Any:
-    """Accept `{low, high}` or a non-empty list; anything else fails naming both forms."""
+def _values(v: Any, name: str, ladder: bool = False) -> Any:
+    """A scalar, a non-empty list of numbers, or {low, high[, per_decade]}; else one clear line."""
+    forms = "a number, a list of numbers, or {low: L, high: H" + (", per_decade: N}" if ladder else "}")
     if isinstance(v, Mapping):
         return v
-    if isinstance(v, (list, tuple)):
-        if not v:
-            raise ValueError(f"empty list; accepted: a non-empty list of {name} values or {{low, high}}")
-        return list(v)
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
+    if _is_number(v):
         return [v]
-    raise ValueError(f"got {v!r}; accepted: a list of {name} values or a range {{low: L, high: H}}")
+    if isinstance(v, (list, tuple)) and v and all(_is_number(x) for x in v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate values in {list(v)}; accepted: distinct {name} values")
+        return list(v)
+    raise ValueError(f"got {v!r}; accepted: {forms}")
 
 
-def _bounds(values: Values) -> list[float]:
-    return [values.low, values.high] if isinstance(values, Range) else list(values)
+def levels(values: Values | None) -> list[float]:
+    """The listed values, or the ladder of a range with `per_decade`; [] for a plain range or None."""
+    if values is None:
+        return []
+    if isinstance(values, Range):
+        return values.ladder() if values.per_decade else []
+    return [float(v) for v in values]
+
+
+def bounds(values: Values) -> list[float]:
+    return [values.low, values.high] if isinstance(values, Range) else [float(v) for v in values]
 
 
 class ModelCfg(_Strict):
@@ -107,8 +137,7 @@ def _model_kwargs(name: str) -> list[str] | None:
 
     from tpp.models import registry
 
-    factory = registry._entry(name).factory
-    params = inspect.signature(factory).parameters.values()
+    params = inspect.signature(registry._entry(name).factory).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
     return [p.name for p in params if p.name not in ("num_classes", "input_shape")
@@ -119,6 +148,7 @@ class DataCfg(_Strict):
     name: str
     root: str | None = None  # relative paths are taken from the current directory
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    val_fraction: float = Field(default=0.0, ge=0, lt=1)  # held out to choose the epoch on (0: none)
 
     @field_validator("name")
     @classmethod
@@ -141,51 +171,94 @@ class DataCfg(_Strict):
         return self
 
 
-class DenseCfg(_Strict):
-    """Either a trained checkpoint, or how to train the dense model (once per study)."""
+class DenseCfg(BaseModel):
+    """Either a trained checkpoint, or how to train the dense model (once per study): `epochs` and any
+    other dense-stage setting without its `dense_` prefix (lr, batch_size, momentum, weight_decay)."""
 
+    model_config = ConfigDict(extra="allow", frozen=True)
     checkpoint: str | None = None
     epochs: int | None = Field(default=None, ge=0)
-    lr: float | None = Field(default=None, gt=0)
     seed: int = 0
 
     @model_validator(mode="after")
     def _exactly_one(self) -> DenseCfg:
+        from tpp.config import fields_of
+
+        accepted = [f.removeprefix("dense_") for f in fields_of("dense")]
+        for key in self.model_extra or {}:
+            if key not in accepted:
+                raise _PathError(key, f"unknown key {key!r} in dense; accepted: checkpoint, seed, "
+                                 f"{', '.join(accepted)}")
         if (self.checkpoint is None) == (self.epochs is None):
             raise ValueError("give exactly one of checkpoint: PATH or epochs: N (with lr)")
-        if self.checkpoint is not None and self.lr is not None:
-            raise ValueError("lr only applies when training the dense model (epochs: N)")
+        if self.checkpoint is not None and self.model_extra:
+            raise ValueError(f"{', '.join(self.model_extra)} only apply when training the dense model "
+                             "(epochs: N)")
         if self.checkpoint is not None and not os.path.isfile(self.checkpoint):
             raise _PathError("checkpoint", f"dense checkpoint {self.checkpoint!r} is not a file "
                              f"(relative to {os.getcwd()})")
         return self
 
+    def settings(self) -> dict[str, Any]:
+        """The dense-stage RunConfig fields this section sets."""
+        out = {f"dense_{k}": v for k, v in (self.model_extra or {}).items()}
+        if self.epochs is not None:
+            out["dense_epochs"] = self.epochs
+        return out
+
+
+class MethodCfg(_Strict):
+    """A method to compare: a registered method `name`, shown as `label`, with prune-stage settings of
+    its own (e.g. another selection criterion) on top of `fixed:`."""
+
+    name: str
+    label: str | None = None
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from tpp.methods import list_methods
+
+        return _one_of(v, list_methods(), "method")
+
+    @property
+    def shown(self) -> str:
+        return self.label or self.name
+
 
 class SpaceCfg(_Strict):
-    """The searched dimensions. `growth` only applies to methods with a penalty (tpp, greg, ...)."""
+    """The searched prune-stage dimensions. `growth` only applies to methods with a penalty."""
 
-    lr: Values
     pr: Values
     growth: Values | None = None
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
 
-    @field_validator("lr", "pr", "growth", mode="before")
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, d: Any) -> Any:
+        if isinstance(d, Mapping) and "lr" in d:
+            raise _PathError("lr", "the finetuning LR moved to finetune.lr (the LR ladder every prune "
+                             "group is finetuned at); accepted here: pr, growth, seeds")
+        return d
+
+    @field_validator("pr", "growth", mode="before")
     @classmethod
     def _shape(cls, v: Any, info) -> Any:
-        return None if v is None and info.field_name == "growth" else _parse_values(v, info.field_name)
+        return None if v is None and info.field_name == "growth" else _values(v, info.field_name)
 
-    @field_validator("lr", "growth")
+    @field_validator("growth")
     @classmethod
-    def _positive(cls, v: Values | None, info) -> Values | None:
-        if v is not None and any(not (x > 0 and math.isfinite(x)) for x in _bounds(v)):
-            raise ValueError(f"{info.field_name} must be > 0; got {_bounds(v)}; accepted: numbers > 0")
+    def _positive(cls, v: Values | None) -> Values | None:
+        if v is not None and any(not x > 0 for x in bounds(v)):
+            raise ValueError(f"growth must be > 0; got {bounds(v)}; accepted: numbers > 0")
         return v
 
     @field_validator("pr")
     @classmethod
     def _ratio(cls, v: Values) -> Values:
-        if any(not 0 < x < 1 for x in _bounds(v)):
-            raise ValueError(f"pruning ratios must lie in (0, 1); got {_bounds(v)}")
+        if any(not 0 < x < 1 for x in bounds(v)):
+            raise ValueError(f"pruning ratios must lie in (0, 1); got {bounds(v)}")
         return v
 
     @field_validator("seeds")
@@ -196,24 +269,47 @@ class SpaceCfg(_Strict):
         return v
 
 
-class FinetuneCfg(_Strict):
-    epochs: int = Field(ge=1)
-    schedule: str = "step"
-    milestones: list[float] | None = None  # fractions of epochs where a step schedule drops 10x
+class FinetuneCfg(BaseModel):
+    """Every finetune-stage setting (tpp.config), each a value or a list of values: the members of a
+    prune group are their cross product. `lr` may be a ladder {low, high, per_decade}; `per_trial`
+    caps how many members one trial trains (default: all of its prune group)."""
 
-    @field_validator("schedule")
+    model_config = ConfigDict(extra="allow", frozen=True)
+    lr: Values
+    per_trial: int | None = Field(default=None, ge=1)
+
+    @field_validator("lr", mode="before")
     @classmethod
-    def _known(cls, v: str) -> str:
-        from tpp.schedules import SCHEDULES
+    def _lr(cls, v: Any) -> Any:
+        return _values(v, "lr", ladder=True)
 
-        return _one_of(v, SCHEDULES, "schedule")
-
-    @field_validator("milestones")
+    @field_validator("lr")
     @classmethod
-    def _fractions(cls, v: list[float] | None) -> list[float] | None:
-        if v is not None and any(not 0 < m < 1 for m in v):
-            raise ValueError(f"milestones are fractions of the epochs in (0, 1); got {v}")
+    def _positive(cls, v: Values) -> Values:
+        if any(not x > 0 for x in bounds(v)):
+            raise ValueError(f"learning rates must be > 0; got {bounds(v)}; accepted: numbers > 0")
         return v
+
+    @model_validator(mode="after")
+    def _known(self) -> FinetuneCfg:
+        from tpp.config import fields_of
+
+        accepted = [f for f in fields_of("finetune") if f != "lr"]
+        for key, value in (self.model_extra or {}).items():
+            if key not in accepted:
+                raise _PathError(key, f"unknown key {key!r} in finetune; accepted: lr, per_trial, "
+                                 f"{', '.join(accepted)}")
+            if isinstance(value, list) and not value:
+                raise _PathError(key, "empty list; accepted: a value or a non-empty list of values")
+        return self
+
+    def axes(self) -> dict[str, list[Any]]:
+        """{finetune field: its values} for every field set here except lr (milestones is one value)."""
+        out = {}
+        for key, value in (self.model_extra or {}).items():
+            multi = isinstance(value, list) and (key != "milestones" or isinstance(value[0], list))
+            out[key] = list(value) if multi else [value]
+        return out
 
 
 class ObjectiveCfg(_Strict):
@@ -243,8 +339,8 @@ class ResourcesCfg(_Strict):
 
 
 class EarlyStoppingCfg(_Strict):
-    """ASHA: stops weak trials early. Off by default: stopping low-LR trials (which converge slower)
-    early biases exactly the LR-sensitivity map a study is meant to measure."""
+    """ASHA: stops weak trials early (adaptive samplers only). Off by default: stopping low-LR trials
+    (which converge slower) early biases exactly the LR-sensitivity map a study is meant to measure."""
 
     asha: bool = False
     grace_period: int = Field(default=2, ge=1)
@@ -269,13 +365,13 @@ class StudyConfig(_Strict):
     model: ModelCfg
     data: DataCfg
     dense: DenseCfg
-    methods: list[str] = Field(min_length=1)
+    methods: list[MethodCfg] = Field(min_length=1)
     space: SpaceCfg
     finetune: FinetuneCfg
     fixed: dict[str, Any] = Field(default_factory=dict)
-    sampler: Literal["qmc", "grid", "tpe", "gp"] = "qmc"
+    sampler: Literal["qmc", "grid", "tpe", "gp"] = "grid"
     sampler_seed: int = 0
-    num_trials: int | None = Field(default=None, ge=1)
+    num_trials: int | None = Field(default=None, ge=1, le=MAX_MEMBERS)
     objective: ObjectiveCfg = Field(default_factory=ObjectiveCfg)
     resources: ResourcesCfg = Field(default_factory=ResourcesCfg)
     max_concurrent: int | None = Field(default=None, ge=1)
@@ -283,73 +379,105 @@ class StudyConfig(_Strict):
     checkpoint_every: int = Field(default=1, ge=1)  # finetune epochs between trial checkpoints
     # ...but not more often than this: a checkpoint of a sub-second epoch costs more than redoing it
     checkpoint_min_interval_s: float = Field(default=10.0, ge=0)
-    prune_reuse: bool = True  # share one prune stage among trials with the same prune key (off: benchmarks)
+    lockstep: bool = True  # train same-shaped members (and prune stages) as one vectorised model
     early_stopping: EarlyStoppingCfg = Field(default_factory=EarlyStoppingCfg)
     storage: str = "./studies"
     mlflow: MlflowCfg = Field(default_factory=MlflowCfg)
     ray: RayCfg = Field(default_factory=RayCfg)
 
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _method_entries(cls, v: Any) -> Any:
+        if not isinstance(v, list):
+            return v
+        out = []
+        for i, m in enumerate(v):
+            if isinstance(m, str):
+                out.append({"name": m})
+            elif isinstance(m, Mapping):
+                extra = {k: x for k, x in m.items() if k not in ("name", "label")}
+                out.append({"name": m.get("name"), "label": m.get("label"), "settings": extra})
+            else:
+                raise _PathError(f"[{i}]", f"got {m!r}; accepted: a method name or {{name: ..., label: ..., "
+                                 "<prune setting>: ...}")
+        return out
+
     @field_validator("methods")
     @classmethod
-    def _methods(cls, v: list[str]) -> list[str]:
-        from tpp.methods import list_methods
+    def _labels(cls, v: list[MethodCfg]) -> list[MethodCfg]:
+        from tpp.config import fields_of
 
+        allowed = set(fields_of("prune")) - set(SPACE_FIELDS)
         for i, m in enumerate(v):
-            if m not in list_methods():
-                raise _PathError(f"[{i}]", f"unknown method {m!r}; accepted: {', '.join(list_methods())}")
-        if len(set(v)) != len(v):
-            raise ValueError(f"duplicate methods in {v}")
+            bad = sorted(set(m.settings) - allowed)
+            if bad:
+                raise _PathError(f"[{i}].{bad[0]}", f"not a prune-stage setting a method can set; accepted: "
+                                 f"{', '.join(sorted(allowed))}")
+            if m.settings and not m.label:
+                raise _PathError(f"[{i}].label", "required when a method sets its own settings (it names "
+                                 "the method in tables and MLflow); accepted: a short name, e.g. l1-fpgm")
+        shown = [m.shown for m in v]
+        if len(set(shown)) != len(shown):
+            raise ValueError(f"duplicate methods in {shown}; accepted: distinct names or labels")
         return v
 
     @field_validator("fixed")
     @classmethod
     def _fixed(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from tpp.config import RunConfig
-
-        settable = [f.name for f in dataclasses.fields(RunConfig) if f.name not in CONTROLLED]
         for key in v:
-            if key not in settable:
-                where = " (set it in its own section)" if key in CONTROLLED else ""
-                raise ValueError(f"{key}: not a fixed run setting{where}; accepted: {', '.join(settable)}")
-        try:
-            RunConfig.from_dict(dict(v))
-        except (TypeError, ValueError) as e:
-            raise ValueError(str(e).splitlines()[0]) from None
+            if key not in fixed_fields():
+                where = _section_of(key)
+                hint = f" (set it in {where})" if where else ""
+                raise ValueError(f"{key}: not a fixed run setting{hint}; accepted: "
+                                 f"{', '.join(fixed_fields())}")
         return v
 
     @model_validator(mode="after")
     def _consistent(self) -> StudyConfig:
-        from tpp.methods import uses_growth
+        from tpp.methods import get_method
 
-        if any(uses_growth(m) for m in self.methods) and self.space.growth is None:
-            grow = [m for m in self.methods if uses_growth(m)]
-            raise _PathError("space.growth", f"required: method(s) {', '.join(grow)} use a penalty growth "
+        penalty = [m.shown for m in self.methods if get_method(m.name).regularize]
+        if penalty and self.space.growth is None:
+            raise _PathError("space.growth", f"required: method(s) {', '.join(penalty)} use a penalty growth "
                              "rate; accepted: a list of values or {low, high}")
-        if self.sampler == "grid":
-            for dim in ("lr", "pr", "growth"):
-                if isinstance(getattr(self.space, dim), Range):
-                    raise _PathError(f"space.{dim}", "the grid sampler needs a list of values, got a range")
-            from study.space import grid_size
+        ranged = [d for d in ("pr", "growth") if isinstance(getattr(self.space, d), Range)]
+        if self.sampler in DESIGNS:
+            if isinstance(self.finetune.lr, Range) and not self.finetune.lr.per_decade:
+                raise _PathError("finetune.lr", "a design finetunes every prune group at the same LRs: give "
+                                 "a ladder {low, high, per_decade: N} or a list")
+            if self.sampler == "grid" and ranged:
+                raise _PathError(f"space.{ranged[0]}", "the grid sampler crosses listed levels; accepted: a "
+                                 "list, or sampler: qmc to spread a range")
+            if self.sampler == "grid" and self.num_trials is not None:
+                raise _PathError("num_trials", "the grid runs every cell once; leave num_trials out "
+                                 "(`tpp-study plan` shows the size)")
+            if self.sampler == "qmc" and not ranged:
+                raise _PathError("sampler", "qmc spreads ranged prune dimensions and space.pr/growth are "
+                                 "lists; accepted: sampler: grid, or a range {low, high}")
+            if self.sampler == "qmc" and self.num_trials is None:
+                raise _PathError("num_trials", "required for sampler 'qmc': the number of space-filling "
+                                 "points over the ranged prune dimensions; accepted: an integer >= 1")
+            if self.early_stopping.asha:
+                raise _PathError("early_stopping.asha", "ASHA stops single trials; designs train each prune "
+                                 "group's members together; accepted: false, or sampler tpe/gp")
+        else:
+            if self.num_trials is None:
+                raise _PathError("num_trials", f"required for sampler {self.sampler!r}; accepted: an "
+                                 "integer >= 1")
+            if self.finetune.per_trial not in (None, 1):
+                raise _PathError("finetune.per_trial", f"sampler {self.sampler!r} proposes every member "
+                                 "itself; accepted: 1 or leave it out")
+        if self.objective.metric == "test_acc_at_best_val" and not self.data.val_fraction:
+            raise _PathError("objective.metric", "test_acc_at_best_val needs data.val_fraction > 0")
+        from study.design import check_runnable
 
-            size = grid_size(self)
-            if self.num_trials is not None and self.num_trials != size:
-                raise _PathError("num_trials", f"the grid has {size} cells and runs each once; accepted: "
-                                 f"{size} or leave num_trials out")
-        elif self.num_trials is None:
-            raise _PathError("num_trials",
-                             f"required for sampler {self.sampler!r}; accepted: an integer >= 1")
+        check_runnable(self)
         return self
 
     # ---------------------------------------------------------------------------------- derived
     @property
-    def trials(self) -> int:
-        """How many trials the study runs (the grid size for the grid sampler)."""
-        if self.sampler == "grid":
-            from study.space import grid_size
-
-            return grid_size(self)
-        assert self.num_trials is not None
-        return self.num_trials
+    def is_design(self) -> bool:
+        return self.sampler in DESIGNS
 
     def storage_dir(self) -> Path:
         return Path(self.storage).expanduser().absolute()
@@ -363,26 +491,75 @@ class StudyConfig(_Strict):
     def experiment(self) -> str:
         return self.mlflow.experiment or self.name
 
+    def as_input(self) -> dict[str, Any]:
+        """The config in the form a YAML file gives it (what `load_config` reads back unchanged)."""
+        raw = self.model_dump(mode="json")
+        raw["methods"] = [m["name"] if not (m["label"] or m["settings"]) else
+                          {"name": m["name"], "label": m["label"], **m["settings"]} for m in raw["methods"]]
+        return raw
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.safe_dump(self.as_input(), sort_keys=False)
 
 
-class _PathError(ValueError):
-    """Raised inside a model validator to point at a field other than the model itself."""
+def fixed_fields() -> list[str]:
+    """The RunConfig fields `fixed:` may set: prune-stage and I/O settings without their own section."""
+    from tpp.config import fields_of
 
-    def __init__(self, path: str, message: str):
-        super().__init__(message)
-        self.path = path
+    return [f for f in fields_of("prune", "run") if f not in SPACE_FIELDS and f != "data_root"]
+
+
+def _section_of(key: str) -> str | None:
+    from tpp.config import fields_of
+
+    if key in SPACE_FIELDS:
+        return "methods" if key == "method" else "space"
+    for section in ("finetune", "dense", "data", "model"):  # each section takes its stage's settings
+        if key in fields_of(section):
+            return section
+    return "data.root" if key == "data_root" else None
 
 
 # -------------------------------------------------------------------------------------------- loading
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, but a key repeated in one mapping is an error (safe_load keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise StudyConfigError(str(key), f"repeated key (lines {seen[key]} and {line}); "
+                                       "accepted: each key once per mapping")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML mapping in `path`: UTF-8 text, no repeated keys; else a one-line StudyConfigError."""
+    if not path.is_file():
+        raise StudyConfigError("", f"no study config at {path}")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise StudyConfigError("", f"{path} is not UTF-8 text (byte {data[e.start]:#04x} at offset "
+                               f"{e.start}); accepted: a UTF-8 YAML file") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise StudyConfigError("", f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    return raw
+
+
 def _loc_path(loc: tuple[Any, ...]) -> str:
     parts: list[str] = []
     for p in loc:
         if isinstance(p, int):
             parts.append(f"[{p}]")
-        elif p in ("Range", "list[float]", "function-after[_ordered(), Range]") or str(p).startswith(
-                ("function-", "list[", "float", "int", "literal[")):
+        elif p in ("Range", "MethodCfg") or str(p).startswith(
+                ("function-", "list[", "float", "int", "literal[", "union[")):
             continue  # union member labels pydantic puts in the location
         else:
             parts.append(("." if parts else "") + str(p))
@@ -419,6 +596,9 @@ def _first_error(e: ValidationError) -> StudyConfigError:
     ctx_error = (err.get("ctx") or {}).get("error")
     if isinstance(ctx_error, _PathError):
         base = _loc_path(loc)
+        if ctx_error.path.startswith(("space.", "finetune.", "num_trials", "sampler", "objective.",
+                                      "early_stopping.", "fixed.", "dense.")) and not base:
+            return StudyConfigError(ctx_error.path, str(ctx_error))
         sep = "" if not base or ctx_error.path.startswith("[") else "."
         return StudyConfigError(base + sep + ctx_error.path, str(ctx_error))
     if msg.startswith("Value error, "):
@@ -434,8 +614,7 @@ def _first_error(e: ValidationError) -> StudyConfigError:
     if path == "fixed" and ":" in msg and not msg.startswith("got"):
         key, _, rest = msg.partition(":")
         return StudyConfigError(f"fixed.{key.strip()}", rest.strip())
-    more = len({_loc_path(tuple(x["loc"])) for x in errs}) - 1
-    return StudyConfigError(path, msg + (f" (and {more} more error(s))" if more > 0 else ""))
+    return StudyConfigError(path, msg)
 
 
 def _set_path(d: dict[str, Any], dotted: tuple[str, ...], value: Any) -> None:
@@ -448,32 +627,25 @@ def _set_path(d: dict[str, Any], dotted: tuple[str, ...], value: Any) -> None:
 
 def load_config(source: str | os.PathLike | Mapping[str, Any] | StudyConfig,
                 **overrides: Any) -> StudyConfig:
-    """Read (YAML path, YAML text via a mapping, or a StudyConfig), apply overrides, validate.
+    """Read (YAML path, a mapping, or a StudyConfig), apply overrides, validate.
 
     Overrides are top-level keys (`num_trials=4`, `storage=...`), aliases (`tracking_uri`, `experiment`,
-    `address`, `num_cpus`) or dotted paths given as a dict under `set={"space.lr": [1e-3]}`.
+    `address`, `num_cpus`) or dotted paths given as a dict under `set={"finetune.lr": [1e-3]}`.
     Raises StudyConfigError (one line, names the field) on any problem.
     """
     if isinstance(source, StudyConfig):
-        raw: Any = source.model_dump(mode="json")
+        raw: Any = source.as_input()
     elif isinstance(source, Mapping):
         raw = dict(source)
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise StudyConfigError("", f"no study config at {path}")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise StudyConfigError("", f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+        raw = read_yaml(Path(source))
     if not isinstance(raw, dict):
         raise StudyConfigError("", "a study config is a YAML mapping of keys (name, model, data, ...)")
     raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy with plain types
     dotted = overrides.pop("set", None) or {}
     for key, value in overrides.items():
-        if value is None:
-            continue
-        _set_path(raw, OVERRIDE_ALIASES.get(key, (key,)), value)
+        if value is not None:
+            _set_path(raw, OVERRIDE_ALIASES.get(key, (key,)), value)
     for key, value in dotted.items():
         _set_path(raw, tuple(key.split(".")), value)
     try:

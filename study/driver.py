@@ -1,4 +1,4 @@
-"""Running a study: validate, start (or join) Ray, train the dense model once, run the trials, report.
+"""Running a study: validate, lock, start (or join) Ray, train the dense model once, run the units, report.
 
 `run()` and `resume()` are the Python API behind `tpp-study run/resume`, so a series of studies can be
 scripted. The order of steps is chosen so that a mistake costs as little as possible: the config is
@@ -9,11 +9,12 @@ first trial starts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import math
 import os
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -28,15 +29,16 @@ from study.mlflow_logging import (
     TrackingUnavailable,
     check_tracking,
     children,
-    configure_http_retries,
-    end_parent,
-    log_dense,
+    configure_mlflow_env,
+    finished_members,
+    flatten,
     start_parent,
 )
-from study.progress import Progress, fmt_duration
-from study.store import StudyFolder, StudyMeta, disk_usage, find_study, human_bytes
+from study.progress import Progress, fmt_duration, rank
+from study.store import StudyBusy, StudyFolder, StudyMeta, disk_usage, find_study, human_bytes
 
 AUTO_GPU_FRACTION = 0.25  # `gpu: auto` on a cluster with GPUs: four trials share one GPU
+EXIT_CODES = {"completed": 0, "interrupted": 1, "failed": 3}  # 2: bad config or cannot start
 
 
 class StudyError(RuntimeError):
@@ -49,86 +51,87 @@ class StudyResult:
 
     name: str
     path: str
-    status: str  # completed | interrupted | failed
+    status: str  # completed | interrupted | failed (every run finished, some failed)
     tracking_uri: str
     experiment: str
     experiment_id: str
     parent_run_id: str
-    num_trials: int
-    counts: dict[str, int] = field(default_factory=dict)  # trial status -> count (MLflow tags)
+    num_runs: int
+    counts: dict[str, int] = field(default_factory=dict)  # member status -> count (MLflow tags)
     reuse: dict[str, int] = field(default_factory=dict)  # tpp.reuse -> count
     best: dict[str, Any] | None = None
-    trials: list[dict[str, Any]] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)
     wall_s: float = 0.0
     disk_bytes: int = 0
 
     @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.status]
+
+    @property
     def mlflow_ui_command(self) -> str:
-        store = self.tracking_uri if self.tracking_uri.startswith("sqlite:") else None
-        if store is None:
+        if not self.tracking_uri.startswith("sqlite:"):
             return f"open {self.tracking_uri} (the study's MLflow server)"
         mlflow = Path(sys.executable).with_name("mlflow")
         exe = str(mlflow) if mlflow.exists() else "mlflow"
-        return f"{exe} server --backend-store-uri {store} --host 127.0.0.1 --port 5000"
+        return f"{exe} server --backend-store-uri {self.tracking_uri} --host 127.0.0.1 --port 5000"
 
     def summary(self) -> str:
         c = self.counts
+        finished = sum(c.get(k, 0) for k in ("completed", "diverged", "failed"))
         lines = [
-            f"Study {self.name}: {self.status} in {fmt_duration(self.wall_s)} -- "
-            f"{c.get('completed', 0)} completed, {c.get('diverged', 0)} diverged, "
-            f"{c.get('failed', 0)} failed, "
-            f"{self.num_trials - sum(c.get(k, 0) for k in ('completed', 'diverged', 'failed'))} not finished "
-            f"of {self.num_trials}",
-            f"Prune stages: {self.reuse.get('computed', 0)} computed, {self.reuse.get('reused', 0)} reused, "
-            f"{self.reuse.get('none', 0)} not cached (cheap methods)",
+            f"Study {self.name}: {self.status} in {fmt_duration(self.wall_s)} -- {c.get('completed', 0)} "
+            f"completed, {c.get('diverged', 0)} diverged, {c.get('failed', 0)} failed, "
+            f"{self.num_runs - finished} not finished, of {self.num_runs} runs",
+            f"Prune stages: {self.reuse.get('computed', 0)} computed and shared by "
+            f"{self.reuse.get('computed', 0) + self.reuse.get('reused', 0)} runs, "
+            f"{self.reuse.get('none', 0)} runs of methods without a penalty stage",
         ]
         if self.best:
             lines.append(f"Best: {self.best['metric']} {self.best['value']:.2f}  ({self.best['run_name']})")
-        lines += [
-            f"Results:   {self.path}  ({human_bytes(self.disk_bytes)} on disk)",
-            f"MLflow:    {self.tracking_uri}  experiment {self.experiment!r}, "
-            f"parent run {self.parent_run_id}",
-            f"MLflow UI: {self.mlflow_ui_command}",
-        ]
+        lines += [f"Results:   {self.path}  ({human_bytes(self.disk_bytes)} on disk)",
+                  f"MLflow:    {self.tracking_uri}  experiment {self.experiment!r}, "
+                  f"parent run {self.parent_run_id}",
+                  f"MLflow UI: {self.mlflow_ui_command}"]
         if self.tracking_uri.startswith("sqlite:"):
-            lines.append("           then open http://127.0.0.1:5000")
-        if self.status == "interrupted":
-            lines.append(f"Resume:    tpp-study resume {self.path}")
+            lines.append(f"           then open http://127.0.0.1:5000/#/experiments/{self.experiment_id}/runs"
+                         "?workflowType=machine_learning")
+        storage = str(Path(self.path).parent)
+        lines.append(f"Report:    tpp-analyze {self.name} --storage {storage}")
+        if self.status != "completed":
+            lines.append(f"Resume:    tpp-study resume {self.name} --storage {storage}")
         return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- setup
 def _prepare_env(embedded: bool) -> None:
-    """Environment that must be set before Ray starts (see STACK.md)."""
+    """Environment that must be set before Ray starts (see STACK.md); no usage telemetry anywhere."""
     if embedded:
         # Ray then binds every node to 127.0.0.1: the embedded study makes no traffic off loopback.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # MLflow is the log; no CSV/JSON/TBX
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0 the classic output is fully silent
-    configure_http_retries()
+    for key, value in (("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0"),
+                       ("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1"),  # MLflow is the log; no CSV/JSON/TBX
+                       ("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0"),
+                       ("RAY_AIR_NEW_OUTPUT", "0")):  # with verbose=0 the classic output is fully silent
+        os.environ.setdefault(key, value)
+    configure_mlflow_env()
     warnings.filterwarnings("ignore", module="ray")
     warnings.filterwarnings("ignore", category=Warning, module="optuna")
     for name in ("ray", "ray.tune", "ray.train", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    # Tune's result analysis looks for the CSV/JSON logs we turn off (MLflow is the record).
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    # Tune's own "interrupted ... Tuner.restore(...)" hint: our summary names `tpp-study resume`.
+    for name in ("ray.tune.tune", "ray.tune.analysis.experiment_analysis", "ray.tune.search.optuna"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _start_ray(address: str | None, num_cpus: int | None) -> bool:
-    """Join `address` (or RAY_ADDRESS), or start an embedded local Ray. True if this call started it.
-
-    An already initialised Ray (a notebook, a test session) is reused as is and left running.
-    """
+    """Join `address` (or RAY_ADDRESS), or start an embedded local Ray. True if this call started it."""
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or None
     _prepare_env(embedded=address is None and not ray.is_initialized())
-    if ray.is_initialized():
+    if ray.is_initialized():  # a notebook or test session: reused as is and left running
         return False
-    # Trial output stays in Ray's logs: the console shows one line per finished trial (and errors).
     common = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
     try:
         if address:
@@ -156,10 +159,7 @@ def _gpu_fraction(cfg: StudyConfig) -> float:
 
 
 def _max_concurrent(cfg: StudyConfig, gpu: float) -> int:
-    """Default concurrency: as many trials as the cluster's CPUs (and GPUs) hold at once.
-
-    Bounded so an adaptive searcher is not asked for dozens of trials before any result is back.
-    """
+    """Default concurrency: as many trials as the cluster's CPUs (and GPUs) hold at once."""
     import ray
 
     if cfg.max_concurrent:
@@ -183,22 +183,30 @@ def _absolute_paths(cfg: StudyConfig) -> StudyConfig:
     })
 
 
-def _dense_run_config(cfg: StudyConfig) -> Any:
-    """The RunConfig of the dense stage: model, data and dense settings (the trial point does not matter)."""
-    from study.space import TrialPoint, run_config
+# Keys a resumed study may change: how and where it runs, never what it computes.
+OPERATIONAL_KEYS = ("description", "storage", "ray", "mlflow", "max_concurrent", "max_failures",
+                    "checkpoint_every", "checkpoint_min_interval_s")
 
-    return run_config(cfg, TrialPoint(cfg.methods[0], 0.5, 0.01, None, cfg.dense.seed))
+
+def _result_config(cfg: StudyConfig) -> dict[str, Any]:
+    return {k: v for k, v in cfg.as_input().items() if k not in OPERATIONAL_KEYS}
+
+
+def config_digest(cfg: StudyConfig) -> str:
+    """A digest of everything in the config that changes results (a resume must run the same)."""
+    return hashlib.sha256(json.dumps(_result_config(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _preflight(cfg: StudyConfig) -> None:
     """Open the data set and the dense checkpoint before anything starts: a data folder in the wrong
     layout or a checkpoint that is corrupt or for another architecture is a config error, not a crash
     after Ray and MLflow were started."""
+    from study.design import dense_run_config
     from tpp.checkpoint import CheckpointError, load_dense
     from tpp.data import DataError
     from tpp.run import load_run_data, model_spec
 
-    run_cfg = _dense_run_config(cfg)
+    run_cfg = dense_run_config(cfg)
     try:
         data = load_run_data(run_cfg)
     except DataError as e:
@@ -230,11 +238,12 @@ def _dense(cfg: StudyConfig, folder: StudyFolder, meta: StudyMeta, gpu: float, e
     """The study's dense model: from the study folder if present (resume), else trained/loaded once."""
     import ray
 
+    from study.design import dense_run_config
     from tpp.checkpoint import load_dense, save_dense
 
     if folder.dense_path.is_file():
         return load_dense(folder.dense_path)
-    run_cfg = _dense_run_config(cfg)
+    run_cfg = dense_run_config(cfg)
     what = f"loading {cfg.dense.checkpoint}" if cfg.dense.checkpoint else \
         f"training it for {cfg.dense.epochs} epochs"
     print(f"[{cfg.name}] dense model {cfg.model.name} on {cfg.data.name}: {what}", flush=True)
@@ -242,7 +251,6 @@ def _dense(cfg: StudyConfig, folder: StudyFolder, meta: StudyMeta, gpu: float, e
     try:
         if embedded:  # this process already holds the data and the libraries: no cold worker to start
             dense, history = _dense_task(run_cfg.to_dict(), cfg.dense.checkpoint)
-            _free_gpu_cache()
         else:
             task = ray.remote(_dense_task).options(num_cpus=cfg.resources.cpus,
                                                    num_gpus=gpu and min(1.0, gpu), max_retries=1)
@@ -251,65 +259,58 @@ def _dense(cfg: StudyConfig, folder: StudyFolder, meta: StudyMeta, gpu: float, e
         cause = getattr(e, "cause", None) or e
         raise StudyError(f"dense: {type(cause).__name__}: {str(cause).strip().splitlines()[-1]}") from None
     save_dense(folder.dense_path, dense)
-    acc = dense.metrics.get("dense_acc", math.nan)
+    acc = dense.metrics.get("dense_acc", float("nan"))
     print(f"[{cfg.name}] dense model: test accuracy {acc:.2f}% ({fmt_duration(time.monotonic() - t0)}), "
           f"saved to {folder.dense_path}", flush=True)
-    log_dense(meta.tracking_uri, meta.parent_run_id, dense.metrics, history)
+    box = Outbox(meta.tracking_uri, {"parent": meta.parent_run_id})
+    rows = [(k, v, 0) for k, v in dense.metrics.items()]
+    rows += [(f"dense/{k}", ev[k], ev["epoch"]) for ev in history for k in ("train_loss", "test_acc", "lr")]
+    box.batch("parent", metrics=rows)
+    box.drain(60)
     return dense
 
 
-def _free_gpu_cache() -> None:
-    """The driver trained the dense model: hand its cached GPU memory to the trials."""
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-
-
 # ---------------------------------------------------------------------------------------------- tune
-def _trainable(cfg: StudyConfig, folder: StudyFolder, dense: Any, gpu: float) -> Any:
-    from ray import tune
+def _searcher(cfg: StudyConfig, folder: StudyFolder, dense: Any, slots: int) -> tuple[Any, int]:
+    """(Tune searcher, number of trials): the design's units, or Optuna proposing single members."""
+    if cfg.is_design:
+        from study.design import members, plan, run_config
+        from study.searcher import design_searcher
+        from tpp.run import prune_key
 
-    from study.trainable import TrialContext, trial
-
-    ctx = TrialContext(cfg, str(folder.path))
-    return tune.with_resources(tune.with_parameters(trial, dense=dense, ctx=ctx),
-                               {"cpu": cfg.resources.cpus, "gpu": gpu})
-
-
-def _searcher(cfg: StudyConfig, folder: StudyFolder) -> Any:
+        p = plan(cfg, slots)
+        first = members(cfg)[0]
+        keys = {i: prune_key(run_config(cfg, pt, first), dense) for i, pt in enumerate(p.points)}
+        return design_searcher(p.units, keys, p, folder.prune_cache), len(p.units)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    from study.design_sampler import DesignSampler
-    from study.space import DefineByRun
+    from study.design import DefineByRun
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    seed = cfg.sampler_seed
-    if cfg.sampler in ("tpe", "gp"):
-        sampler = (optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
-                   if cfg.sampler == "tpe" else optuna.samplers.GPSampler(seed=seed))
-        space = DefineByRun(cfg)
-    else:  # a fixed design: DefineByRun picks each trial's point, the sampler hands it to Optuna
-        sampler = DesignSampler()
-        space = DefineByRun(cfg, sampler)
+    sampler = (optuna.samplers.TPESampler(seed=cfg.sampler_seed, multivariate=True, group=True)
+               if cfg.sampler == "tpe" else optuna.samplers.GPSampler(seed=cfg.sampler_seed))
     storage = optuna.storages.RDBStorage(f"sqlite:///{folder.optuna_db}")
-    return OptunaSearch(space=space, metric=cfg.objective.metric, mode=cfg.objective.mode,
-                        sampler=sampler, storage=storage, study_name=cfg.name)
+    return OptunaSearch(space=DefineByRun(cfg), metric=cfg.objective.metric, mode=cfg.objective.mode,
+                        sampler=sampler, storage=storage, study_name=cfg.name), cfg.num_trials or 0
 
 
-def _tuner(cfg: StudyConfig, folder: StudyFolder, trainable: Any, gpu: float, callbacks: list[Any]) -> Any:
+def _tuner(cfg: StudyConfig, folder: StudyFolder, trainable: Any, dense: Any, gpu: float,
+           callbacks: list[Any]) -> Any:
     from ray import tune
 
+    slots = _max_concurrent(cfg, gpu)
+    searcher, num_samples = _searcher(cfg, folder, dense, slots)
     scheduler = None
     if cfg.early_stopping.asha:
         from ray.tune.schedulers import ASHAScheduler
 
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.finetune.epochs,
+        epochs = max(cfg.finetune.axes().get("epochs", [120]))
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs,
                                   grace_period=cfg.early_stopping.grace_period,
                                   reduction_factor=cfg.early_stopping.reduction_factor)
-    tune_config = tune.TuneConfig(search_alg=_searcher(cfg, folder), scheduler=scheduler,
-                                  num_samples=cfg.trials, max_concurrent_trials=_max_concurrent(cfg, gpu),
+    tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
+                                  max_concurrent_trials=slots,
                                   # one worker process runs trial after trial: no process start and
                                   # torch import per trial (3x faster studies of small models)
                                   reuse_actors=True,
@@ -317,57 +318,45 @@ def _tuner(cfg: StudyConfig, folder: StudyFolder, trainable: Any, gpu: float, ca
                                   mode=cfg.objective.mode if scheduler else None)
     run_config = tune.RunConfig(
         name=folder.tune_path.name, storage_path=str(folder.path), verbose=0,
-        callbacks=[StudyLogger(str(folder.path)), Progress(str(folder.path), cfg.objective.metric,
-                                                           cfg.objective.mode), *callbacks],
+        callbacks=[StudyLogger(str(folder.path)), Progress(str(folder.path)), *callbacks],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         failure_config=tune.FailureConfig(max_failures=cfg.max_failures))
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
 
 # ---------------------------------------------------------------------------------------------- results
-def collect(folder: StudyFolder, cfg: StudyConfig | None = None) -> StudyResult:
+def collect(folder: StudyFolder) -> StudyResult:
     """The study's outcome as recorded in MLflow (the truth, whatever process wrote it)."""
     meta = folder.read_meta()
-    cfg = cfg or load_config(folder.config_path)
-    runs = children(meta.tracking_uri, meta.experiment_id, meta.parent_run_id)
+    cfg = load_config(folder.config_path)
+    metric, mode = cfg.objective.metric, cfg.objective.mode
     counts: dict[str, int] = {}
     reuse: dict[str, int] = {}
-    trials, best = [], None
-    metric, mode = cfg.objective.metric, cfg.objective.mode
-    for r in runs:
+    runs, best = [], None
+    for r in children(meta.tracking_uri, meta.experiment_id, meta.parent_run_id):
         tags = r.data.tags
         status = tags.get("tpp.status", "running")
         counts[status] = counts.get(status, 0) + 1
         if "tpp.reuse" in tags:
             reuse[tags["tpp.reuse"]] = reuse.get(tags["tpp.reuse"], 0) + 1
         value = r.data.metrics.get(metric)
-        rec = {"trial_id": tags.get("tpp.trial_id"), "run_id": r.info.run_id, "run_name": r.info.run_name,
-               "status": status, "reuse": tags.get("tpp.reuse"), "run_status": r.info.status,
-               "params": dict(r.data.params), metric: value}
-        trials.append(rec)
-        if status in ("completed", "diverged") and value is not None and math.isfinite(value) and (
-                best is None or (value > best["value"] if mode == "max" else value < best["value"])):
-            best = {"metric": metric, "value": value, "run_name": r.info.run_name, "run_id": r.info.run_id,
-                    "trial_id": tags.get("tpp.trial_id")}
+        lr = float(r.data.params.get("lr", "nan"))
+        runs.append({"member_id": tags.get("tpp.member_id"), "run_id": r.info.run_id, metric: value,
+                     "run_name": r.info.run_name, "status": status, "run_status": r.info.status})
+        if status in ("completed", "diverged") and value is not None and value == value:
+            key = rank(value, lr, r.info.run_name, mode)
+            if best is None or key < best[0]:
+                best = (key, {"metric": metric, "value": value, "run_name": r.info.run_name, "lr": lr,
+                              "run_id": r.info.run_id})
     finished = sum(counts.get(k, 0) for k in ("completed", "diverged", "failed"))
-    status = "completed" if finished >= meta.num_trials else "interrupted"
+    status = "interrupted" if finished < meta.num_runs else "failed" if counts.get("failed") else "completed"
     return StudyResult(meta.name, str(folder.path), status, meta.tracking_uri, meta.experiment,
-                       meta.experiment_id, meta.parent_run_id, meta.num_trials, counts, reuse, best,
-                       sorted(trials, key=lambda t: t["trial_id"] or ""), disk_bytes=disk_usage(folder.path))
+                       meta.experiment_id, meta.parent_run_id, meta.num_runs, counts, reuse,
+                       best[1] if best else None, sorted(runs, key=lambda t: t["run_name"] or ""),
+                       disk_bytes=disk_usage(folder.path))
 
 
 # ---------------------------------------------------------------------------------------------- run
-def _prepare_folder(cfg: StudyConfig, if_exists: str) -> StudyFolder:
-    folder = StudyFolder(cfg.study_dir())
-    if folder.path.exists() and any(folder.path.iterdir()):
-        if if_exists == "replace":
-            shutil.rmtree(folder.path)
-        elif if_exists == "error":
-            raise StudyError(f"study {cfg.name!r} already exists at {folder.path}; continue it with "
-                             f"`tpp-study resume {folder.path}`, or pass --if-exists replace to start over")
-    return folder
-
-
 def run(config: str | os.PathLike | dict[str, Any] | StudyConfig, *, if_exists: str = "error",
         callbacks: list[Any] | None = None, **overrides: Any) -> StudyResult:
     """Run a study end to end; returns its StudyResult (also when interrupted: status says so).
@@ -381,126 +370,194 @@ def run(config: str | os.PathLike | dict[str, Any] | StudyConfig, *, if_exists: 
     cfg = _absolute_paths(load_config(config, **overrides))
     folder = StudyFolder(cfg.study_dir())
     if if_exists == "resume" and folder.exists():
-        return resume(str(folder.path), callbacks=callbacks)
+        return resume(str(folder.path), callbacks=callbacks, expect=cfg)
     _preflight(cfg)
-    folder = _prepare_folder(cfg, if_exists)
-    uri = cfg.tracking_uri()
+    if if_exists == "error" and folder.path.exists() and any(folder.path.iterdir()):
+        raise StudyError(f"study {cfg.name!r} already exists at {folder.path}; continue it with "
+                         f"`tpp-study resume {folder.path}`, or pass --if-exists replace to start over")
+    _lock(folder)
     try:
-        check_tracking(uri)
-    except TrackingUnavailable as e:
-        raise StudyError(f"mlflow.tracking_uri: {e}") from None
-    started = _start_ray(cfg.ray.address, cfg.ray.num_cpus)
-    try:
-        gpu = _gpu_fraction(cfg)
-        folder.path.mkdir(parents=True, exist_ok=True)
-        folder.config_path.write_text(cfg.to_yaml())
-        meta = StudyMeta(name=cfg.name, tracking_uri=uri, experiment=cfg.experiment(),
-                         tune_path=str(folder.tune_path), num_trials=cfg.trials,
-                         ray_address=cfg.ray.address or os.environ.get("RAY_ADDRESS"))
-        folder.write_meta(meta)
-        from study.space import design
-
-        points = design(cfg)
-        artifacts = {"search_space.json": json.dumps(cfg.space.model_dump(mode="json"), indent=2)}
-        if points is not None:
-            artifacts["design.json"] = json.dumps([p.as_dict() for p in points], indent=1)
+        if folder.path.exists():
+            for child in folder.path.iterdir():  # replace: everything but the lock we hold
+                if child != folder.lock_path:
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        uri = cfg.tracking_uri()
         try:
-            exp_id, parent = start_parent(uri, cfg.experiment(), folder.path, cfg.name,
-                                          cfg.model_dump(mode="json"), cfg.to_yaml(), cfg.trials, artifacts)
-        except Exception as e:  # noqa: BLE001
-            raise StudyError(f"mlflow: cannot create the study's runs at {uri}: {e}") from None
-        folder.update_meta(experiment_id=exp_id, parent_run_id=parent)
-        return _execute(cfg, folder, gpu, restore=False, embedded=started and not cfg.ray.address,
-                        callbacks=callbacks or [])
-    finally:
-        if started:
-            import ray
+            check_tracking(uri)
+        except TrackingUnavailable as e:
+            raise StudyError(f"mlflow.tracking_uri: {e}") from None
+        started = _start_ray(cfg.ray.address, cfg.ray.num_cpus)
+        try:
+            gpu = _gpu_fraction(cfg)
+            folder.config_path.write_text(cfg.to_yaml())
+            num_runs = _num_runs(cfg)
+            meta = StudyMeta(name=cfg.name, tracking_uri=uri, experiment=cfg.experiment(), num_runs=num_runs,
+                             config_digest=config_digest(cfg),
+                             ray_address=cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+            folder.write_meta(meta)
+            _start_parent(cfg, folder, uri, num_runs)
+            return _execute(cfg, folder, gpu, restore=False, embedded=started and not cfg.ray.address,
+                            callbacks=callbacks or [])
+        finally:
+            if started:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
+    finally:
+        folder.unlock()
+
+
+def _num_runs(cfg: StudyConfig) -> int:
+    from study.design import plan
+
+    return plan(cfg).num_runs if cfg.is_design else cfg.num_trials or 0
+
+
+def _start_parent(cfg: StudyConfig, folder: StudyFolder, uri: str, num_runs: int) -> None:
+    from study.design import points
+
+    artifacts = {"study_config.yaml": cfg.to_yaml()}
+    if cfg.is_design:
+        artifacts["design.json"] = json.dumps([p.as_dict() for p in points(cfg)], indent=1)
+    params = {**flatten(cfg.model_dump(mode="json", exclude={"description"})), "num_trials": str(num_runs)}
+    tags = {"mlflow.note.content": cfg.description} if cfg.description else {}
+    try:
+        exp_id, parent = start_parent(uri, cfg.experiment(), folder.path, cfg.name, params, tags, artifacts)
+    except Exception as e:  # noqa: BLE001
+        raise StudyError(f"mlflow: cannot create the study's runs at {uri}: {e}") from None
+    folder.update_meta(experiment_id=exp_id, parent_run_id=parent)
+
+
+def _lock(folder: StudyFolder) -> None:
+    try:
+        folder.lock()
+    except StudyBusy as e:
+        raise StudyError(str(e)) from None
 
 
 def resume(name_or_path: str, *, storage: str | None = None, address: str | None = None,
-           tracking_uri: str | None = None, callbacks: list[Any] | None = None) -> StudyResult:
-    """Continue an interrupted study: finished trials are kept, unfinished ones finish from their last
-    checkpoint, the dense model and pruned models are reused, MLflow runs are continued (no duplicates).
+           tracking_uri: str | None = None, callbacks: list[Any] | None = None,
+           expect: StudyConfig | None = None) -> StudyResult:
+    """Continue an interrupted study: runs FINISHED in MLflow are kept, unfinished ones continue from
+    their last checkpoint, the dense and pruned models are reused, MLflow runs continued (no duplicates).
+
+    `expect`: the config the caller means to run (`run --if-exists resume`); a study saved with another
+    config is refused, naming the keys that differ.
     """
     folder = find_study(name_or_path, storage or "./studies")
     cfg = load_config(folder.config_path)
-    meta = folder.read_meta()
-    if tracking_uri:
-        meta = folder.update_meta(tracking_uri=tracking_uri)
+    if expect is not None and config_digest(expect) != config_digest(cfg):
+        raise StudyError(_config_change(cfg, expect, folder))
+    _lock(folder)
     try:
-        check_tracking(meta.tracking_uri, wait_s=0)
-    except TrackingUnavailable as e:
-        raise StudyError(f"mlflow.tracking_uri: {e}") from None
-    started = _start_ray(address or meta.ray_address, cfg.ray.num_cpus)
-    try:
-        gpu = _gpu_fraction(cfg)
+        meta = folder.read_meta()
+        if meta.config_digest and config_digest(cfg) != meta.config_digest:
+            raise StudyError(f"{folder.config_path} was edited after the study started (digest "
+                             f"{config_digest(cfg)} vs {meta.config_digest}); restore it, or start a new "
+                             "study with `tpp-study run CONFIG --if-exists replace`")
+        if tracking_uri:
+            meta = folder.update_meta(tracking_uri=tracking_uri)
         if not meta.parent_run_id:
             raise StudyError(f"study {meta.name} never got its MLflow parent run; start it again with "
                              f"`tpp-study run {folder.config_path} --if-exists replace`")
-        embedded = started and not (address or meta.ray_address)
-        return _execute(cfg, folder, gpu, restore=True, embedded=embedded,
-                        callbacks=callbacks or [])
-    finally:
-        if started:
-            import ray
+        try:
+            check_tracking(meta.tracking_uri, wait_s=0)
+        except TrackingUnavailable as e:
+            raise StudyError(f"mlflow.tracking_uri: {e}") from None
+        if meta.status == "completed" and not folder.pending_log.is_file():
+            result = collect(folder)
+            if result.status == "completed":
+                print(f"[{meta.name}] nothing to do: all {meta.num_runs} runs finished", flush=True)
+                return result
+        started = _start_ray(address or meta.ray_address, cfg.ray.num_cpus)
+        try:
+            gpu = _gpu_fraction(cfg)
+            embedded = started and not (address or meta.ray_address)
+            return _execute(cfg, folder, gpu, restore=True, embedded=embedded, callbacks=callbacks or [])
+        finally:
+            if started:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
+    finally:
+        folder.unlock()
+
+
+def _config_change(saved: StudyConfig, new: StudyConfig, folder: StudyFolder) -> str:
+    a, b = flatten(_result_config(saved)), flatten(_result_config(new))
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return (f"study {saved.name!r} at {folder.path} was started with another config ({', '.join(keys[:8])}"
+            f"{' ...' if len(keys) > 8 else ''} differ); resume it as it is with `tpp-study resume "
+            f"{folder.path}`, or start over with --if-exists replace")
+
+
+def _sigterm_as_interrupt() -> Any:
+    """SIGTERM (schedulers, `docker stop`) stops the study like Ctrl-C: Tune's SIGINT handler ends it."""
+    def handler(sig: int, frame: Any) -> None:
+        current = signal.getsignal(signal.SIGINT)
+        if callable(current):
+            current(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _execute(cfg: StudyConfig, folder: StudyFolder, gpu: float, restore: bool, embedded: bool,
              callbacks: list[Any]) -> StudyResult:
     from ray import tune
 
-    from study import prune_cache
+    from study.trainable import TrialContext, trial
 
     t0 = time.monotonic()
-    folder.claim()
     meta = folder.read_meta()
     _replay_pending(folder, meta)
-    if restore:
-        box = Outbox(meta.tracking_uri, {"parent": meta.parent_run_id})
-        box.status("parent", "RUNNING")
-        box.drain(10)
+    finished = finished_members(children(meta.tracking_uri, meta.experiment_id, meta.parent_run_id))
+    meta = folder.update_meta(status="running", done=len(finished), failed=0)
+    box = Outbox(meta.tracking_uri, {"parent": meta.parent_run_id})
+    box.status("parent", "RUNNING")
+    box.drain(10)
+    previous = _sigterm_as_interrupt()
     status, result = "failed", None
     try:
         dense = _dense(cfg, folder, meta, gpu, embedded)
-        # Keep the handle: a named (non-detached) actor dies when its last handle goes away.
-        cache_actor = prune_cache.start(cfg.name, folder.prune_cache)
-        trainable = _trainable(cfg, folder, dense, gpu)
+        if not meta.dense_digest:
+            meta = folder.update_meta(dense_digest=dense.digest())
+        ctx = TrialContext(cfg, str(folder.path), finished)
+        trainable = tune.with_resources(tune.with_parameters(trial, dense=dense, ctx=ctx),
+                                        {"cpu": cfg.resources.cpus, "gpu": gpu})
         if restore and tune.Tuner.can_restore(str(folder.tune_path)):
-            print(f"[{cfg.name}] resuming from {folder.tune_path}", flush=True)
+            print(f"[{cfg.name}] resuming: {len(finished)} of {meta.num_runs} runs had finished", flush=True)
             tuner = tune.Tuner.restore(str(folder.tune_path), trainable, resume_unfinished=True,
                                        resume_errored=True)
         else:
             if folder.tune_path.exists():  # never reached a saved Tune state: start the trials afresh
                 shutil.rmtree(folder.tune_path)
             folder.optuna_db.unlink(missing_ok=True)
-            tuner = _tuner(cfg, folder, trainable, gpu, callbacks)
-        print(f"[{cfg.name}] {cfg.trials} trials ({cfg.sampler} sampler), {cfg.resources.cpus:g} CPU"
-              + (f" + {gpu:g} GPU" if gpu else "") + " per trial; one line per finished trial:", flush=True)
+            tuner = _tuner(cfg, folder, trainable, dense, gpu, callbacks)
+        print(f"[{cfg.name}] {meta.num_runs} runs ({cfg.sampler}), {cfg.resources.cpus:g} CPU"
+              + (f" + {gpu:g} GPU" if gpu else "") + " per trial; one line per finished run:", flush=True)
         tuner.fit()
-        del cache_actor
-        result = collect(folder, cfg)
+        result = collect(folder)
         status = result.status
     except KeyboardInterrupt:
         status = "interrupted"
         raise
     finally:
-        folder.update_meta(status=status, pid=0)
+        signal.signal(signal.SIGTERM, previous)
+        folder.update_meta(status=status)
         metrics = {}
         if result is not None:
-            metrics = {f"trials_{k}": float(v) for k, v in result.counts.items()}
-            metrics.update({f"prune_{k}": float(v) for k, v in result.reuse.items()})
+            metrics = {f"runs_{k}": float(v) for k, v in result.counts.items()}
             if result.best:
                 metrics[f"best_{result.best['metric']}"] = result.best["value"]
-        end_parent(meta.tracking_uri, meta.parent_run_id,
-                   {"completed": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"),
-                   metrics, {"tpp.study_status": status})
+        box.batch("parent", metrics=[(k, v, 0) for k, v in metrics.items()],
+                  tags={"tpp.study_status": status, **({"tpp.best_run_id": result.best["run_id"]}
+                                                       if result and result.best else {})})
+        box.status("parent", {"completed": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
+        box.drain(30)
     result.wall_s = time.monotonic() - t0
-    result.disk_bytes = disk_usage(folder.path)
-    summary = {k: v for k, v in asdict(result).items() if k != "trials"}
+    summary = {k: v for k, v in asdict(result).items() if k != "runs"}
     (folder.path / "result.json").write_text(json.dumps(summary, indent=2, default=str))
     print(result.summary(), flush=True)
     return result

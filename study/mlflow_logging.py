@@ -1,14 +1,15 @@
-"""MLflow: one parent run per study, one nested child run per trial -- written by the driver only.
+"""MLflow: one parent run per study, one nested child run per member -- written by the driver only.
 
 Only the driver writes (a Ray Tune callback), so a SQLite store has a single writer and trials on
 other nodes need no route to the tracking server. Every write goes through an outbox: batched
-(`log_batch`), in order, and kept when the server is unreachable -- retried with back-off while the
-study goes on, and saved to the study folder if it never comes back, to be replayed by the next
-`run`/`resume`. Nothing is lost and Tune's event loop never blocks on a dead server.
+(`log_batch`), in order, and kept when the store is unreachable or full -- retried with back-off
+while the study goes on, and saved to the study folder if it never comes back, to be replayed by the
+next `run`/`resume`. MLflow is the record of what finished: a member's run is found again by its tag
+`tpp.member_id`, so a resumed study continues unfinished runs and never re-runs a FINISHED one.
 
 Schema (read by analysis/): parent tags tpp.study, tpp.role=study; child tags mlflow.parentRunId,
-tpp.study, tpp.role=trial, tpp.trial_id, tpp.method, tpp.status, tpp.reuse; per-epoch metrics
-`{stage}/{name}` with step = epoch; final metrics without a slash.
+tpp.study, tpp.role=trial, tpp.member_id, tpp.trial_id, tpp.prune_key, tpp.method, tpp.status,
+tpp.reuse; per-epoch metrics `{stage}/{name}` with step = epoch; final metrics without a slash.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import time
 import urllib.error
 import urllib.request
@@ -27,13 +27,14 @@ from typing import Any
 
 from ray import tune
 
-from study.store import StudyFolder
-
 log = logging.getLogger("study.mlflow")
 
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100  # MLflow's per-log_batch limits
 FLUSH_EVERY_S = 2.0  # epoch curves reach MLflow within this; run starts, ends and checkpoints at once
 PARAM_MAX_CHARS = 6000
+# Store errors that go away by themselves: keep the write and retry (a full disk included).
+TRANSIENT = ("database is locked", "connection", "timed out", "max retries", "temporarily unavailable", "503",
+             "502", "database or disk is full", "disk i/o error", "no space left")
 
 
 class TrackingUnavailable(RuntimeError):
@@ -59,9 +60,7 @@ def check_tracking(uri: str, wait_s: float = 0.0) -> None:
             raise TrackingUnavailable(f"tracking URI {uri!r}: use sqlite:///ABS/PATH.db or http://HOST:PORT")
         return
     deadline = time.monotonic() + wait_s
-    while True:
-        if server_healthy(uri):
-            return
+    while not server_healthy(uri):
         if time.monotonic() >= deadline:
             raise TrackingUnavailable(
                 f"the MLflow tracking server {uri} does not answer {uri.rstrip('/')}/health; start it first, "
@@ -71,11 +70,12 @@ def check_tracking(uri: str, wait_s: float = 0.0) -> None:
         time.sleep(0.5)
 
 
-def configure_http_retries() -> None:
-    """Keep one MLflow HTTP call short: the outbox retries, so MLflow's own minutes-long back-off is off."""
+def configure_mlflow_env() -> None:
+    """Keep one MLflow HTTP call short (the outbox retries) and send MLflow no usage telemetry."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 def client(uri: str) -> Any:
@@ -85,7 +85,7 @@ def client(uri: str) -> Any:
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config -> dot keys with string values (lists and empty dicts as JSON)."""
+    """Nested config -> dot keys with string values (lists and empty dicts as JSON, None left out)."""
     out: dict[str, str] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
@@ -93,23 +93,24 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
             out.update(flatten(v, key + "."))
         elif isinstance(v, (dict, list, tuple)):
             out[key] = json.dumps(v)
-        else:
-            out[key] = "none" if v is None else str(v)
+        elif v is not None:
+            out[key] = str(v)
     return out
 
 
 # ---------------------------------------------------------------------------------------------- outbox
 class Outbox:
-    """Ordered MLflow writes with retry. Ops refer to runs by a local key (trial id or "parent")."""
+    """Ordered MLflow writes with retry. Ops refer to runs by a local key (member id or "parent")."""
 
     def __init__(self, uri: str, run_ids: dict[str, str] | None = None):
         self.uri = uri
-        self.ops: collections.deque[tuple[str, str, dict[str, Any]]] = collections.deque()
+        self.ops: collections.deque[list[Any]] = collections.deque()  # [kind, key, payload]
         self.run_ids: dict[str, str] = dict(run_ids or {})
         self._client: Any = None
         self._next_try = 0.0
         self._backoff = 1.0
-        self.delivered = 0
+        self.problem: str | None = None  # why the last delivery stopped (None once delivered)
+        self.delivered = 0  # MLflow calls made (merging keeps this far below the ops queued)
 
     @property
     def mlflow(self) -> Any:
@@ -117,30 +118,28 @@ class Outbox:
             self._client = client(self.uri)
         return self._client
 
-    # -- enqueueing
     def create_run(self, key: str, experiment_id: str, name: str, tags: dict[str, str]) -> None:
-        self.ops.append(("create", key, {"experiment_id": experiment_id, "name": name, "tags": tags}))
+        self.ops.append(["create", key, {"experiment_id": experiment_id, "name": name, "tags": tags}])
 
-    def batch(self, key: str, metrics: list[tuple[str, float, int]] | tuple = (),
-              params: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> None:
+    def batch(self, key: str, metrics: list | tuple = (), params: dict[str, str] | None = None,
+              tags: dict[str, str] | None = None) -> None:
         now = int(time.time() * 1000)
-        ms = [(k, float(v), now, int(step)) for k, v, step in metrics
+        ms = [[k, float(v), now, int(step)] for k, v, step in metrics
               if isinstance(v, (int, float)) and not math.isnan(float(v))]
-        ps = sorted((params or {}).items())
-        ts = sorted((tags or {}).items())
+        ps = sorted([k, v] for k, v in (params or {}).items())
+        ts = sorted([k, v] for k, v in (tags or {}).items())
         while ms or ps or ts:
-            self.ops.append(("batch", key, {"metrics": ms[:MAX_METRICS], "params": ps[:MAX_PARAMS],
-                                            "tags": ts[:MAX_TAGS]}))
+            self.ops.append(["batch", key, {"metrics": ms[:MAX_METRICS], "params": ps[:MAX_PARAMS],
+                                            "tags": ts[:MAX_TAGS]}])
             ms, ps, ts = ms[MAX_METRICS:], ps[MAX_PARAMS:], ts[MAX_TAGS:]
 
     def status(self, key: str, status: str) -> None:
         """Set the run's lifecycle status: RUNNING (reopen) or FINISHED | FAILED | KILLED (end)."""
-        self.ops.append(("status", key, {"status": status}))
+        self.ops.append(["status", key, {"status": status}])
 
     def text(self, key: str, text: str, artifact_file: str) -> None:
-        self.ops.append(("text", key, {"text": text, "file": artifact_file}))
+        self.ops.append(["text", key, {"text": text, "file": artifact_file}])
 
-    # -- delivery
     def _apply(self, kind: str, key: str, op: dict[str, Any]) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
@@ -169,12 +168,12 @@ class Outbox:
         one unless another write to that run (create, status, text) came between them, a limit would be
         passed, or a param/tag key repeats (the later value must land later).
         """
-        merged: list[tuple[str, str, dict[str, Any]]] = []
-        open_batch: dict[str, dict[str, Any]] = {}  # run key -> its latest batch that may still grow
+        merged: list[list[Any]] = []
+        open_batch: dict[str, dict[str, Any]] = {}
         for kind, key, op in self.ops:
             if kind != "batch":
                 open_batch.pop(key, None)
-                merged.append((kind, key, op))
+                merged.append([kind, key, op])
                 continue
             into = open_batch.get(key)
             if into is not None and _fits(into, op):
@@ -183,7 +182,7 @@ class Outbox:
                 continue
             op = dict(op)
             open_batch[key] = op
-            merged.append((kind, key, op))
+            merged.append([kind, key, op])
         self.ops = collections.deque(merged)
 
     def flush(self, force: bool = False) -> bool:
@@ -205,21 +204,21 @@ class Outbox:
             try:
                 self._apply(kind, key, op)
             except Exception as e:  # noqa: BLE001 - decide between "outage" and "bad write"
-                if is_http(self.uri) and not server_healthy(self.uri, timeout=2.0) or _transient(e):
-                    self._defer(f"{type(e).__name__}: {str(e)[:200]}")
+                if (is_http(self.uri) and not server_healthy(self.uri, timeout=2.0)) or _transient(e):
+                    self._defer(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
                     return False
                 log.warning("MLflow: dropping a %s for %s that the store refused: %s", kind, key,
                             str(e)[:300])
             self.ops.popleft()
             self.delivered += 1
-        self._backoff = 1.0
-        self._next_try = 0.0
+        self._backoff, self._next_try, self.problem = 1.0, 0.0, None
         return True
 
     def _defer(self, why: str) -> None:
-        if self._backoff == 1.0:
+        if self.problem is None:
             print(f"[tpp-study] MLflow unreachable ({why}); keeping {len(self.ops)} write(s), retrying",
                   flush=True)
+        self.problem = why
         self._next_try = time.monotonic() + self._backoff
         self._backoff = min(self._backoff * 2, 30.0)
 
@@ -232,16 +231,15 @@ class Outbox:
             time.sleep(min(self._backoff, max(deadline - time.monotonic(), 0.1)))
         return True
 
-    # -- persistence of undelivered writes
     def save_pending(self, path: Path) -> None:
-        with open(path, "wb") as f:
-            pickle.dump({"ops": list(self.ops), "run_ids": self.run_ids}, f)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps({"ops": list(self.ops), "run_ids": self.run_ids}))
+        os.replace(tmp, path)
 
     def load_pending(self, path: Path) -> None:
         if not path.is_file():
             return
-        with open(path, "rb") as f:
-            saved = pickle.load(f)
+        saved = json.loads(path.read_text())
         self.ops.extendleft(reversed(saved["ops"]))
         for k, v in saved["run_ids"].items():
             self.run_ids.setdefault(k, v)
@@ -256,20 +254,9 @@ def _fits(into: dict[str, Any], op: dict[str, Any]) -> bool:
                 or {k for k, _ in into["tags"]} & {k for k, _ in op["tags"]})
 
 
-def _point(params: dict[str, str]) -> Any:
-    """The trial point a run's params describe (None if they are incomplete)."""
-    from study.space import point_from_config
-
-    try:
-        return point_from_config(params)
-    except (KeyError, ValueError):
-        return None
-
-
 def _transient(e: Exception) -> bool:
     text = str(e).lower()
-    return any(s in text for s in ("database is locked", "connection", "timed out", "max retries",
-                                   "temporarily unavailable", "503", "502"))
+    return any(s in text for s in TRANSIENT)
 
 
 # ---------------------------------------------------------------------------------------------- parent
@@ -284,42 +271,20 @@ def ensure_experiment(c: Any, name: str, study_dir: Path, uri: str) -> str:
     return c.create_experiment(name, artifact_location=location)
 
 
-def start_parent(uri: str, experiment: str, study_dir: Path, name: str, config_dump: dict[str, Any],
-                 config_yaml: str, num_trials: int, extra_artifacts: dict[str, str]) -> tuple[str, str]:
+def start_parent(uri: str, experiment: str, study_dir: Path, name: str, params: dict[str, str],
+                 tags: dict[str, str], artifacts: dict[str, str]) -> tuple[str, str]:
     """Create the study's parent run; returns (experiment_id, run_id)."""
     c = client(uri)
     exp_id = ensure_experiment(c, experiment, study_dir, uri)
     run = c.create_run(exp_id, run_name=name, tags={"tpp.study": name, "tpp.role": "study",
-                                                    "tpp.study_dir": str(study_dir)})
+                                                    "tpp.study_dir": str(study_dir), **tags})
     box = Outbox(uri, {"parent": run.info.run_id})
-    box.batch("parent", params={**flatten(config_dump), "num_trials": str(num_trials)})
-    box.text("parent", config_yaml, "study_config.yaml")
-    for fname, text in extra_artifacts.items():
+    box.batch("parent", params=params)
+    for fname, text in artifacts.items():
         box.text("parent", text, fname)
     if not box.drain(60):
         raise TrackingUnavailable(f"could not write the study's parent run to {uri}")
     return exp_id, run.info.run_id
-
-
-def log_dense(uri: str, parent_run_id: str, metrics: dict[str, float], history: list[dict[str, Any]]) -> None:
-    """Dense model metrics on the parent run: final values and per-epoch curves."""
-    box = Outbox(uri, {"parent": parent_run_id})
-    finals = dict(metrics)
-    if "dense_acc" in finals:
-        finals["dense_test_acc"] = finals["dense_acc"]
-    rows = [(k, v, 0) for k, v in finals.items()]
-    for ev in history:
-        rows += [(f"dense/{k}", ev[k], ev["epoch"]) for k in ("train_loss", "test_acc", "lr") if k in ev]
-    box.batch("parent", metrics=rows)
-    box.drain(60)
-
-
-def end_parent(uri: str, parent_run_id: str, status: str, metrics: dict[str, float],
-               tags: dict[str, str]) -> bool:
-    box = Outbox(uri, {"parent": parent_run_id})
-    box.batch("parent", metrics=[(k, v, 0) for k, v in metrics.items()], tags=tags)
-    box.status("parent", status)
-    return box.drain(30)
 
 
 def children(uri: str, experiment_id: str, parent_run_id: str) -> list[Any]:
@@ -335,21 +300,23 @@ def children(uri: str, experiment_id: str, parent_run_id: str) -> list[Any]:
             return out
 
 
+def finished_members(runs: list[Any]) -> dict[str, dict[str, Any]]:
+    """{member id: {"status", "metrics"}} of the FINISHED member runs: what a resumed study never re-runs."""
+    return {r.data.tags["tpp.member_id"]: {
+        "status": r.data.tags.get("tpp.status", "completed"),
+        "metrics": {k: v for k, v in r.data.metrics.items() if "/" not in k}}
+        for r in runs if r.info.status == "FINISHED" and "tpp.member_id" in r.data.tags}
+
+
 # ---------------------------------------------------------------------------------------------- callback
-_FINISHED = {"completed": "FINISHED", "diverged": "FINISHED", "failed": "FAILED"}
+_RUN_STATUS = {"completed": "FINISHED", "diverged": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 
 
 class StudyLogger(tune.Callback):
-    """Ray Tune callback on the driver: trial runs nested under the study's parent run.
+    """Ray Tune callback on the driver: one run per member, nested under the study's parent run.
 
     Picklable with no live state (Tune pickles callbacks into its experiment state); everything is
-    (re)built in `setup` from `study.json`, which is how a resumed study finds its parent run and the
-    child runs that already exist (by tag tpp.trial_id) instead of duplicating them.
-
-    Tune saves its own state every few seconds, so a driver killed hard can lose trials that started
-    (or even finished) since: the resumed study runs their points again under new trial ids. Such an
-    orphan run is found by its point and continued (or, finished, left as it is while the trial
-    replays its recorded result) -- one run per trial point, whatever was lost.
+    (re)built in `setup` from `study.json` and the member runs MLflow already holds.
     """
 
     def __init__(self, study_dir: str):
@@ -358,15 +325,9 @@ class StudyLogger(tune.Callback):
 
     def _reset(self) -> None:
         self.box: Outbox | None = None
-        self.known: dict[str, dict[str, Any]] = {}  # trial id -> {"status": run status, "tags": {...}}
-        self.ended: set[str] = set()
-        self.reuse_tagged: set[str] = set()
-        self.replayed: set[str] = set()  # finished before an interruption: already fully logged
-        self.adopted: set[str] = set()  # orphan trial ids whose run a new trial took over
-        # (trial, metric) -> last step logged: a trial retried from a checkpoint older than its last
-        # report repeats an epoch (same seed, same values); it is logged once.
-        self.last_step: dict[tuple[str, str], int] = {}
-        self.counts = collections.Counter()
+        self.status: dict[str, str] = {}  # member id -> MLflow run status
+        self.last_step: dict[tuple[str, str], int] = {}  # (member, metric) -> last step logged
+        self.members: dict[str, list[str]] = {}  # trial id -> its member ids
         self.flushed = time.monotonic()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -376,185 +337,134 @@ class StudyLogger(tune.Callback):
         self.study_dir = state["study_dir"]
         self._reset()
 
-    # -- setup
     def setup(self, **info: Any) -> None:
+        from study.config import load_config
+        from study.store import StudyFolder
+
         folder = StudyFolder(self.study_dir)
         self.meta = folder.read_meta()
-        from study.config import load_config
-
         self.config = load_config(folder.config_path)
         self.box = Outbox(self.meta.tracking_uri, {})
         self.box.load_pending(folder.pending_log)
         folder.pending_log.unlink(missing_ok=True)
         for run in children(self.meta.tracking_uri, self.meta.experiment_id, self.meta.parent_run_id):
-            tid = run.data.tags.get("tpp.trial_id")
-            if tid:
-                self.box.run_ids[tid] = run.info.run_id
-                self.known[tid] = {"status": run.info.status, "tags": dict(run.data.tags),
-                                   "point": _point(run.data.params)}
-                if "tpp.reuse" in run.data.tags:
-                    self.reuse_tagged.add(tid)
-                if run.info.status in ("FINISHED", "FAILED"):
-                    self.ended.add(tid)
-                else:  # to be continued: remember how far its curves got
-                    c = self.box.mlflow
-                    for key in run.data.metrics:
-                        if "/" in key:
-                            steps = [m.step for m in c.get_metric_history(run.info.run_id, key)]
-                            self.last_step[(tid, key)] = max(steps, default=-1)
-
-    # -- trial lifecycle
-    def _orphan(self, point: Any, trials: list) -> str | None:
-        """The trial id of a run for `point` whose trial the resumed Tune does not know, if any."""
-        live = {t.trial_id for t in trials}
-        return next((old for old, info in self.known.items()
-                     if old not in live and old not in self.adopted and info["point"] == point), None)
-
-    def _adopt(self, tid: str, old: str) -> None:
-        """Trial `tid` takes over the run of the lost trial `old` (same point, same seed)."""
-        assert self.box is not None
-        self.adopted.add(old)
-        self.box.run_ids[tid] = self.box.run_ids[old]
-        self.known[tid] = self.known[old]
-        for (t, key), step in list(self.last_step.items()):
-            if t == old:
-                self.last_step[(tid, key)] = step
-        if old in self.reuse_tagged:
-            self.reuse_tagged.add(tid)
-        if old in self.ended:
-            self.ended.add(tid)
+            mid = run.data.tags.get("tpp.member_id")
+            if not mid:
+                continue
+            self.box.run_ids[mid] = run.info.run_id
+            self.status[mid] = run.info.status
+            if run.info.status != "FINISHED":  # to be continued: remember how far its curves got
+                for key in run.data.metrics:
+                    if "/" in key:
+                        steps = [m.step for m in self.box.mlflow.get_metric_history(run.info.run_id, key)]
+                        self.last_step[(mid, key)] = max(steps, default=-1)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        from study.space import logged_params, point_from_config, run_config, run_name
+        from study.design import logged_params, run_name, varying
+        from study.trainable import resolve
 
         assert self.box is not None
-        tid = trial.trial_id
-        point = point_from_config(trial.config)
-        retag = {}
-        if tid not in self.box.run_ids and (old := self._orphan(point, trials)) is not None:
-            self._adopt(tid, old)
-            if self.known[old]["status"] != "FINISHED":
-                retag = {"tpp.trial_id": tid}  # later resumes find the run under its live trial
-        if tid in self.ended and self.known.get(tid, {}).get("status") == "FINISHED":
-            self.replayed.add(tid)  # the trial only replays its recorded result: nothing to log
+        if trial.config.get("kind") == "prune":
             return
-        if tid in self.box.run_ids:  # resumed: reopen the existing run
-            self.box.status(tid, "RUNNING")
-            self.box.batch(tid, tags={"tpp.status": "running", **retag})
-            self.ended.discard(tid)
-        else:
-            tags = {"mlflow.parentRunId": self.meta.parent_run_id, "tpp.study": self.meta.name,
-                    "tpp.role": "trial", "tpp.trial_id": tid, "tpp.method": point.method,
-                    "tpp.status": "running"}
-            self.box.create_run(tid, self.meta.experiment_id, run_name(point), tags)
-            self.box.batch(tid, params=logged_params(run_config(self.config, point), point))
+        runs = resolve(self.config, trial.config, trial.trial_id)
+        self.members[trial.trial_id] = runs.ids
+        shown = varying(self.config)
+        for rc, mid in zip(runs.configs, runs.ids, strict=True):
+            if self.status.get(mid) == "FINISHED":
+                continue
+            tags = {"tpp.status": "running", "tpp.trial_id": trial.trial_id}
+            if mid in self.box.run_ids:  # resumed: reopen the existing run
+                self.box.status(mid, "RUNNING")
+                self.box.batch(mid, tags=tags)
+            else:
+                from tpp.run import prune_key
+
+                self.box.create_run(mid, self.meta.experiment_id, run_name(runs.point, rc, shown), {
+                    **tags, "mlflow.parentRunId": self.meta.parent_run_id, "tpp.study": self.meta.name,
+                    "tpp.role": "trial", "tpp.member_id": mid, "tpp.method": runs.point.method,
+                    "tpp.prune_key": prune_key(rc, self.meta.dense_digest)})
+                self.box.batch(mid, params=logged_params(runs.point, rc))
+            self.status[mid] = "RUNNING"
         self.box.flush()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         assert self.box is not None
-        tid = trial.trial_id
-        if tid in self.replayed:
-            return
-        step = int(result.get("epoch", 0))
-        rows = []  # earlier epochs batched with this report first: steps are logged in order
-        for ev in result.get("tpp_events") or []:
-            rows += [(k, v, ev["step"]) for k, v in ev.items() if "/" in k]
-        rows += [(k, v, step) for k, v in result.items() if "/" in k and isinstance(v, (int, float))]
-        rows = self._new_steps(tid, rows)
-        tags = {}
-        if "tpp_reuse" in result and tid not in self.reuse_tagged:
-            tags["tpp.reuse"] = str(result["tpp_reuse"])
-            tags["tpp.node"] = str(result.get("tpp_node", ""))
-            self.reuse_tagged.add(tid)
-            self.counts[f"reuse_{result['tpp_reuse']}"] += 1
-        final = result.get("tpp_final")
-        if final:
-            rows += [(k, v, 0) for k, v in final.items() if isinstance(v, (int, float))]
-            tags["tpp.status"] = str(result.get("tpp_status", "completed"))
-        self.box.batch(tid, metrics=rows, tags=tags)
-        self._flush_due()
+        by_member: dict[str, list[tuple[str, float, int]]] = collections.defaultdict(list)
+        for mid, key, value, step in result.get("tpp_rows") or []:
+            if self.status.get(mid) == "RUNNING" and step > self.last_step.get((mid, key), -1):
+                self.last_step[(mid, key)] = step
+                by_member[mid].append((key, value, step))
+        for mid, rows in by_member.items():
+            self.box.batch(mid, metrics=rows, tags={"tpp.node": str(result.get("tpp_node", ""))})
+        for mid, reuse in (result.get("tpp_reuse") or {}).items():
+            if self.status.get(mid) == "RUNNING":
+                self.box.batch(mid, tags={"tpp.reuse": reuse})
+        for mid, rec in (result.get("tpp_done") or {}).items():
+            if self.status.get(mid) == "RUNNING":
+                tags = {"tpp.status": rec["status"]}
+                if rec["metrics"].get("diverged_stage_prune"):
+                    tags["tpp.diverged_stage"] = "prune"
+                elif rec["status"] == "diverged":
+                    tags["tpp.diverged_stage"] = "finetune"
+                self.box.batch(mid, metrics=[(k, v, 0) for k, v in rec["metrics"].items()], tags=tags)
+                self._end(mid, rec["status"])
+        if time.monotonic() - self.flushed >= FLUSH_EVERY_S:
+            self.box.flush()
+            self.flushed = time.monotonic()
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        self._flush_due()
+        if self.box is not None and time.monotonic() - self.flushed >= FLUSH_EVERY_S:
+            self.box.flush()
+            self.flushed = time.monotonic()
 
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
         """A trial resumes from its last checkpoint: every epoch before it must be in MLflow by then."""
         assert self.box is not None
         self.box.flush(force=True)
 
-    def _flush_due(self) -> None:
-        """Write at most every FLUSH_EVERY_S: one transaction per run instead of one per reported epoch."""
+    def _end(self, mid: str, status: str, extra_tags: dict[str, str] | None = None) -> None:
         assert self.box is not None
-        if time.monotonic() - self.flushed >= FLUSH_EVERY_S:
-            self.box.flush()
-            self.flushed = time.monotonic()
+        if extra_tags:
+            self.box.batch(mid, tags=extra_tags)
+        self.box.status(mid, _RUN_STATUS.get(status, "FINISHED"))
+        self.status[mid] = _RUN_STATUS.get(status, "FINISHED")
+        self.box.flush(force=True)
 
-    def _new_steps(self, tid: str, rows: list[tuple[str, Any, int]]) -> list[tuple[str, Any, int]]:
-        """Drop per-epoch rows already logged for this trial (an epoch repeated after a retry)."""
-        out = []
-        for key, value, step in rows:
-            if "/" in key:
-                if step <= self.last_step.get((tid, key), -1):
-                    continue
-                self.last_step[(tid, key)] = step
-            out.append((key, value, step))
-        return out
+    def _open(self, trial_id: str) -> list[str]:
+        return [m for m in self.members.get(trial_id, []) if self.status.get(m) == "RUNNING"]
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        assert self.box is not None
-        tid = trial.trial_id
-        if tid in self.replayed:
-            return
         last = trial.last_result or {}
-        from study.space import point_from_config, point_id
-
-        StudyFolder(self.study_dir).record_finished(point_id(point_from_config(trial.config)), last)
-        status = str(last.get("tpp_status", "completed"))
-        if "tpp_final" not in last:  # stopped early by the scheduler: keep what it reached
-            keys = [k for k in ("best_acc", "last_acc", "acc_after_removal")
-                    if isinstance(last.get(k), (int, float))]
-            self.box.batch(tid, metrics=[(k, last[k], 0) for k in keys],
-                           tags={"tpp.status": status, "tpp.early_stopped": "true"})
-        self._end(tid, status)
+        for mid in self._open(trial.trial_id):  # stopped early by the scheduler: keep what it reached
+            value = last.get(self.config.objective.metric)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.box.batch(mid, metrics=[(self.config.objective.metric, value, 0)])
+            self._end(mid, "completed", {"tpp.status": "completed", "tpp.early_stopped": "true"})
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        assert self.box is not None
-        tid = trial.trial_id
-        if tid not in self.box.run_ids and not any(op[1] == tid for op in self.box.ops):
-            self.on_trial_start(iteration, trials, trial)  # failed before it ever started
+        from study.progress import last_error_line
+
         error = ""
         if getattr(trial, "error_file", None) and os.path.isfile(trial.error_file):
             error = Path(trial.error_file).read_text()[-4000:]
-        self.box.batch(tid, tags={"tpp.status": "failed", "tpp.error": error or "see the Tune trial folder"})
-        self._end(tid, "failed")
-
-    def _end(self, tid: str, status: str) -> None:
-        assert self.box is not None
-        self.counts[status] += 1
-        self.box.status(tid, _FINISHED.get(status, "FINISHED"))
-        self.ended.add(tid)
-        self.box.flush(force=True)
+        if trial.trial_id not in self.members:
+            self.on_trial_start(iteration, trials, trial)  # failed before it ever started
+        for mid in self._open(trial.trial_id):
+            self._end(mid, "failed", {"tpp.status": "failed", "tpp.error": error or last_error_line(trial)})
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self.close(trials)
+        self.close()
 
-    def close(self, trials: list | None = None) -> None:
-        """End every still-open trial run as KILLED (interrupted), then deliver or save what is queued."""
+    def close(self) -> None:
+        """End every still-open member run as KILLED (interrupted), then deliver or save what is queued."""
         if self.box is None:
             return
-        for t in trials or []:
-            has_run = t.trial_id in self.box.run_ids or any(op[1] == t.trial_id for op in self.box.ops)
-            if has_run and t.trial_id not in self.ended:
-                self.box.batch(t.trial_id, tags={"tpp.status": "interrupted"})
-                self.box.status(t.trial_id, "KILLED")
-                self.ended.add(t.trial_id)
-        if trials is not None:  # lost trials no new trial took over (yet): not left RUNNING
-            keep = {t.trial_id for t in trials} | self.adopted
-            for old, info in self.known.items():
-                if old not in keep and info["status"] == "RUNNING":
-                    self.box.batch(old, tags={"tpp.status": "interrupted"})
-                    self.box.status(old, "KILLED")
+        for mid, status in list(self.status.items()):
+            if status == "RUNNING":
+                self._end(mid, "interrupted", {"tpp.status": "interrupted"})
         if not self.box.drain(60):
+            from study.store import StudyFolder
+
             folder = StudyFolder(self.study_dir)
             self.box.save_pending(folder.pending_log)
             print(f"[tpp-study] MLflow still unreachable: {len(self.box.ops)} write(s) saved to "

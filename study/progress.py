@@ -1,7 +1,7 @@
-"""Progress while a study runs: one line per finished trial, and study.json kept current.
+"""Progress while a study runs: one line per finished member, and study.json kept current.
 
 Ray's own table output is turned off (verbose=0); this line says what a user waiting on a study wants
-to know: how many trials are done / running / pending, the best so far, and when it will end.
+to know: how many runs are done / failed, the best so far, and when it will end.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from typing import Any
 
 from ray import tune
 
-from study.store import StudyFolder
-
 
 def fmt_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
@@ -26,75 +24,91 @@ def fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
-class Progress(tune.Callback):
-    """Prints `[study] 5/16 done, 2 running, 9 pending | last ... | best ... | ETA 2m10s`."""
+def rank(value: float, lr: float, name: str, mode: str) -> tuple:
+    """Sort key of the best run, the one definition every output uses: the better objective; ties go
+    to the lower finetuning LR, then to the run name that sorts first."""
+    return (-value if mode == "max" else value, lr, name)
 
-    def __init__(self, study_dir: str, metric: str, mode: str, stream: Any = None):
-        self.study_dir, self.metric, self.mode = study_dir, metric, mode
-        self.stream = stream
+
+class Progress(tune.Callback):
+    """Prints `[study] 37/270 runs done (0 failed) | <run>: best_acc 91.20 | best ... | ETA 2m10s`."""
+
+    def __init__(self, study_dir: str, stream: Any = None):
+        self.study_dir, self.stream = study_dir, stream
         self._reset()
 
     def _reset(self) -> None:
         self.t0 = time.monotonic()
-        self.finished_here = 0
-        self.total = 0
-        self.best: tuple[float, str] | None = None
+        self.done = self.failed = self.finished_here = 0
+        self.best: tuple | None = None
+        self.names: dict[str, tuple[str, float]] = {}  # member id -> (run name, lr)
+        self.members: dict[str, list[str]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"study_dir": self.study_dir, "metric": self.metric, "mode": self.mode}
+        return {"study_dir": self.study_dir}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
 
-    def setup(self, total_num_samples: int | None = None, **info: Any) -> None:
+    def setup(self, **info: Any) -> None:
+        from study.config import load_config
+        from study.store import StudyFolder
+
         self._reset()
-        self.meta = StudyFolder(self.study_dir).read_meta()
-        self.total = self.meta.num_trials or int(total_num_samples or 0)
-
-    def _better(self, value: float) -> bool:
-        if self.best is None:
-            return True
-        return value > self.best[0] if self.mode == "max" else value < self.best[0]
-
-    def _line(self, trials: list, trial: Any, outcome: str, failed_now: bool = False) -> None:
-        from study.space import point_from_config, run_name
-
-        self.finished_here += 1
-        # The reported trial may not carry its final status yet when callbacks run.
-        status = {t.trial_id: t.status for t in trials}
-        status[trial.trial_id] = "ERROR" if failed_now else "TERMINATED"
-        done = sum(s in ("TERMINATED", "ERROR") for s in status.values())
-        failed = sum(s == "ERROR" for s in status.values())
-        running = sum(s == "RUNNING" for s in status.values())
-        pending = max(self.total - done - running, 0)
-        for t in trials:  # the best over every finished trial (also those finished before a resume)
-            value = (t.last_result or {}).get(self.metric)
-            finite = isinstance(value, (int, float)) and math.isfinite(value)
-            if status[t.trial_id] == "TERMINATED" and finite and self._better(value):
-                self.best = (float(value), run_name(point_from_config(t.config)))
-        elapsed = time.monotonic() - self.t0
-        eta = elapsed / self.finished_here * (self.total - done) if self.finished_here else math.nan
-        name = run_name(point_from_config(trial.config))
-        best = f"{self.metric} {self.best[0]:.2f} ({self.best[1]})" if self.best else "-"
-        line = (f"[{self.meta.name}] {done}/{self.total} done ({failed} failed), {running} running, "
-                f"{pending} pending | {name}: {outcome} | best {best} | "
-                f"elapsed {fmt_duration(elapsed)}, ETA {fmt_duration(eta) if done < self.total else '0s'}")
-        print(line, file=self.stream or sys.stdout, flush=True)
         folder = StudyFolder(self.study_dir)
-        folder.update_meta(done=done - failed, failed=failed,
-                           best={"value": self.best[0], "trial": self.best[1]} if self.best else None)
+        self.meta, self.config = folder.read_meta(), load_config(folder.config_path)
+        self.done, self.failed = self.meta.done, self.meta.failed
+        if self.meta.best:
+            b = self.meta.best
+            self.best = (rank(b["value"], b.get("lr", 0.0), b["run_name"], self.config.objective.mode), b)
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        last = trial.last_result or {}
-        value = last.get(self.metric)
-        status = last.get("tpp_status", "completed")
-        reuse = last.get("tpp_reuse", "none")
-        shown = f"{value:.2f}" if isinstance(value, (int, float)) else "?"
-        self._line(trials, trial, f"{self.metric} {shown} ({status}, prune {reuse})")
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from study.design import run_name, varying
+        from study.trainable import resolve
+
+        if trial.config.get("kind") == "prune":
+            return
+        runs = resolve(self.config, trial.config, trial.trial_id)
+        self.members[trial.trial_id] = runs.ids
+        for rc, mid in zip(runs.configs, runs.ids, strict=True):
+            self.names[mid] = (run_name(runs.point, rc, varying(self.config)), rc.lr)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        metric, mode = self.config.objective.metric, self.config.objective.mode
+        for mid, rec in (result.get("tpp_done") or {}).items():
+            if mid not in self.names:
+                continue
+            name, lr = self.names.pop(mid)
+            value = rec["metrics"].get(metric, math.nan)
+            if math.isfinite(value):
+                key = rank(value, lr, name, mode)
+                if self.best is None or key < self.best[0]:
+                    self.best = (key, {"metric": metric, "value": value, "run_name": name, "lr": lr})
+            self._line(f"{name}: {metric} {value:.2f} ({rec['status']})")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._line(trials, trial, f"FAILED: {last_error_line(trial)} (tag tpp.error has the traceback)",
-                   failed_now=True)
+        for mid in self.members.get(trial.trial_id, []):
+            if mid in self.names:
+                name, _ = self.names.pop(mid)
+                self._line(f"{name}: FAILED: {last_error_line(trial)} (tag tpp.error has the traceback)",
+                           failed=True)
+
+    def _line(self, outcome: str, failed: bool = False) -> None:
+        from study.store import StudyFolder
+
+        self.finished_here += 1
+        self.done += not failed
+        self.failed += failed
+        total = self.meta.num_runs
+        left = max(total - self.done - self.failed, 0)
+        elapsed = time.monotonic() - self.t0
+        eta = fmt_duration(elapsed / self.finished_here * left) if left else "0s"
+        best = self.best[1] if self.best else None
+        shown = f"{best['metric']} {best['value']:.2f} ({best['run_name']})" if best else "-"
+        print(f"[{self.meta.name}] {self.done + self.failed}/{total} runs done ({self.failed} failed) | "
+              f"{outcome} | best {shown} | elapsed {fmt_duration(elapsed)}, ETA {eta}",
+              file=self.stream or sys.stdout, flush=True)
+        StudyFolder(self.study_dir).update_meta(done=self.done, failed=self.failed, best=best)
 
 
 def last_error_line(trial: Any) -> str:

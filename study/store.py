@@ -1,22 +1,24 @@
-"""The study folder: where everything of one study lives, and its metadata file `study.json`.
+"""The study folder: where everything of one study lives, its metadata file `study.json`, and its lock.
 
     <storage>/<name>/
-        study.json          name, status, tracking URI, parent run id, Tune path, trial counts
+        study.json          name, status, tracking URI, parent run id, planned runs, config digest
         study_config.yaml   the resolved config (what `resume` runs again)
+        .lock               held (fcntl) by the one process running the study; says who
         dense.pt            the dense model, trained once per study (weights only)
-        prune_cache/        pruned models by prune key (reused across trials and on resume)
-        finished/           the final result of every finished trial point (a resumed study never re-runs it)
+        prune_cache/        pruned models by prune key, verified on load (study.prune_cache)
         tune/               Ray Tune's experiment folder (trial checkpoints; what `resume` restores)
-        optuna.db           the persistent Optuna study (optuna-dashboard sqlite:///.../optuna.db)
+        optuna.db           the Optuna study of the adaptive samplers (optuna-dashboard sqlite:///...)
         mlflow.db           the default MLflow store (when no tracking URI is given)
+        mlflow_pending.json MLflow writes a lost server never took, delivered by the next run/resume
 
-`study.json` is small and rewritten atomically after every finished trial, so `tpp-study list` can
-show progress without touching Ray or MLflow.
+MLflow is the record of what finished; `study.json` is a small summary rewritten atomically, so
+`tpp-study list` shows progress without touching Ray or MLflow.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -28,6 +30,10 @@ from typing import Any
 META = "study.json"
 
 
+class StudyBusy(RuntimeError):
+    """Another live process holds the study's lock."""
+
+
 @dataclass
 class StudyMeta:
     name: str
@@ -36,15 +42,14 @@ class StudyMeta:
     experiment: str = ""
     experiment_id: str = ""
     parent_run_id: str = ""
-    tune_path: str = ""
-    num_trials: int = 0
-    done: int = 0  # finished trials (completed + diverged)
+    num_runs: int = 0  # planned member runs
+    done: int = 0  # finished runs (completed + diverged)
     failed: int = 0
     best: dict[str, Any] | None = None
+    config_digest: str = ""
+    dense_digest: str = ""  # the dense weights' identity (prune keys hash it)
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
-    pid: int = 0
-    host: str = ""
     ray_address: str | None = None
 
     @classmethod
@@ -53,66 +58,28 @@ class StudyMeta:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 class StudyFolder:
-    """Paths of one study and its metadata."""
+    """Paths of one study, its metadata and its lock."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path).expanduser().absolute()
+        self._lock_file: Any = None
 
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def meta_path(self) -> Path:
-        return self.path / META
-
-    @property
-    def config_path(self) -> Path:
-        return self.path / "study_config.yaml"
-
-    @property
-    def dense_path(self) -> Path:
-        return self.path / "dense.pt"
-
-    @property
-    def prune_cache(self) -> Path:
-        return self.path / "prune_cache"
-
-    @property
-    def tune_path(self) -> Path:
-        return self.path / "tune"
-
-    @property
-    def optuna_db(self) -> Path:
-        return self.path / "optuna.db"
-
-    @property
-    def pending_log(self) -> Path:
-        """MLflow writes that could not be delivered (server gone); replayed by the next run/resume."""
-        return self.path / "mlflow_pending.pkl"
-
-    @property
-    def finished_dir(self) -> Path:
-        return self.path / "finished"
-
-    def finished_path(self, point_id: str) -> Path:
-        return self.finished_dir / f"{point_id}.json"
-
-    def record_finished(self, point_id: str, result: dict[str, Any]) -> None:
-        """Keep a finished trial's final result (JSON scalars only), by its point (`study.space.point_id`):
-        a restored Tune run that lost track of it (the driver was killed before Tune saved its state)
-        replays it instead of re-running, under the same or a new trial id."""
-        keep = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or k == "tpp_final"}
-        self.finished_dir.mkdir(parents=True, exist_ok=True)
-        path = self.finished_path(point_id)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(keep, default=str))
-        os.replace(tmp, path)
-
-    def read_finished(self, point_id: str) -> dict[str, Any] | None:
-        path = self.finished_path(point_id)
-        return json.loads(path.read_text()) if path.is_file() else None
+    name = property(lambda self: self.path.name)
+    meta_path = property(lambda self: self.path / META)
+    config_path = property(lambda self: self.path / "study_config.yaml")
+    dense_path = property(lambda self: self.path / "dense.pt")
+    prune_cache = property(lambda self: self.path / "prune_cache")
+    tune_path = property(lambda self: self.path / "tune")
+    optuna_db = property(lambda self: self.path / "optuna.db")
+    pending_log = property(lambda self: self.path / "mlflow_pending.json")
+    lock_path = property(lambda self: self.path / ".lock")
 
     def exists(self) -> bool:
         return self.meta_path.is_file()
@@ -123,9 +90,7 @@ class StudyFolder:
     def write_meta(self, meta: StudyMeta) -> None:
         meta.updated = time.time()
         self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.meta_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(asdict(meta), indent=2, default=str))
-        os.replace(tmp, self.meta_path)
+        _write_atomic(self.meta_path, json.dumps(asdict(meta), indent=2, default=str))
 
     def update_meta(self, **changes: Any) -> StudyMeta:
         meta = self.read_meta()
@@ -134,48 +99,73 @@ class StudyFolder:
         self.write_meta(meta)
         return meta
 
-    def claim(self) -> None:
-        """Record this process as the one running the study (for `status` to tell live from dead)."""
-        self.update_meta(pid=os.getpid(), host=socket.gethostname(), status="running")
+    # ------------------------------------------------------------------------------------ the lock
+    def holder(self) -> str | None:
+        """Who holds the lock ("pid 123 on host since ..."), or None when nobody does."""
+        if not self.lock_path.is_file():
+            return None
+        with open(self.lock_path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                try:
+                    who = json.loads(f.read() or "{}")
+                except ValueError:
+                    who = {}
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(who.get("started", 0)))
+                return f"pid {who.get('pid', '?')} on {who.get('host', '?')} since {since}"
+            fcntl.flock(f, fcntl.LOCK_UN)
+        return None
 
-
-def live_status(meta: StudyMeta) -> str:
-    """The recorded status, but 'interrupted' for a 'running' study whose process is gone."""
-    if meta.status == "running" and meta.host == socket.gethostname() and meta.pid:
+    def lock(self) -> None:
+        """Hold the study's lock for this process's lifetime (the kernel drops it when the process dies,
+        so a crashed driver leaves no stale lock). Raises StudyBusy naming the live holder."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        f = open(self.lock_path, "a+")  # noqa: SIM115 - held until unlock() or process exit
         try:
-            os.kill(meta.pid, 0)
-        except ProcessLookupError:
-            return "interrupted"
-        except PermissionError:
-            pass
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise StudyBusy(f"study {self.name!r} is being run by {self.holder() or 'another process'}; "
+                            "wait for it, or stop it (Ctrl-C / kill) first") from None
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}))
+        f.flush()
+        self._lock_file = f
+
+    def unlock(self) -> None:
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+
+def live_status(folder: StudyFolder) -> str:
+    """The recorded status, but 'interrupted' for a 'running' study whose process is gone."""
+    meta = folder.read_meta()
+    if meta.status == "running" and folder.holder() is None:
+        return "interrupted"
     return meta.status
 
 
 def find_study(name_or_path: str, storage: str | os.PathLike = "./studies") -> StudyFolder:
     """A study by folder path, or by name under `storage`. Raises FileNotFoundError listing what exists."""
-    candidates = [Path(name_or_path), Path(storage) / name_or_path]
-    for c in candidates:
+    for c in (Path(name_or_path), Path(storage) / name_or_path):
         if (c / META).is_file():
             return StudyFolder(c)
         if c.name == META and c.is_file():
             return StudyFolder(c.parent)
-    names = [m.name for m in list_studies(storage)]
+    names = [f.name for f in list_studies(storage)]
     raise FileNotFoundError(f"no study {name_or_path!r} (looked in {Path(name_or_path).absolute()} and "
                             f"{(Path(storage) / name_or_path).absolute()}); studies under "
                             f"{Path(storage).absolute()}: {', '.join(names) or 'none'}")
 
 
-def list_studies(storage: str | os.PathLike = "./studies") -> list[StudyMeta]:
+def list_studies(storage: str | os.PathLike = "./studies") -> list[StudyFolder]:
     root = Path(storage)
-    if not root.is_dir():
-        return []
-    out = []
-    for meta_path in sorted(root.glob(f"*/{META}")):
-        try:
-            out.append(StudyFolder(meta_path.parent).read_meta())
-        except (OSError, ValueError):
-            continue
-    return out
+    return [StudyFolder(p.parent) for p in sorted(root.glob(f"*/{META}"))] if root.is_dir() else []
 
 
 def disk_usage(path: str | os.PathLike) -> int:
@@ -193,7 +183,3 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TB"
-
-
-def as_dict(meta: StudyMeta) -> dict[str, Any]:
-    return asdict(meta)

@@ -1,9 +1,10 @@
-"""The Tune trial: one tpp run (prune stage, reused when possible, then finetuning), reported per epoch.
+"""The Tune trial: a prune unit (prune stages into the cache) or the members of one prune point.
 
 Runs inside a Ray worker, possibly on another node: it never talks to MLflow (the driver logs, so a
-SQLite store has a single writer). Each finetune epoch is one `tune.report` carrying the epoch's
-metrics, the running objective (so ASHA and the searcher can read it at any step) and a resumable
-checkpoint; the last epoch's report also carries the final metrics and the trial's status.
+SQLite store has a single writer). Everything the driver logs travels in `tune.report` results:
+`tpp_rows` (per-member metric rows, each at its own step), `tpp_done` (members that finished, with
+their final metrics and status). A checkpoint carries the pipeline's resumable state, which records
+the members already done, so a retried or resumed trial continues where it was and never redoes one.
 """
 
 from __future__ import annotations
@@ -19,104 +20,55 @@ from typing import Any
 from ray import tune
 
 from study.config import StudyConfig
-from study.space import point_from_config, point_id, run_config
-from study.store import StudyFolder
+from study.design import PrunePoint, member_id, members, run_config, trial_runs
+from study.prune_cache import PruneCache
 
 STATE_FILE = "state.pt"
-REPORT_EVERY_S = 1.0  # sub-second epochs are reported in batches (see _Reporter)
-EPOCH_KEYS = ("train_loss", "test_acc", "lr", "jsv_mean", "reg")
+REPORT_EVERY_S = 1.0  # sub-second epochs are reported in batches (see Reporter)
+EPOCH_KEYS = ("train_loss", "test_acc", "val_acc", "lr", "jsv_mean", "reg")
 
 
 @dataclass
 class TrialContext:
-    """What every trial needs besides its point; shipped once through the object store."""
+    """What every trial needs besides its config; shipped once through the object store."""
 
     config: StudyConfig
     study_dir: str
-    extra: dict[str, Any] = field(default_factory=dict)
+    finished: dict[str, dict[str, Any]] = field(default_factory=dict)  # member id -> its recorded result
 
     @property
-    def prune_cache_dir(self) -> Path:
-        return Path(self.study_dir) / "prune_cache"
+    def cache(self) -> PruneCache:
+        return PruneCache(Path(self.study_dir) / "prune_cache")
 
 
-def _epoch_metrics(event: dict[str, Any]) -> dict[str, float]:
-    return {f"{event['stage']}/{k}": float(event[k]) for k in EPOCH_KEYS if k in event}
+@dataclass
+class TrialRuns:
+    """The members a trial trains: their prune point, RunConfigs, ids, and which of them carries the
+    prune stage's own record (its curves; tag tpp.reuse=computed, the others `reused`): in a design,
+    the point's first member; with an adaptive sampler (None) the trial that computed the stage."""
+
+    point: PrunePoint
+    configs: list[Any]
+    ids: list[str]
+    first: list[bool] | None
+
+
+def resolve(cfg: StudyConfig, config: dict[str, Any], trial_id: str) -> TrialRuns:
+    """What a trial's Tune config runs (the driver's logger calls this too).
+
+    A design's member is identified by its settings alone (planned once; a resumed study finds it
+    again); an adaptive sampler's by its trial too, since Optuna may propose the same point twice.
+    """
+    points, runs = trial_runs(cfg, config)
+    point = points[0]
+    configs = [run_config(cfg, point, m) for _, m in runs]
+    ids = [member_id(point, rc) + ("" if cfg.is_design else f"-{trial_id}") for rc in configs]
+    first = [m == members(cfg)[0] for _, m in runs] if cfg.is_design else None
+    return TrialRuns(point, configs, ids, first)
 
 
 def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
-class _Reporter:
-    """Turns tpp events into Tune reports; holds back the last epoch to merge the final metrics into it.
-
-    Each report costs the driver (Tune's loop, the MLflow write) and the worker CPU that a small
-    machine takes from the trials, so sub-second epochs are batched: an epoch is reported at once when
-    it is the first, carries a checkpoint, or `every_s` seconds passed since the last report (or
-    always, with `every_s` 0: ASHA counts reports as epochs); the epochs in between travel with it in
-    `tpp_events`, logged at their own steps. A worker that dies loses only unreported epochs, which it
-    re-runs from its last checkpoint (always reported at once).
-    """
-
-    def __init__(self, epochs: int, objective: str, reuse: str, base: dict[str, float],
-                 pre_events: list[dict[str, Any]], best: float = -math.inf, last: float = math.nan,
-                 every_s: float = 0.0):
-        self.epochs, self.objective, self.reuse, self.base = epochs, objective, reuse, base
-        self.events = pre_events  # rows {"step": s, "stage/metric": v} not yet reported
-        self.best, self.last, self.every_s = best, last, every_s
-        self.held: tuple[dict[str, Any], dict[str, Any] | None] | None = None
-        self.last_epoch = -1
-        self.reported = -math.inf  # time.monotonic() of the last report
-
-    def running(self) -> dict[str, Any]:
-        best = self.best if self.best > -math.inf else self.last
-        return {"best_acc": best, "last_acc": self.last, **self.base, "tpp_reuse": self.reuse,
-                "tpp_node": _node()}
-
-    def _result(self, epoch: int, metrics: dict[str, float]) -> dict[str, Any]:
-        """A report for `epoch`, carrying (and clearing) every row not reported yet."""
-        result = {"epoch": epoch, **metrics, **self.running()}
-        if self.events:
-            result["tpp_events"], self.events = self.events, []
-        return result
-
-    def on_event(self, event: dict[str, Any]) -> None:
-        if event.get("event") != "epoch" or event.get("stage") != "finetune":
-            return
-        state = event.pop("checkpoint", None)
-        acc = float(event["test_acc"])
-        self.last = acc
-        if math.isfinite(acc):
-            self.best = max(self.best, acc)
-        first, self.last_epoch = self.last_epoch < 0, int(event["epoch"])
-        metrics = _epoch_metrics(event)
-        if self.last_epoch == self.epochs - 1:
-            self.held = (self._result(self.last_epoch, metrics), state)  # merged with the final metrics
-        elif first or state is not None or time.monotonic() - self.reported >= self.every_s:
-            _report(self._result(self.last_epoch, metrics), state)
-            self.reported = time.monotonic()
-        else:
-            self.events.append({"step": self.last_epoch, **metrics})
-
-    def finish(self, status: str, final: dict[str, float], chance: float) -> None:
-        """Last report: final metrics, status, and an objective the searcher can use even if diverged."""
-        final = {k: float(v) for k, v in final.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        for key in ("best_acc", "last_acc"):
-            if not _finite(final.get(key)):
-                final[key] = self.best if self.best > -math.inf else chance
-        if self.held is not None:
-            result, state = self.held
-        else:  # diverged before the last epoch (or in the prune stage): unreported rows go along
-            result, state = self._result(max(self.last_epoch, 0), {}), None
-        objective = final.get(self.objective, result.get(self.objective))
-        result.update({k: v for k, v in final.items() if k in ("best_acc", "last_acc", "acc_after_removal")})
-        if not _finite(objective):
-            objective = chance
-        result[self.objective] = objective
-        result.update(tpp_final=final, tpp_status=status)
-        _report(result, state)
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @functools.lru_cache(maxsize=1)
@@ -124,19 +76,89 @@ def _node() -> str:
     """Which Ray node runs the trial (logged as tag tpp.node: where to look when a node misbehaves)."""
     import ray
 
-    ctx = ray.get_runtime_context()
-    return f"{ray.util.get_node_ip_address()}/{ctx.get_node_id()[:8]}"
+    return f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
 
 
-def _report(result: dict[str, Any], state: dict[str, Any] | None) -> None:
-    if state is None:
-        tune.report(result)
-        return
-    from tpp.checkpoint import save_state
+class Reporter:
+    """Turns pipeline events into Tune reports.
 
-    with tempfile.TemporaryDirectory(prefix="tpp-ckpt-") as d:
-        save_state(Path(d) / STATE_FILE, state)
-        tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
+    Each report costs the driver (Tune's loop, the MLflow write) and the worker CPU that a small machine
+    takes from the trials, so sub-second epochs are batched: a report goes at once for the first
+    epoch, a checkpoint, a finished member, or when `every_s` passed (always, with `every_s` 0: ASHA
+    counts reports as epochs); the rows in between travel with it. A worker that dies loses only
+    unreported rows, which it re-runs from its last checkpoint (always reported at once).
+    """
+
+    def __init__(self, runs: TrialRuns, objective: str, every_s: float):
+        self.runs, self.objective, self.every_s = runs, objective, every_s
+        self.rows: list[tuple[str, str, float, int]] = []
+        self.done: dict[str, dict[str, Any]] = {}
+        self.reuse: dict[str, str] = {}
+        self.best = -math.inf
+        self.reported = -math.inf
+        self.epoch = 0
+
+    def _report(self, state: dict[str, Any] | None = None, **extra: Any) -> None:
+        result = {"epoch": self.epoch, self.objective: self.best if self.best > -math.inf else math.nan,
+                  "tpp_node": _node(), **extra}
+        if self.rows:
+            result["tpp_rows"], self.rows = self.rows, []
+        if self.done:
+            result["tpp_done"], self.done = self.done, {}
+        if self.reuse:
+            result["tpp_reuse"], self.reuse = self.reuse, {}
+        self.reported = time.monotonic()
+        if state is None:
+            tune.report(result)
+            return
+        from tpp.checkpoint import save_state
+
+        with tempfile.TemporaryDirectory(prefix="tpp-ckpt-") as d:
+            save_state(Path(d) / STATE_FILE, state)
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
+
+    def pruned(self, event: dict[str, Any]) -> None:
+        """Tag each member's reuse and send the prune stage's curves with the one that carries them; a
+        resumed trial sends them again and the logger drops the steps it already has."""
+        from tpp.methods import get_method
+
+        if not get_method(self.runs.configs[0].method).regularize:
+            self.reuse = {mid: "none" for mid in self.runs.ids}
+            return
+        first = self.runs.first or [event["reuse"] == "computed"] * len(self.runs.ids)
+        self.reuse = {mid: "computed" if f else "reused" for mid, f in zip(self.runs.ids, first, strict=True)}
+        for mid, carries in zip(self.runs.ids, first, strict=True):
+            if carries:
+                self.rows += [(mid, f"prune/{k}", float(h[k]), int(h["epoch"])) for h in event["history"]
+                              for k in EPOCH_KEYS if k in h]
+
+    def finished(self, index: int, status: str, metrics: dict[str, Any]) -> None:
+        final = {k: float(v) for k, v in metrics.items() if _finite(v)}
+        self.done[self.runs.ids[index]] = {"status": status, "metrics": final}
+        if _finite(final.get(self.objective)):
+            self.best = max(self.best, final[self.objective])
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "pruned":
+            self.pruned(event)
+        elif kind == "member_end":
+            self.finished(event["member"], event["status"], event["metrics"])
+            self._report()
+        elif kind == "epoch" and event.get("stage") == "finetune":
+            state = event.pop("checkpoint", None)
+            mid = self.runs.ids[event["member"]]
+            self.epoch += 1
+            self.rows += [(mid, f"finetune/{k}", float(event[k]), int(event["epoch"])) for k in EPOCH_KEYS
+                          if k in event]
+            if _finite(event.get("test_acc")) and self.objective == "best_acc":
+                self.best = max(self.best, float(event["test_acc"]))
+            if self.epoch == 1 or state is not None or time.monotonic() - self.reported >= self.every_s:
+                self._report(state)
+
+    def flush(self) -> None:
+        if self.rows or self.done or self.reuse:
+            self._report()
 
 
 def _resume_state() -> dict[str, Any] | None:
@@ -150,69 +172,57 @@ def _resume_state() -> dict[str, Any] | None:
         return load_state(path) if path.is_file() else None
 
 
-def _prune(run_cfg: Any, dense: Any, data: Any, ctx: TrialContext, holder: str,
-           on_event: Any) -> tuple[Any, str]:
-    """The pruned model and tpp.reuse: computed | reused (cached methods) or none (cheap, not cached)."""
-    from tpp.checkpoint import load_pruned, save_pruned
-    from tpp.methods import get_method
-    from tpp.run import prune_key, prune_stage
+def _prune_unit(config: dict[str, Any], dense: Any, ctx: TrialContext) -> None:
+    """Compute the unit's prune stages into the cache (skipping what is already there)."""
+    from study.design import points as design_points
+    from tpp.run import load_run_data, prune_key, prune_stage
 
-    if not get_method(run_cfg.method).regularize:
-        return prune_stage(run_cfg, dense, data, on_event), "none"
-    if not ctx.config.prune_reuse:
-        return prune_stage(run_cfg, dense, data, on_event), "computed"
-    from study.prune_cache import get_or_compute
-
-    key = prune_key(run_cfg, dense)
-    return get_or_compute(ctx.config.name, ctx.prune_cache_dir, key, holder,
-                          compute=lambda: prune_stage(run_cfg, dense, data, on_event),
-                          save=save_pruned, load=load_pruned)
+    cfg, cache = ctx.config, ctx.cache
+    first = members(cfg)[0]
+    todo = []
+    for i in config["points"]:
+        rc = run_config(cfg, design_points(cfg)[i], first)
+        key = prune_key(rc, dense)
+        if cache.load(key, rc.prune_inputs()) is None:
+            todo.append((key, rc))
+    if todo:
+        data = load_run_data(todo[0][1])
+        with cache.locked([k for k, _ in todo]):
+            for key, rc in todo:
+                if cache.load(key, rc.prune_inputs()) is None:  # a finetune unit may have computed it
+                    cache.record(key, "start")
+                    cache.save(key, rc.prune_inputs(), prune_stage(rc, dense, data))
+                    cache.record(key, "done")
+    tune.report({"epoch": 0, "tpp_prune_computed": len(todo), "tpp_node": _node()})
 
 
 def trial(config: dict[str, Any], dense: Any = None, ctx: TrialContext | None = None) -> None:
     """The Tune function trainable (wrapped with tune.with_parameters(dense=..., ctx=...))."""
-    from tpp.run import DivergedError, finetune_stage, load_run_data
+    from tpp.methods import get_method
+    from tpp.run import load_run_data, run_pipeline
 
     assert ctx is not None and dense is not None
+    if config["kind"] == "prune":
+        _prune_unit(config, dense, ctx)
+        return
     cfg = ctx.config
-    point = point_from_config(config)
-    run_cfg = run_config(cfg, point)
-    data = load_run_data(run_cfg)
-    chance = 100.0 / data.num_classes
+    runs = resolve(cfg, config, tune.get_context().get_trial_id())
+    reporter = Reporter(runs, cfg.objective.metric, 0.0 if cfg.early_stopping.asha else REPORT_EVERY_S)
+    skip = [i for i, mid in enumerate(runs.ids) if mid in ctx.finished]
     resume_state = _resume_state()
-    pre_events: list[dict[str, Any]] = []
-
-    def on_prune_event(event: dict[str, Any]) -> None:
-        if event.get("event") == "epoch":
-            pre_events.append({"step": int(event["epoch"]), **_epoch_metrics(event)})
-
-    holder = tune.get_context().get_trial_id() or "trial"
-    finished = StudyFolder(ctx.study_dir).read_finished(point_id(point))
-    if finished is not None:  # finished before the driver was killed; Tune's saved state missed it
-        tune.report({**finished, "tpp_replayed": True})
+    for i, rec in (resume_state or {}).get("done", {}).items():  # done before a retry: make sure it is logged
+        reporter.finished(int(i), rec["status"], rec["metrics"])
+    if len(skip) == len(runs.ids):  # every member finished in an earlier session: report what it got
+        for i in skip:
+            reporter.finished(i, ctx.finished[runs.ids[i]]["status"], ctx.finished[runs.ids[i]]["metrics"])
+        reporter.flush()
         return
-    try:
-        pruned, reuse = _prune(run_cfg, dense, data, ctx, holder, on_prune_event)
-    except DivergedError as e:
-        reporter = _Reporter(run_cfg.epochs, cfg.objective.metric, "computed", {}, pre_events)
-        reporter.finish("diverged", {**dense.metrics, "best_acc": chance, "last_acc": chance,
-                                     "diverged_stage_prune": 1.0}, chance)
-        print(f"[tpp-study] {holder}: {e}")
-        return
-    if resume_state is not None:
-        pre_events.clear()  # already logged before the interruption
-    base = {"acc_after_removal": float(pruned.metrics.get("acc_after_removal", math.nan))}
-    reporter = _Reporter(run_cfg.epochs, cfg.objective.metric, reuse, base, pre_events,
-                         best=float(resume_state["best_acc"]) if resume_state else -math.inf,
-                         every_s=0.0 if cfg.early_stopping.asha else REPORT_EVERY_S)
-    result = finetune_stage(run_cfg, pruned, data, reporter.on_event, resume_state=resume_state,
-                            checkpoint_every=cfg.checkpoint_every,
-                            checkpoint_min_interval_s=cfg.checkpoint_min_interval_s)
-    final = {**dense.metrics, **pruned.metrics, **result.metrics}
-    if resume_state is not None:  # a retried or resumed trial: where it picked up
-        final["resumed_from_epoch"] = float(resume_state["epoch"])
-    reporter.finish(result.status, final, chance)
-    del result, pruned
+    data = load_run_data(runs.configs[0])
+    store = ctx.cache if get_method(runs.configs[0].method).regularize else None
+    run_pipeline(runs.configs, dense=dense, store=store, data=data, on_event=reporter.on_event, skip=skip,
+                 resume_state=resume_state, checkpoint_every=cfg.checkpoint_every,
+                 checkpoint_min_interval_s=cfg.checkpoint_min_interval_s)
+    reporter.flush()
     _free_gpu()
 
 

@@ -10,7 +10,9 @@ tracking server may go away for a while without losing a metric.
 from __future__ import annotations
 
 import copy
+import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,25 +24,29 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from ray import tune
 
 import study
 from study.config import load_config
-from study.space import point_from_config, run_config
+from study.design import PrunePoint, members, run_config, short
+from study.prune_cache import PruneCache
 from study.store import StudyFolder
+from tpp.models import ModelSpec
+from tpp.results import PrunedModel
 
+SPEC = ModelSpec("mlp", 10, (4,), {})
 TINY = {
     "name": "tiny",
     "model": {"name": "mlp", "kwargs": {"depth": 3, "width": 16, "activation": "relu"}},
     "data": {"name": "synthetic", "kwargs": {"n_train": 256, "n_test": 128}},
-    "dense": {"epochs": 2, "lr": 0.05},
+    "dense": {"epochs": 2, "lr": 0.05, "batch_size": 64},
     "methods": ["l1", "tpp"],
-    # lr 1e4 makes the finetuning loss blow up: those trials must end "diverged", not "failed".
-    "space": {"lr": [1e-2, 1e4], "pr": [0.5, 0.75], "growth": [0.2], "seeds": [0]},
-    "finetune": {"epochs": 2},
-    "fixed": {"batch_size": 64, "update_reg_interval": 1, "stabilize_reg_interval": 4, "jsv_samples": 4,
+    "space": {"pr": [0.5, 0.75], "growth": [0.2], "seeds": [0]},
+    # lr 1e4 makes the finetuning loss blow up: those members must end "diverged", not "failed".
+    "finetune": {"lr": [1e-2, 1e4], "epochs": 2, "batch_size": 64},
+    "fixed": {"reg_batch_size": 64, "update_reg_interval": 1, "stabilize_reg_interval": 4, "jsv_samples": 4,
               "device": "cpu"},
-    "sampler": "grid",
     "max_concurrent": 2,
 }
 
@@ -48,7 +54,12 @@ TINY = {
 def tiny(name: str, **changes) -> dict:
     cfg = copy.deepcopy(TINY)
     cfg["name"] = name
-    cfg.update(changes)
+    for key, value in changes.items():
+        if "__" in key:  # finetune__epochs=3: one key of a section
+            section, sub = key.split("__")
+            cfg[section] = {**cfg[section], sub: value}
+        else:
+            cfg[key] = value
     return cfg
 
 
@@ -76,9 +87,10 @@ def child_runs(res: study.StudyResult) -> list:
 
 
 def prune_keys(folder: Path, runs: list, cfg_dict: dict) -> set[str]:
-    """The distinct prune keys of the runs of regularising methods, computed independently of the study."""
+    """The distinct prune keys of the runs of methods with a penalty, computed from each run's params
+    independently of the study (and checked against the run's tag)."""
     from tpp.checkpoint import load_dense
-    from tpp.methods import uses_growth
+    from tpp.methods import get_method
     from tpp.run import prune_key
 
     cfg = load_config(cfg_dict, storage=str(folder.parent))
@@ -86,29 +98,33 @@ def prune_keys(folder: Path, runs: list, cfg_dict: dict) -> set[str]:
     keys = set()
     for r in runs:
         p = r.data.params
-        if not uses_growth(p["method"]):
-            continue
-        point = point_from_config({"method": p["method"], "pr": p["pr"], "lr": p["lr"], "growth": p["growth"],
-                                   "seed": p["seed"]})
-        keys.add(prune_key(run_config(cfg, point), dense))
+        point = PrunePoint(p["method_label"], float(p["pr"]), float(p["growth"]) if "growth" in p else None,
+                           int(p["seed"]))
+        member = next(m for m in members(cfg) if m["lr"] == float(p["lr"]))
+        key = prune_key(run_config(cfg, point, member), dense)
+        assert r.data.tags["tpp.prune_key"] == key
+        if get_method(p["method"]).regularize:
+            keys.add(key)
     return keys
 
 
-def check_trial_runs(res: study.StudyResult, runs: list, epochs: int) -> None:
-    """Every trial: nested, tagged, named, parametrised, with its per-epoch history and final metrics."""
+def check_member_runs(res: study.StudyResult, runs: list, epochs: int) -> None:
+    """Every member: nested, tagged, named, parametrised, with its per-epoch history and final metrics."""
     c = client(res.tracking_uri)
-    assert len(runs) == res.num_trials
-    assert len({r.data.tags["tpp.trial_id"] for r in runs}) == len(runs)  # no duplicates
+    assert len(runs) == res.num_runs
+    assert len({r.data.tags["tpp.member_id"] for r in runs}) == len(runs)  # no duplicates
     for r in runs:
         tags, params, metrics = r.data.tags, r.data.params, r.data.metrics
         assert tags["mlflow.parentRunId"] == res.parent_run_id
         assert tags["tpp.study"] == res.name and tags["tpp.role"] == "trial"
-        assert tags["tpp.method"] == params["method"]
+        assert tags["tpp.method"] == params["method_label"]
         assert tags["tpp.status"] in ("completed", "diverged")
         assert r.info.status == "FINISHED"
-        assert (params["growth"] == "none") == (params["method"] == "l1")
-        assert r.info.run_name.startswith(f"{params['method']} pr=")
-        assert {"best_acc", "last_acc", "acc_after_removal", "params", "flops", "dense_acc"} <= set(metrics)
+        assert ("growth" in params) == (params["has_penalty"] == "1") == (params["method"] != "l1")
+        assert r.info.run_name.startswith(f"lr={short(float(params['lr']))} {params['method_label']} pr=")
+        assert float(params["log10_lr"]) == pytest.approx(math.log10(float(params["lr"])), abs=1e-4)
+        assert {"best_acc", "last_acc", "acc_after_removal", "params", "flops", "dense_acc", "iters_total"} \
+            <= set(metrics)
         assert 0 <= metrics["best_acc"] <= 100
         history = c.get_metric_history(r.info.run_id, "finetune/test_acc")
         steps = sorted(m.step for m in history)
@@ -152,54 +168,59 @@ def test_outbox_merges_a_runs_batches_without_losing_or_reordering_writes(tmp_pa
 
 
 def test_study_end_to_end_sqlite(local_ray, tmp_path, capsys):
-    cfg = tiny("e2e")
+    cfg = tiny("e2e", description="a tiny end-to-end study")
     res = study.run(cfg, storage=str(tmp_path))
     out = capsys.readouterr().out
-    assert res.status == "completed" and res.num_trials == 2 * 2 * 2
+    assert res.status == "completed" and res.num_runs == 2 * 2 * 2 and res.exit_code == 0
     folder = StudyFolder(res.path)
     db = tmp_path / "e2e" / "mlflow.db"
     assert folder.path == tmp_path / "e2e" and res.tracking_uri == f"sqlite:///{db}"
 
-    # progress: one line per finished trial, then where things are and how to open the UI on loopback
-    progress = [line for line in out.splitlines() if line.startswith("[e2e] ") and " done (" in line]
-    assert len(progress) == 8 and progress[-1].startswith("[e2e] 8/8 done")
+    # progress: one line per finished member, then where things are and how to open the UI on loopback
+    progress = [line for line in out.splitlines() if line.startswith("[e2e] ") and " runs done (" in line]
+    assert len(progress) == 8 and progress[-1].startswith("[e2e] 8/8 runs done")
     assert f"--backend-store-uri sqlite:///{db} --host 127.0.0.1 --port 5000" in out
+    assert f"tpp-analyze e2e --storage {tmp_path}" in out
 
-    # the parent run: config params, num_trials, artifacts, dense metrics
+    # the parent run: config params, planned runs, artifacts, dense metrics, description, best run
     c = client(res.tracking_uri)
     parent = c.get_run(res.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["tpp.role"] == "study" and parent.data.tags["tpp.study"] == "e2e"
+    assert parent.data.tags["mlflow.note.content"] == "a tiny end-to-end study"
+    assert parent.data.tags["tpp.best_run_id"] == res.best["run_id"]
     assert parent.data.params["num_trials"] == "8" and parent.data.params["sampler"] == "grid"
     assert parent.data.params["model.name"] == "mlp" and parent.data.params["space.pr"] == "[0.5, 0.75]"
-    assert {"dense_test_acc", "dense_acc"} <= set(parent.data.metrics)
+    assert "dense_acc" in parent.data.metrics
     assert len(c.get_metric_history(res.parent_run_id, "dense/test_acc")) == 2
-    assert {a.path for a in c.list_artifacts(res.parent_run_id)} >= {"study_config.yaml", "search_space.json"}
+    assert {a.path for a in c.list_artifacts(res.parent_run_id)} >= {"study_config.yaml", "design.json"}
 
-    # the trials
+    # the members
     runs = child_runs(res)
-    check_trial_runs(res, runs, epochs=2)
+    check_member_runs(res, runs, epochs=2)
     status = Counter(r.data.tags["tpp.status"] for r in runs)
     assert status == {"completed": 4, "diverged": 4}, status
     for r in runs:
         if r.data.tags["tpp.status"] == "diverged":
             assert r.data.params["lr"] == "10000.0" and r.data.metrics["best_acc"] >= 0
+            assert r.data.tags["tpp.diverged_stage"] == "finetune"
 
-    # prune-stage reuse: computed exactly once per distinct prune key, every other tpp trial reused it
+    # prune-stage reuse: computed exactly once per distinct prune key, every other tpp member reused it
     reuse = Counter(r.data.tags["tpp.reuse"] for r in runs)
     keys = prune_keys(folder.path, runs, cfg)
     assert len(keys) == 2
     assert reuse == {"none": 4, "computed": len(keys), "reused": 4 - len(keys)}, reuse
     assert res.reuse == dict(reuse)
     assert len(list(folder.prune_cache.glob("*.pt"))) == len(keys)
+    assert PruneCache(folder.prune_cache).computations() == {k: 1 for k in keys}
     computed = [r for r in runs if r.data.tags["tpp.reuse"] == "computed"]
     assert all(c.get_metric_history(r.info.run_id, "prune/reg") for r in computed)
 
     # study metadata, list and status
     meta = folder.read_meta()
-    assert (meta.status, meta.done, meta.num_trials) == ("completed", 8, 8)
-    assert meta.parent_run_id == res.parent_run_id
-    assert folder.optuna_db.is_file() and folder.dense_path.is_file()
+    assert (meta.status, meta.done, meta.num_runs) == ("completed", 8, 8)
+    assert meta.parent_run_id == res.parent_run_id and meta.best["run_name"] == res.best["run_name"]
+    assert not folder.optuna_db.exists() and folder.dense_path.is_file()  # a design needs no Optuna study
     from study.cli import main
 
     assert main(["list", "--storage", str(tmp_path)]) == 0
@@ -209,9 +230,13 @@ def test_study_end_to_end_sqlite(local_ray, tmp_path, capsys):
     shown = capsys.readouterr().out
     assert "computed 2" in shown and "completed 4" in shown and "diverged 4" in shown
 
-    # an existing study is not overwritten by accident
+    # an existing study is not overwritten by accident, nor resumed with another config
     with pytest.raises(study.StudyError, match="already exists"):
         study.run(cfg, storage=str(tmp_path))
+    with pytest.raises(study.StudyError, match=r"another config \(finetune.epochs"):
+        study.run(tiny("e2e", finetune__epochs=3), storage=str(tmp_path), if_exists="resume")
+    done = study.resume("e2e", storage=str(tmp_path))
+    assert done.status == "completed" and "nothing to do" in capsys.readouterr().out
 
 
 class CountReports(tune.Callback):
@@ -225,17 +250,20 @@ class CountReports(tune.Callback):
 @pytest.mark.parametrize("asha", [False, True])
 def test_short_epochs_are_reported_in_batches_yet_all_logged(local_ray, tmp_path, asha):
     """Each report stalls the trial for a round trip through the driver: sub-second epochs travel in
-    batches -- unless ASHA, which counts reports as epochs, needs every one."""
-    cfg = tiny(f"batched-{asha}", space={"lr": [1e-2], "pr": [0.5], "growth": [0.2], "seeds": [0]},
-               finetune={"epochs": 8}, early_stopping={"asha": asha, "grace_period": 8})
+    batches -- unless ASHA (adaptive samplers), which counts reports as epochs, needs every one."""
+    changes = {"space": {"pr": [0.5], "growth": [0.2], "seeds": [0]}, "finetune__lr": [1e-2],
+               "finetune__epochs": 8, "lockstep": False}
+    if asha:
+        changes.update(sampler="tpe", num_trials=2, early_stopping={"asha": True, "grace_period": 8},
+                       methods=["l1"])
     counter = CountReports()
-    res = study.run(cfg, storage=str(tmp_path), callbacks=[counter])
+    res = study.run(tiny(f"batched-{asha}", **changes), storage=str(tmp_path), callbacks=[counter])
     assert res.status == "completed" and len(counter.reports) == 2
     if asha:
         assert set(counter.reports.values()) == {8}
     else:  # the first epoch at once (the trial is seen alive), the rest with the final metrics
-        assert max(counter.reports.values()) <= 3, counter.reports
-    check_trial_runs(res, child_runs(res), epochs=8)  # every epoch of every trial reached MLflow
+        assert max(counter.reports.values()) <= 4, counter.reports
+    check_member_runs(res, child_runs(res), epochs=8)  # every epoch of every member reached MLflow
 
 
 class Interrupt(tune.Callback):
@@ -249,7 +277,7 @@ class Interrupt(tune.Callback):
         self.marker, self.after, self.seen = marker, after, 0
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.seen += 1
+        self.seen += trial.config["kind"] != "prune"
         if self.seen == self.after and not os.path.exists(self.marker):
             Path(self.marker).write_text("fired")
             os.kill(os.getpid(), signal.SIGUSR1)  # Tune's own "stop and save state" signal
@@ -257,16 +285,15 @@ class Interrupt(tune.Callback):
 
 @pytest.mark.slow
 def test_interrupted_study_resumes_without_duplicates(local_ray, tmp_path):
-    cfg = tiny("resumable", space={"lr": [1e-3, 1e-2], "pr": [0.5, 0.75], "growth": [0.2], "seeds": [0]},
-               finetune={"epochs": 4})
+    cfg = tiny("resumable", finetune__lr=[1e-3, 1e-2], finetune__epochs=4, finetune__per_trial=1)
     marker = str(tmp_path / "fired")
     first = study.run(cfg, storage=str(tmp_path), callbacks=[Interrupt(marker)])
-    assert first.status == "interrupted" and os.path.exists(marker)
+    assert first.status == "interrupted" and first.exit_code == 1 and os.path.exists(marker)
     folder = StudyFolder(first.path)
     assert folder.read_meta().status == "interrupted"
     dense_mtime = folder.dense_path.stat().st_mtime_ns
-    finished_before = {r.data.tags["tpp.trial_id"]: r.info.run_id for r in child_runs(first)
-                       if r.data.tags.get("tpp.status") == "completed"}
+    finished_before = {r.data.tags["tpp.member_id"]: r.info.run_id for r in child_runs(first)
+                       if r.info.status == "FINISHED"}
     assert 2 <= len(finished_before) < 8
     assert client(first.tracking_uri).get_run(first.parent_run_id).info.status == "KILLED"
 
@@ -274,11 +301,12 @@ def test_interrupted_study_resumes_without_duplicates(local_ray, tmp_path):
     assert second.status == "completed" and second.parent_run_id == first.parent_run_id
     assert folder.dense_path.stat().st_mtime_ns == dense_mtime  # never retrained on resume
     runs = child_runs(second)
-    check_trial_runs(second, runs, epochs=4)
-    after = {r.data.tags["tpp.trial_id"]: r.info.run_id for r in runs}
-    assert all(after[t] == run_id for t, run_id in finished_before.items())  # same runs, continued
+    check_member_runs(second, runs, epochs=4)
+    after = {r.data.tags["tpp.member_id"]: r.info.run_id for r in runs}
+    assert all(after[m] == run_id for m, run_id in finished_before.items())  # same runs, not re-run
     reuse = Counter(r.data.tags["tpp.reuse"] for r in runs)
     assert reuse["computed"] == len(prune_keys(folder.path, runs, cfg)) == 2
+    assert set(PruneCache(folder.prune_cache).computations().values()) == {1}
     assert client(second.tracking_uri).get_run(second.parent_run_id).info.status == "FINISHED"
 
 
@@ -286,69 +314,71 @@ def test_clear_errors_before_anything_starts(local_ray, tmp_path):
     # GPUs asked for on a cluster without any
     with pytest.raises(study.StudyError, match=r"resources\.gpu: .*no GPUs"):
         study.run(tiny("gpu", resources={"gpu": 0.5}), storage=str(tmp_path))
-    assert not (tmp_path / "gpu").exists()
+    assert not (tmp_path / "gpu" / "study.json").exists()
     # an MLflow server that does not answer
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(study.StudyError, match="does not answer"):
         study.run(tiny("noserver"), storage=str(tmp_path), tracking_uri=f"http://127.0.0.1:{port}")
-    assert not (tmp_path / "noserver").exists()
+    assert not (tmp_path / "noserver" / "study.json").exists()
 
 
-def test_prune_cache_claims_leases_and_failures(local_ray, tmp_path):
-    """One computation per key; waiters reuse it; a dead or failing claimant does not block the key."""
-    import ray
-    import torch
+def test_prune_cache_computes_once_verifies_and_moves_bad_files_aside(tmp_path, capsys):
+    """Two concurrent claimants compute a key once; a failed computation leaves no claim; a file that
+    is not what its name says is moved aside with one warning line and recomputed."""
+    cache = PruneCache(tmp_path)
+    calls = []
 
-    from study import prune_cache as pc
-
-    actor = pc.PruneCacheActor.options(name=pc.ACTOR_NAME, namespace=pc.namespace("claims")).remote(
-        str(tmp_path), 0.5)
-    assert ray.get(actor.claim.remote("k", "A")) == ("compute", 0.5)
-    assert ray.get(actor.claim.remote("k", "B")) == ("wait", "A")
-    time.sleep(0.7)  # A never renewed its lease (its process died): B may compute
-    assert ray.get(actor.claim.remote("k", "B")) == ("compute", 0.5)
-    ray.get(actor.release.remote("k", "B"))
-    assert ray.get(actor.claim.remote("k", "C")) == ("compute", 0.5)
-
-    def save(path, obj):
-        torch.save(obj, path)
-
-    def load(path):
-        return torch.load(path, weights_only=True)
+    def compute(value: float):
+        def run():
+            calls.append(value)
+            time.sleep(0.5)
+            return PrunedModel(SPEC, {}, {"w": torch.full((3,), value)}, {"acc": value})
+        return run
 
     def boom():
         raise RuntimeError("prune stage crashed")
 
     with pytest.raises(RuntimeError, match="crashed"):
-        pc.get_or_compute("claims", tmp_path, "k2", "A", boom, save, load)
-    calls = []
-
-    def compute():
-        calls.append(1)
-        time.sleep(1.5)  # longer than the lease: the heartbeat keeps the claim alive
-        return {"w": torch.ones(3)}
-
+        cache.get_or_compute("k", {"pr": 0.5}, boom)
     results = {}
     threads = [threading.Thread(target=lambda h=h: results.__setitem__(
-        h, pc.get_or_compute("claims", tmp_path, "k2", h, compute, save, load))) for h in ("B", "C")]
+        h, cache.get_or_compute("k", {"pr": 0.5}, compute(1.0)))) for h in ("A", "B")]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(calls) == 1  # the failed claim was released; of two concurrent claimants one computed
-    assert sorted(how for _, how in results.values()) == ["computed", "reused"]
-    assert all(torch.equal(obj["w"], torch.ones(3)) for obj, _ in results.values())
-    assert (tmp_path / "k2.pt").is_file()
-    # the trial that computed it still counts as "computed" when resumed; others reuse
-    assert pc.get_or_compute("claims", tmp_path, "k2", "D", compute, save, load)[1] == "reused"
-    owner = next(h for h, (_, how) in results.items() if how == "computed")
-    assert pc.get_or_compute("claims", tmp_path, "k2", owner, compute, save, load)[1] == "computed"
-    ray.kill(actor)
-    # without the coordinator (e.g. a resumed study before it starts one) the disk cache still serves
-    assert pc.get_or_compute("claims", tmp_path, "k2", "E", compute, save, load)[1] == "reused"
-    assert len(calls) == 1
+    assert calls == [1.0] and sorted(how for _, how in results.values()) == ["computed", "reused"]
+    assert all(torch.equal(p.state_dict["w"], torch.ones(3)) for p, _ in results.values())
+    assert cache.computations() == {"k": 2}  # the crashed attempt and the one that finished
+    # another key's valid file copied over k's: refused, moved aside, recomputed
+    cache.get_or_compute("k2", {"pr": 0.7}, compute(2.0))
+    shutil.copy(cache.path("k2"), cache.path("k"))
+    pruned, how = cache.get_or_compute("k", {"pr": 0.5}, compute(3.0))
+    assert how == "computed" and float(pruned.state_dict["w"][0]) == 3.0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "k.pt failed verification" in err and "holds prune stage 'k2'" in err
+    # a truncated file: the same
+    data = cache.path("k").read_bytes()
+    cache.path("k").write_bytes(data[: len(data) // 2])
+    assert cache.get_or_compute("k", {"pr": 0.5}, compute(4.0))[1] == "computed"
+    # the same key with other settings (an edited config): refused too
+    assert cache.load("k", {"pr": 0.6}) is None
+    assert len(list(tmp_path.glob("k.pt.bad-*"))) == 3
+
+
+def test_adaptive_trials_sharing_a_prune_key_compute_it_once(local_ray, tmp_path):
+    """tpe proposes single members; two concurrent trials of one prune point share its stage."""
+    cfg = tiny("adaptive", methods=["tpp"], space={"pr": [0.5], "growth": [0.2], "seeds": [0]},
+               finetune__lr={"low": 1e-3, "high": 1e-1}, sampler="tpe", num_trials=4)
+    res = study.run(cfg, storage=str(tmp_path))
+    assert res.status == "completed" and res.num_runs == 4
+    runs = child_runs(res)
+    assert len(runs) == 4 and len({r.data.params["lr"] for r in runs}) == 4
+    assert Counter(r.data.tags["tpp.reuse"] for r in runs) == {"computed": 1, "reused": 3}
+    assert list(PruneCache(StudyFolder(res.path).prune_cache).computations().values()) == [1]
+    assert StudyFolder(res.path).optuna_db.is_file()
 
 
 # ---------------------------------------------------------------------------------------------- server
@@ -407,8 +437,8 @@ class PauseServer(tune.Callback):
 @pytest.mark.slow
 def test_study_against_mlflow_server_survives_an_outage(local_ray, tmp_path, mlflow_server, capsys):
     uri, proc = mlflow_server
-    cfg = tiny("served", space={"lr": [1e-3, 1e-2], "pr": [0.5], "growth": [0.2], "seeds": [0, 1]},
-               finetune={"epochs": 3})
+    cfg = tiny("served", space={"pr": [0.5], "growth": [0.2], "seeds": [0, 1]}, finetune__lr=[1e-3, 1e-2],
+               finetune__epochs=3, finetune__per_trial=1)
     res = study.run(cfg, storage=str(tmp_path / "studies"), tracking_uri=uri,
                     callbacks=[PauseServer(proc.pid, seconds=8)])
     out = capsys.readouterr().out
@@ -416,7 +446,7 @@ def test_study_against_mlflow_server_survives_an_outage(local_ray, tmp_path, mlf
     assert res.status == "completed" and res.tracking_uri == uri
     assert not (tmp_path / "studies" / "served" / "mlflow.db").exists()  # everything went to the server
     runs = child_runs(res)
-    check_trial_runs(res, runs, epochs=3)  # nothing lost: every epoch of every trial is there
+    check_member_runs(res, runs, epochs=3)  # nothing lost: every epoch of every member is there
     assert Counter(r.data.tags["tpp.reuse"] for r in runs) == {"none": 4, "computed": 2, "reused": 2}
     parent = client(uri).get_run(res.parent_run_id)
     assert parent.info.status == "FINISHED" and "study_config.yaml" in {
@@ -429,14 +459,14 @@ def test_cli_embedded_study_starts_and_stops_its_own_ray(tmp_path):
     import yaml
 
     cfg_path = tmp_path / "cli.yaml"
-    cfg_path.write_text(yaml.safe_dump(tiny("cli", methods=["l1"], space={"lr": [1e-2], "pr": [0.5, 0.75],
-                                                                          "seeds": [0]})))
+    cfg_path.write_text(yaml.safe_dump(tiny("cli", methods=["l1"], space={"pr": [0.5, 0.75], "seeds": [0]},
+                                            finetune__lr=[1e-2])))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     storage = tmp_path / "studies"
     cmd = [str(Path(sys.executable).with_name("tpp-study")), "run", str(cfg_path), "--storage", str(storage)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "[cli] 2/2 done" in proc.stdout and "--host 127.0.0.1 --port 5000" in proc.stdout
+    assert "[cli] 2/2 runs done" in proc.stdout and "--host 127.0.0.1 --port 5000" in proc.stdout
     assert (storage / "cli" / "mlflow.db").is_file()
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert again.returncode == 2 and "already exists" in again.stderr and "resume" in again.stderr
@@ -452,13 +482,13 @@ def test_study_on_a_multi_node_cluster(tmp_path, multi_node_cluster):
     import ray
 
     cluster, _ = multi_node_cluster
-    cfg = tiny("cluster", space={"lr": [1e-3, 1e-2, 3e-2], "pr": [0.5], "growth": [0.2], "seeds": [0]},
-               max_concurrent=3)
+    cfg = tiny("cluster", space={"pr": [0.5], "growth": [0.2], "seeds": [0]}, finetune__lr=[1e-3, 1e-2, 3e-2],
+               finetune__per_trial=1, max_concurrent=3)
     res = study.run(cfg, storage=str(tmp_path), address=cluster.address)
     assert res.status == "completed"
     assert not ray.is_initialized()  # the study joined the cluster and disconnected
     runs = child_runs(res)
-    check_trial_runs(res, runs, epochs=2)
+    check_member_runs(res, runs, epochs=2)
     # one prune computation for the three tpp trials, wherever they ran
     assert Counter(r.data.tags["tpp.reuse"] for r in runs) == {"none": 3, "computed": 1, "reused": 2}
     nodes = {r.data.tags["tpp.node"] for r in runs}

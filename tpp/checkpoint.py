@@ -84,19 +84,27 @@ def load_dense(path: str | Path, expected: ModelSpec | None = None) -> DenseMode
     return dense
 
 
+def pruned_to_dict(pruned: PrunedModel) -> dict[str, Any]:
+    """A pruned model as plain tensors and primitives (what `save_pruned` writes)."""
+    return {"format": PRUNED_FORMAT, "spec": pruned.spec.to_dict(), "kept": pruned.kept,
+            "state_dict": pruned.state_dict, "metrics": dict(pruned.metrics),
+            "dense_schedule": pruned.dense_schedule, "diverged": pruned.diverged, "history": pruned.history}
+
+
+def pruned_from_dict(obj: dict[str, Any], where: str = "pruned checkpoint") -> PrunedModel:
+    if not isinstance(obj, dict) or obj.get("format") != PRUNED_FORMAT:
+        raise CheckpointError(f"{where} is not a tpp pruned-model checkpoint")
+    return PrunedModel(ModelSpec.from_dict(obj["spec"]), {k: list(v) for k, v in obj["kept"].items()},
+                       obj["state_dict"], obj.get("metrics", {}), obj.get("dense_schedule"),
+                       obj.get("diverged"), list(obj.get("history", [])))
+
+
 def save_pruned(path: str | Path, pruned: PrunedModel) -> None:
-    atomic_save({"format": PRUNED_FORMAT, "spec": pruned.spec.to_dict(), "kept": pruned.kept,
-                 "state_dict": pruned.state_dict, "metrics": dict(pruned.metrics),
-                 "dense_schedule": pruned.dense_schedule, "diverged": pruned.diverged}, path)
+    atomic_save(pruned_to_dict(pruned), path)
 
 
 def load_pruned(path: str | Path) -> PrunedModel:
-    obj = _load(path, "pruned checkpoint")
-    if obj.get("format") != PRUNED_FORMAT:
-        raise CheckpointError(f"pruned checkpoint: {path} is not a tpp pruned-model checkpoint")
-    return PrunedModel(ModelSpec.from_dict(obj["spec"]), {k: list(v) for k, v in obj["kept"].items()},
-                       obj["state_dict"], obj.get("metrics", {}), obj.get("dense_schedule"),
-                       obj.get("diverged"))
+    return pruned_from_dict(_load(path, "pruned checkpoint"), str(path))
 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:

@@ -58,7 +58,8 @@ class PrunedModel:
     """A physically pruned network: the dense architecture plus the filters kept per pruned layer.
 
     `dense_schedule` is the dense model's (LR rewinding replays it); `diverged` says why the prune
-    stage's loss became NaN/inf -- such a result has no weights, and every member of it diverged.
+    stage's loss became NaN/inf -- such a result has no weights, and every member of it diverged;
+    `history` holds the regularisation stage's epochs (a study logs them once, wherever it ran).
     """
 
     spec: ModelSpec
@@ -67,6 +68,7 @@ class PrunedModel:
     metrics: dict[str, float] = field(default_factory=dict)
     dense_schedule: dict[str, Any] | None = None
     diverged: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # the prune stage's per-epoch records
 
     def build(self) -> nn.Module:
         """Rebuild the smaller network: build the dense shape, remove the same filters, load weights."""

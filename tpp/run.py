@@ -152,11 +152,12 @@ def train_dense(cfg: RunConfig, data=None, on_event: EventFn | None = None) -> D
 
 
 # ----------------------------------------------------------------------------------------------- prune
-def prune_key(cfg: RunConfig, dense: DenseModel) -> str:
+def prune_key(cfg: RunConfig, dense: DenseModel | str) -> str:
     """Stable hash of everything the prune stage depends on and nothing it does not: the prune-stage
-    inputs `RunConfig.prune_inputs()` declares, and the dense weights' digest (not their path)."""
+    inputs `RunConfig.prune_inputs()` declares, and the dense weights' digest (not their path; a
+    `DenseModel` or its `digest()`)."""
     h = hashlib.sha256(json.dumps(cfg.prune_inputs(), sort_keys=True, default=str).encode())
-    h.update(dense.digest().encode())
+    h.update((dense if isinstance(dense, str) else dense.digest()).encode())
     return h.hexdigest()[:20]
 
 
@@ -174,10 +175,9 @@ def layer_ratios(cfg: RunConfig, model: nn.Module) -> dict[str, float]:
 
 
 def _regularize(cfg: RunConfig, model: nn.Module, masks, followers, data, device, precision,
-                on_event: EventFn | None) -> tuple[int, str | None]:
-    """The growing-penalty stage; ends with every pruned filter hard-zeroed.
-
-    Returns (iterations run, None) or, when the loss became NaN/inf, (iterations, why).
+                on_event: EventFn | None, history: list[dict[str, Any]]) -> tuple[int, str | None]:
+    """The growing-penalty stage; ends with every pruned filter hard-zeroed. Appends each epoch's
+    record to `history`; returns (iterations run, None) or, when the loss became NaN/inf, (iterations, why).
     """
     method = get_method(cfg.method)
     reg = PruneRegularizer(model, masks, followers, gram=method.gram, bn=method.bn, target=method.target,
@@ -207,10 +207,11 @@ def _regularize(cfg: RunConfig, model: nn.Module, masks, followers, data, device
         batches = data.train_batches(cfg.reg_batch_size, epoch_generator(cfg.seed, "prune", epoch), device)
         stats = train_epoch(model, batches, opt, device, precision, extra_loss, after_backward, after_step,
                             max_iterations=schedule.total_iters - state["it"])
-        acc = evaluate(model, _test_batches(data, cfg, device), device, precision)
-        _emit(on_event, event="epoch", stage="prune", epoch=epoch, train_loss=stats.loss, test_acc=acc,
-              reg=state["factor"], iteration=state["it"], iterations=schedule.total_iters,
-              seconds=time.perf_counter() - t0)
+        record = {"epoch": epoch, "train_loss": stats.loss, "reg": state["factor"], "iteration": state["it"],
+                  "test_acc": evaluate(model, _test_batches(data, cfg, device), device, precision)}
+        history.append(record)
+        _emit(on_event, event="epoch", stage="prune", iterations=schedule.total_iters,
+              seconds=time.perf_counter() - t0, **record)
         if not stats.finite:
             return state["it"], (f"the regularisation loss became NaN/inf at iteration {state['it']} "
                                  f"(reg_lr={cfg.reg_lr}, lw_opp={cfg.lw_opp}, growth={cfg.growth})")
@@ -246,9 +247,10 @@ def prune_stage(cfg: RunConfig, dense: DenseModel, data=None, on_event: EventFn 
     followers = find_followers(model, example_input(dense.spec), list(masks))
     params_dense, flops_dense = count_params(model), count_flops(model, dense.spec.input_shape)
     model = precision.prepare_model(model, device)
-    iterations, diverged = 0, None
+    iterations, diverged, history = 0, None, []
     if method.regularize:
-        iterations, diverged = _regularize(cfg, model, masks, followers, train, device, precision, on_event)
+        iterations, diverged = _regularize(cfg, model, masks, followers, train, device, precision, on_event,
+                                           history)
     base = {"prune_iterations": iterations, "iters_prune": iterations, "params_dense": params_dense,
             "flops_dense": flops_dense,
             "flops_train_prune": train_flops(flops_dense, iterations * cfg.reg_batch_size),
@@ -256,7 +258,7 @@ def prune_stage(cfg: RunConfig, dense: DenseModel, data=None, on_event: EventFn 
     if diverged is not None:
         metrics = {**base, "time_prune_s": time.perf_counter() - start}
         _emit(on_event, event="stage_end", stage="prune", diverged=diverged, **metrics)
-        return PrunedModel(dense.spec, {}, {}, metrics, dense.schedule, diverged=diverged)
+        return PrunedModel(dense.spec, {}, {}, metrics, dense.schedule, diverged, history)
     if method.regularize:
         zero_pruned(model, masks, followers)
     model = remove_pruned(model.to("cpu").to(memory_format=torch.contiguous_format), masks, followers)
@@ -275,7 +277,8 @@ def prune_stage(cfg: RunConfig, dense: DenseModel, data=None, on_event: EventFn 
         **{f"jsv_after_removal_{k}": v for k, v in jsv.items()},
     }
     _emit(on_event, event="stage_end", stage="prune", **metrics)
-    return PrunedModel(dense.spec, kept_indices(masks), cpu_state_dict(model), metrics, dense.schedule)
+    return PrunedModel(dense.spec, kept_indices(masks), cpu_state_dict(model), metrics, dense.schedule,
+                       None, history)
 
 
 # -------------------------------------------------------------------------------------------- finetune
@@ -372,9 +375,13 @@ def history_metrics(history: list[dict[str, Any]], status: str, num_classes: int
 
 # -------------------------------------------------------------------------------------------- pipeline
 class PrunedStore(Protocol):
-    """Where a pipeline gets a pruned model it may share (a study's cache); `how` is computed|reused."""
+    """Where a pipeline gets a pruned model it may share (a study's cache); `how` is computed|reused.
 
-    def get_or_compute(self, key: str, compute: Callable[[], PrunedModel]) -> tuple[PrunedModel, str]: ...
+    `inputs` are the prune-stage settings the key hashes (a store keeps them to verify what it holds).
+    """
+
+    def get_or_compute(self, key: str, inputs: dict[str, Any],
+                       compute: Callable[[], PrunedModel]) -> tuple[PrunedModel, str]: ...
 
 
 @dataclass
@@ -424,7 +431,8 @@ def run_pipeline(members: RunConfig | Sequence[RunConfig], *, dense: DenseModel 
                  resume_state: dict[str, Any] | None = None, checkpoint_every: int = 1,
                  checkpoint_min_interval_s: float = 0.0) -> PipelineResult:
     """Dense (trained unless given) -> prune stage (given, from `store`, or computed) -> finetuning of
-    every member not in `skip`, one after another. Events of a member carry `member` (its index).
+    every member not in `skip`, one after another. Events of a member carry `member` (its index);
+    a `pruned` event (with the prune stage's `history`) comes before the first member starts.
 
     Checkpoint events carry {"member": i, "done": {index: metrics}, "state": member i's state};
     passing one back as `resume_state` skips the done members and continues member i exactly.
@@ -437,10 +445,11 @@ def run_pipeline(members: RunConfig | Sequence[RunConfig], *, dense: DenseModel 
     reuse = "given"
     if pruned is None:
         if store is not None and get_method(cfg.method).regularize:
-            pruned, reuse = store.get_or_compute(prune_key(cfg, dense),
+            pruned, reuse = store.get_or_compute(prune_key(cfg, dense), cfg.prune_inputs(),
                                                  lambda: prune_stage(cfg, dense, data, on_event))
         else:
             pruned, reuse = prune_stage(cfg, dense, data, on_event), "computed"
+    _emit(on_event, event="pruned", reuse=reuse, history=pruned.history, diverged=pruned.diverged)
     results: list[RunResult | None] = [None] * len(members)
     done = dict((resume_state or {}).get("done", {}))
     for i, member in enumerate(members):

@@ -1,0 +1,72 @@
+"""The Tune searcher of fixed designs: hands out a plan's units in order, a finetune unit once the
+prune stage it starts from is ready.
+
+Tune's own generators cannot hold a trial back; Optuna would be a second record of a design that needs
+no search (its saved state and Tune's disagreed after hard kills). This searcher keeps its position in
+Tune's own saved searcher state, so a restored study resumes exactly where Tune's trial list is.
+Readiness is read from the prune cache on disk (the truth, whatever process or session wrote it); a
+prune unit that ended without writing (it failed) releases its finetune units, which then compute the
+stage themselves.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ray.tune.search import Searcher
+
+from study.prune_cache import PruneCache
+
+
+class DesignSearcher(Searcher):
+    """`units`: Tune configs in start order; `waits_for[i]`: (prune key, prune unit index) unit i waits on."""
+
+    def __init__(self, units: list[dict[str, Any]], waits_for: dict[int, tuple[str, int]], cache_dir: str):
+        super().__init__()
+        self.units, self.waits_for, self.cache_dir = units, waits_for, cache_dir
+        self.handed: list[int] = []
+        self.by_trial: dict[str, int] = {}
+        self.ended: list[int] = []  # prune units that completed or failed
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return True
+
+    def _ready(self, i: int) -> bool:
+        if i not in self.waits_for:
+            return True
+        key, prune_unit = self.waits_for[i]
+        return prune_unit in self.ended or PruneCache(Path(self.cache_dir)).has(key)
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        pending = [i for i in range(len(self.units)) if i not in self.handed]
+        if not pending:
+            return Searcher.FINISHED
+        ready = next((i for i in pending if self._ready(i)), None)
+        if ready is None:
+            return None  # every remaining unit waits for a prune stage still being computed
+        self.handed.append(ready)
+        self.by_trial[trial_id] = ready
+        return dict(self.units[ready])
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        i = self.by_trial.get(trial_id)
+        if i is not None and self.units[i]["kind"] == "prune" and i not in self.ended:
+            self.ended.append(i)
+
+    def save(self, checkpoint_path: str) -> None:
+        state = {"handed": self.handed, "by_trial": self.by_trial, "ended": self.ended}
+        Path(checkpoint_path).write_text(json.dumps(state))
+
+    def restore(self, checkpoint_path: str) -> None:
+        state = json.loads(Path(checkpoint_path).read_text())
+        self.handed, self.by_trial, self.ended = state["handed"], state["by_trial"], state["ended"]
+
+
+def design_searcher(units: list[Any], keys: dict[int, str], plan: Any, cache_dir: Path) -> DesignSearcher:
+    """The searcher of a plan: finetune units wait on the prune unit that computes their point's stage."""
+    computed_by = {p: i for i, u in enumerate(units) if u.kind == "prune" for p in u.points}
+    waits = {i: (keys[u.points[0]], computed_by[u.points[0]]) for i, u in enumerate(units)
+             if u.kind == "finetune" and u.points[0] in computed_by}
+    return DesignSearcher([u.config(plan) for u in units], waits, str(cache_dir))
