@@ -105,13 +105,14 @@ def kendall(x: Sequence[float], y: Sequence[float], *, n_boot: int = 2000, seed:
     res = kendalltau(xy[:, 0], xy[:, 1])
     sx = np.sign(xy[:, 0][:, None] - xy[:, 0][None, :])
     sy = np.sign(xy[:, 1][:, None] - xy[:, 1][None, :])
-    rng = np.random.default_rng(seed)
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
     boots = []
-    for _ in range(n_boot):  # tau-b of each resample from the pairwise sign matrices (fast for small n)
-        i = rng.integers(0, n, size=n)
-        a, b = sx[np.ix_(i, i)], sy[np.ix_(i, i)]
-        den = np.sqrt(np.sum(a * a) * np.sum(b * b))
-        if den > 0:
-            boots.append(np.sum(a * b) / den)
-    lo, hi = np.quantile(boots, [0.025, 0.975]) if boots else (np.nan, np.nan)
+    step = max(1, 2_000_000 // (n * n))  # resamples per batch, to bound memory
+    for k in range(0, n_boot, step):  # tau-b of each resample from the pairwise sign matrices
+        i = idx[k:k + step]
+        a, b = sx[i[:, :, None], i[:, None, :]], sy[i[:, :, None], i[:, None, :]]
+        num, den = (a * b).sum(axis=(1, 2)), np.sqrt((a * a).sum(axis=(1, 2)) * (b * b).sum(axis=(1, 2)))
+        boots.append(num[den > 0] / den[den > 0])
+    boots = np.concatenate(boots)
+    lo, hi = np.quantile(boots, [0.025, 0.975]) if len(boots) else (np.nan, np.nan)
     return Tau(float(res.statistic), float(lo), float(hi), float(res.pvalue), n)

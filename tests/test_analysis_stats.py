@@ -1,0 +1,73 @@
+"""analysis.stats: intervals over seeds, the exact sign-flip test and Kendall τ, against values worked by
+hand or by an independent computation (itertools enumeration, scipy)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+
+def _exact_p(d: list[float]) -> float:
+    obs = abs(np.mean(d))
+    flips = [abs(np.mean([s * x for s, x in zip(signs, d, strict=True)]))
+             for signs in itertools.product((1, -1), repeat=len(d))]
+    return sum(f >= obs - 1e-12 for f in flips) / len(flips)
+
+
+def test_interval_kinds():
+    from analysis import interval
+
+    assert interval([]).kind == "none" and math.isnan(interval([math.nan]).mean)
+    one = interval([5.0])
+    assert (one.mean, one.lo, one.hi, one.n, one.kind) == (5.0, 5.0, 5.0, 1, "single")
+    assert not one.excludes_zero()
+    few = interval([1.0, 4.0, 2.0, math.nan])  # 2-4 values: the min-max range, NaNs dropped
+    assert (few.mean, few.lo, few.hi, few.n, few.kind) == (pytest.approx(7 / 3), 1.0, 4.0, 3, "range")
+    vals = [1.0, 2.0, 3.0, 4.0, 10.0]
+    boot = interval(vals)
+    assert boot.kind == "bootstrap95" and boot.mean == 4.0 and 1.0 < boot.lo < 4.0 < boot.hi < 10.0
+    assert interval(vals) == boot  # fixed RNG: reproducible
+    rng = np.random.default_rng(0)  # the same resampling, computed independently
+    means = np.asarray(vals)[rng.integers(0, 5, size=(10_000, 5))].mean(axis=1)
+    assert (boot.lo, boot.hi) == pytest.approx(tuple(np.quantile(means, [0.025, 0.975])))
+    assert interval([0.5, 1.0]).excludes_zero() and not interval([-0.5, 1.0]).excludes_zero()
+
+
+@pytest.mark.parametrize("d", [[1.0, 2.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [3.0, -1.0, 2.0, 0.5, -0.2],
+                               [0.0, 0.0, 0.0], [2.0, -2.0], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, -0.1]])
+def test_sign_flip_p_is_the_exact_enumeration(d):
+    from analysis import sign_flip_p
+
+    assert sign_flip_p(d) == pytest.approx(_exact_p(d))
+
+
+def test_sign_flip_p_floor_and_large_n():
+    from analysis import sign_flip_p
+    from analysis.stats import min_pairs, p_floor
+
+    assert sign_flip_p([1.0, 2.0]) == 0.5 == p_floor(2)  # 2 seeds can never give p < 0.05
+    assert sign_flip_p([1.0] * 6) == 2 / 64 and min_pairs(0.05) == 6 and p_floor(5) == 2 / 32
+    assert math.isnan(sign_flip_p([]))
+    big = list(np.linspace(0.1, 2.0, 20))  # Monte Carlo above 16 pairs: all positive -> about 2 / 2**20
+    assert sign_flip_p(big) == pytest.approx(1 / 100_001, abs=2e-5)
+
+
+def test_kendall_matches_scipy_and_its_ci_covers_it():
+    from scipy.stats import kendalltau
+
+    from analysis import kendall
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=40)
+    y = x + rng.normal(size=40)
+    t = kendall(x, y)
+    ref = kendalltau(x, y)
+    assert t.n == 40 and t.tau == pytest.approx(ref.statistic) and t.p == pytest.approx(ref.pvalue)
+    assert t.lo < t.tau < t.hi and t.hi - t.lo < 0.6 and kendall(x, y) == t
+    ties = kendall([1, 1, 2, 2, 3, 3], [1, 2, 2, 3, 3, 4])  # tau-b with ties, as scipy
+    assert ties.tau == pytest.approx(kendalltau([1, 1, 2, 2, 3, 3], [1, 2, 2, 3, 3, 4]).statistic)
+    assert math.isnan(kendall([1, 2], [1, 2]).tau) and math.isnan(kendall([1, 1, 1], [1, 2, 3]).tau)
+    assert kendall([1, 2, 3, math.nan], [3, 2, 1, 0]).n == 3
