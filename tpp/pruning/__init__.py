@@ -1,14 +1,25 @@
-"""Structured filter pruning: layer selection, L1 masks, the TPP/GReg penalty, zeroing and removal."""
+"""Structured filter pruning: layer selection, channel groups, the TPP/GReg penalty and
+other penalties, zeroing and removal."""
 
-from tpp.pruning.graph import Followers, Link, find_followers
+from tpp.pruning.graph import COUPLINGS, Followers, Link, channel_groups, declared_groups, find_followers
 from tpp.pruning.layers import PRUNABLE, expand_preset, prunable_modules, resolve_layers
 from tpp.pruning.orthp import orthp_reinit
 from tpp.pruning.regularizer import PruneRegularizer
-from tpp.pruning.select import kept_indices, num_pruned, select_l1
-from tpp.pruning.surgery import rebuild_pruned, remove_pruned, zero_pruned
+from tpp.pruning.select import SCOPES, kept_indices, masks_from_scores, num_pruned, select_l1
+from tpp.pruning.surgery import (
+    Slot,
+    pruned_slots,
+    rebuild_pruned,
+    removal_error,
+    remove_pruned,
+    verify_removal,
+    zero_pruned,
+)
 
 __all__ = [
-    "PRUNABLE", "Followers", "Link", "PruneRegularizer", "expand_preset", "find_followers", "kept_indices",
-    "num_pruned", "orthp_reinit", "prunable_modules", "rebuild_pruned", "remove_pruned", "resolve_layers",
-    "select_l1", "zero_pruned",
+    "COUPLINGS", "PRUNABLE", "SCOPES", "Followers", "Link", "PruneRegularizer",
+    "Slot", "channel_groups", "declared_groups", "expand_preset", "find_followers",
+    "kept_indices", "masks_from_scores", "num_pruned", "orthp_reinit", "prunable_modules", "pruned_slots",
+    "rebuild_pruned", "removal_error", "remove_pruned", "resolve_layers",
+    "select_l1", "verify_removal", "zero_pruned",
 ]

@@ -45,12 +45,22 @@ def _check_ratio(pattern: str, ratio: float) -> float:
     return r
 
 
-def resolve_layers(model: nn.Module, patterns: dict[str, float]) -> dict[str, float]:
+def _is_grouped(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def resolve_layers(model: nn.Module, patterns: dict[str, float], coupling: str = "none") -> dict[str, float]:
     """{module name: ratio} for the prunable modules matched by {glob pattern: ratio}.
 
     Later patterns override earlier ones for modules both match. A pattern that matches no prunable
     module is an error (it is almost always a typo), and so is a positive ratio on the model's last
-    prunable layer: its outputs are the model's outputs (the classes) and cannot be removed.
+    prunable layer: its outputs are the model's outputs (the classes) and cannot be removed. With
+    coupling "none" a grouped (or depthwise) convolution cannot be pruned on its own: a glob pattern
+    skips it, an explicit name is an error; with "groups" it is pruned with its channel group.
     """
     modules = prunable_modules(model)
     if not modules:
@@ -66,10 +76,15 @@ def resolve_layers(model: nn.Module, patterns: dict[str, float]) -> dict[str, fl
                              f"the model's prunable modules are: {shown}")
         for n in matched:
             resolved[n] = r
-    for n, r in resolved.items():
-        if isinstance(modules[n], nn.Conv1d | nn.Conv2d | nn.Conv3d) and modules[n].groups != 1 and r > 0:
-            raise ValueError(f"prune_layers: {n!r} is a grouped convolution (groups={modules[n].groups}); "
-                             "pruning its filters is not supported")
+    if coupling == "none":
+        explicit = {p for p in patterns if not _is_glob(p)}
+        for n, r in list(resolved.items()):
+            if _is_grouped(modules[n]) and r > 0:
+                if n in explicit:
+                    raise ValueError(f"prune_layers: {n!r} is a grouped convolution (groups="
+                                     f"{modules[n].groups}); its filters go with their input channels: prune "
+                                     "with coupling: groups")
+                del resolved[n]
     last = names[-1]
     if resolved.get(last, 0.0) > 0:
         raise ValueError(f"prune_layers: {last!r} is the final classifier (the model's last prunable layer; "

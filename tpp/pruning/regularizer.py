@@ -14,14 +14,15 @@ import torch
 from torch import nn
 
 from tpp.pruning.graph import Followers
+from tpp.pruning.penalties import GRAM_TARGETS, gram_penalty, gram_target
 from tpp.pruning.surgery import pruned_slots
 
-TARGETS = ("gram", "identity")
+TARGETS = GRAM_TARGETS
 
 
 @dataclass
 class _GramGroup:
-    """Same-shaped pruned layers whose gram terms are computed in one batched matmul."""
+    """Same-shaped weights with pruned rows whose gram terms are computed in one batched matmul."""
 
     weights: list[nn.Parameter]
     n: int
@@ -46,14 +47,15 @@ class _MaskedParams:
 
 
 class PruneRegularizer:
-    """The TPP / GReg-1 penalty on the pruned filters of `masks` (True = pruned).
+    """The TPP / GReg-1 penalty on the pruned units of `masks` (group root: bool over units, True = pruned).
 
-    loss(factor): lw * factor * Σ_layers mean((G - T)²), G = W Wᵀ of the layer's filters flattened to
-    rows; target "gram": T = G detached with pruned rows and columns zeroed (only entries involving a
-    pruned filter are penalised: pruned filters go to zero norm and decorrelate from kept ones);
-    target "identity": T = diag(keep) (kernel orthogonality among kept filters, pruned ones to 0).
-    add_l2_grads(factor): grad += factor * w on the pruned filters (+ bias) and, with `bn`, on the
-    gamma/beta of the BatchNorm channels that normalise them.
+    loss(factor): lw * factor * Σ_weights mean((G - T)²), G = W Wᵀ of a weight's filters flattened to
+    rows, for every Conv/Linear whose output rows carry the group's channels (the pruned layer and,
+    with coupled groups, every tied one); target "gram": T = G detached with pruned rows and columns
+    zeroed (only entries involving a pruned filter are penalised: pruned filters go to zero norm and
+    decorrelate from kept ones); target "identity": T = diag(keep) (kernel orthogonality among kept
+    filters, pruned ones to 0). add_l2_grads(factor): grad += factor * w on all those pruned rows
+    (+ bias) and, with `bn`, on the gamma/beta of the BatchNorm channels that normalise them.
     """
 
     def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor], followers: dict[str, Followers],
@@ -77,20 +79,28 @@ class PruneRegularizer:
         self._zero_masks: list[torch.Tensor] = []
         self.zeroed: list[str] = []
 
+    def _pruned_rows(self, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+        """{layer: bool over its output rows, True = pruned} for every filter member of every group."""
+        rows: dict[str, torch.Tensor] = {}
+        for name, mask in self.masks.items():
+            for link in self.followers[name].filters:
+                n = int(modules[link.name].weight.shape[0])
+                pruned = rows.setdefault(link.name, torch.zeros(n, dtype=torch.bool))
+                pruned[link.positions(mask)] = True
+        return rows
+
     def _build_gram_groups(self, modules: dict[str, nn.Module]) -> list[_GramGroup]:
+        pruned_rows = self._pruned_rows(modules)
         by_shape: dict[tuple, list[str]] = {}
-        for name in self.masks:
+        for name in pruned_rows:
             w = modules[name].weight
             key = (tuple(w.shape), w.device, w.dtype)
             by_shape.setdefault(key, []).append(name)
         groups = []
         for (shape, device, dtype), names in by_shape.items():
-            keep = torch.stack([(~self.masks[n]).to(dtype) for n in names])  # [L, N]
-            if self.target == "gram":
-                target = keep[:, :, None] * keep[:, None, :]
-            else:
-                target = torch.diag_embed(keep)
-            groups.append(_GramGroup([modules[n].weight for n in names], shape[0], target.to(device)))
+            keep = torch.stack([(~pruned_rows[n]).to(dtype) for n in names])  # [L, N]
+            groups.append(_GramGroup([modules[n].weight for n in names], shape[0],
+                                     gram_target(keep, self.target).to(device)))
         return groups
 
     def loss(self, factor: float) -> torch.Tensor:
@@ -100,9 +110,7 @@ class PruneRegularizer:
         total = self._zero
         for g in self._groups:
             w = torch.stack([p.reshape(g.n, -1) for p in g.weights])  # [L, N, D]
-            gram = w @ w.transpose(1, 2)  # [L, N, N]
-            target = gram.detach() * g.target if self.target == "gram" else g.target
-            total = total + (gram - target).pow(2).mean(dim=(1, 2)).sum()
+            total = total + gram_penalty(w, g.target, self.target).sum()
         return (self.lw * factor) * total
 
     @torch.no_grad()
