@@ -1,29 +1,25 @@
-"""What the study machinery costs and saves: prune-stage reuse, and Ray/MLflow orchestration overhead.
+"""What the study machinery costs: Ray, Tune and MLflow orchestration overhead on a real study.
 
-(a) Prune-stage reuse. The regularisation stage does not depend on the finetuning LR, so trials that
-    share (method, pr, growth, seed) can share one pruned model. The shipped quick study is run with
-    `prune_reuse` on and off: wall time, regularisation stages actually run (MLflow tag
-    `tpp.reuse` = computed, via `StudyResult.reuse`) vs the distinct (method, pr, growth, seed)
-    combinations among regularising trials, and the wall-time ratio those counts predict.
-(b) Orchestration overhead. The same trials run back to back in this process with the bare library
-    (study.space.design / run_config, tpp.run.train_dense / prune_stage / finetune_stage, prune
-    stages reused by tpp.run.prune_key): dense time + trial time / max_concurrent is what a perfect
-    scheduler with no Ray, Tune, Optuna or MLflow would take. Goal: study wall time <= 1.25x that.
-    Each in-process trial runs with 1 torch thread, as a study trial with `resources.cpus: 1` does
-    (Ray sets OMP_NUM_THREADS to the trial's CPUs); the dense model with all of them, as in a study.
-    The fixed cost per trial (MLflow run duration minus the trial's own compute time) is reported too,
-    and, to say where the rest goes, the CPU seconds of the driver, the Ray workers and Ray's own
-    processes, and a probe without Ray of what this machine gives two trials running at once.
+The study's work is run twice: as a study (Ray Tune trials, MLflow logging, the prune cache), and back
+to back in this process with the bare library (study.design's points and members, tpp.run.train_dense
+/ prune_stage / run_pipeline with the pruned model given), each prune stage once. dense time +
+(prune stages + finetuning) / max_concurrent is what a perfect scheduler with no Ray, Tune or MLflow
+would take. Goal (issue "study v2"): study wall time <= 1.15x that, median of three runs. Each
+in-process stage runs with 1 torch thread, as a study trial with `resources.cpus: 1` does (Ray sets
+OMP_NUM_THREADS to the trial's CPUs); the dense model with all of them, as in an embedded study.
+To say where the rest goes: the CPU seconds of the driver, the Ray workers and Ray's own processes,
+and a probe without Ray of what this machine gives two trials running at once.
 
     python -m benchmarks.study_overhead [--quick] [--config study/configs/quick.yaml] [--keep]
-                                        [--set KEY=VALUE ...]   # e.g. --set checkpoint_every=30
+                                        [--repeats 3] [--set KEY=VALUE ...]
 
-`--quick` (smoke test): 2 trials, 1 epoch, large growth, and only the reuse-on study.
+`--quick` (smoke test): 1 seed, 1 PR, 2 LRs, 1 epoch, large growth, one study run, no probe.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import statistics
@@ -39,8 +35,8 @@ from ray import tune
 from benchmarks.timing import machine, parser, table
 
 CONFIG = "study/configs/quick.yaml"
-QUICK = {"num_trials": 2, "set": {"finetune.epochs": 1, "dense.epochs": 1, "space.growth": [0.1, 0.2],
-                                  "fixed.stabilize_reg_interval": 10}}
+QUICK = {"set": {"finetune.epochs": 1, "finetune.lr": [1e-3, 1e-2], "dense.epochs": 1, "space.pr": [0.5],
+                 "space.seeds": [0], "space.growth": [0.2], "fixed.stabilize_reg_interval": 10}}
 
 
 def _copy(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -48,69 +44,50 @@ def _copy(overrides: dict[str, Any]) -> dict[str, Any]:
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in overrides.items()}
 
 
-def prune_combos(cfg: Any) -> tuple[int, int]:
-    """(regularising trials, distinct (method, pr, growth, seed) among them) of the study's design."""
-    from study.space import design
-    from tpp.methods import get_method
-
-    points = [p for p in design(cfg) if get_method(p.method).regularize]
-    return len(points), len({(p.method, p.pr, p.growth, p.seed) for p in points})
-
-
 def serial(cfg: Any) -> dict[str, Any]:
-    """The study's trials back to back in this process, no Ray/MLflow; stage times per trial."""
-    from study.space import TrialPoint, design, run_config
+    """The study's work back to back in this process, no Ray/MLflow: each prune stage once, then its
+    members one after another (what the study's trials do)."""
+    from study.design import dense_run_config, members, points, run_config
     from tpp.methods import get_method
-    from tpp.run import finetune_stage, load_run_data, prune_key, prune_stage, train_dense
+    from tpp.run import load_run_data, prune_stage, run_pipeline, train_dense
 
     threads = torch.get_num_threads()
-    first = run_config(cfg, TrialPoint(cfg.methods[0], 0.5, 0.01, None, cfg.dense.seed))
+    first = dense_run_config(cfg)
     data = load_run_data(first)
     t0 = time.perf_counter()
     dense = train_dense(first, data)
     dense_s = time.perf_counter() - t0
     torch.set_num_threads(int(cfg.resources.cpus))
     cpu0 = time.process_time()
-    cache: dict[str, tuple[Any, float]] = {}
-    prune_all = prune_done = finetune = 0.0
+    prune_s = finetune_s = 0.0
     try:
-        for point in design(cfg):
-            rc = run_config(cfg, point)
+        for point in points(cfg):
+            configs = [run_config(cfg, point, m) for m in members(cfg)]
             t0 = time.perf_counter()
-            if get_method(rc.method).regularize:
-                key = prune_key(rc, dense)
-                if key not in cache:
-                    pruned = prune_stage(rc, dense, data)
-                    cache[key] = (pruned, time.perf_counter() - t0)
-                    prune_done += cache[key][1]
-                pruned, cost = cache[key]
-                prune_all += cost  # what this trial would cost without reuse
-            else:
-                pruned = prune_stage(rc, dense, data)
-                cost = time.perf_counter() - t0
-                prune_all += cost
-                prune_done += cost
+            pruned = prune_stage(configs[0], dense, data)
+            prune_s += time.perf_counter() - t0 if get_method(configs[0].method).regularize else 0.0
+            finetune_s += (0.0 if get_method(configs[0].method).regularize else time.perf_counter() - t0)
             t0 = time.perf_counter()
-            finetune_stage(rc, pruned, data, checkpoint_every=0)
-            finetune += time.perf_counter() - t0
+            run_pipeline(configs, dense=dense, pruned=pruned, data=data, checkpoint_every=0)
+            finetune_s += time.perf_counter() - t0
     finally:
         torch.set_num_threads(threads)
-    return {"trials_cpu_s": time.process_time() - cpu0, "dense_s": dense_s, "prune_reused_s": prune_done,
-            "prune_all_s": prune_all, "finetune_s": finetune, "dense": dense}
+    return {"trials_cpu_s": time.process_time() - cpu0, "dense_s": dense_s, "prune_s": prune_s,
+            "finetune_s": finetune_s, "dense": dense}
 
 
 def _probe_job(cfg_dict: dict[str, Any], dense: Any, barrier: Any, out: Any, reps: int) -> None:
-    """One trial's work (prune stage + finetuning) in a fresh process with 1 thread: once to warm up,
+    """One member's work (prune stage + finetuning) in a fresh process with 1 thread: once to warm up,
     then `reps` times, each started together with the other processes at the barrier."""
     from tpp.config import RunConfig
-    from tpp.run import finetune_stage, load_run_data, prune_stage
+    from tpp.run import load_run_data, run_pipeline
 
     torch.set_num_threads(1)
     rc = RunConfig.from_dict(cfg_dict)
     data = load_run_data(rc)
 
     def job() -> None:
-        finetune_stage(rc, prune_stage(rc, dense, data), data, checkpoint_every=0)
+        run_pipeline(rc, dense=dense, data=data, checkpoint_every=0)
 
     job()
     for _ in range(reps):
@@ -129,13 +106,12 @@ def pair_efficiency(cfg: Any, dense: Any, reps: int = 3) -> tuple[float, float]:
     """
     import multiprocessing as mp
 
-    from study.space import design, run_config
-    from tpp.methods import get_method
+    from study.design import members, points, run_config
 
-    points = design(cfg)
-    reg = [p for p in points if get_method(p.method).regularize]
-    point = max(reg, key=lambda p: p.growth or 0.0) if reg else points[0]  # the cheapest prune stage
-    cfg_dict = run_config(cfg, point).to_dict()
+    pts = points(cfg)
+    reg = [p for p in pts if p.growth is not None]
+    point = max(reg, key=lambda p: p.growth or 0.0) if reg else pts[0]  # the cheapest prune stage
+    cfg_dict = run_config(cfg, point, members(cfg)[0]).to_dict()
     ctx = mp.get_context("spawn")
     times: dict[int, list[float]] = {1: [], 2: []}
     for k in (1, 2, 1, 2):
@@ -149,24 +125,22 @@ def pair_efficiency(cfg: Any, dense: Any, reps: int = 3) -> tuple[float, float]:
     return statistics.median(times[1]), statistics.median(times[2])
 
 
-def trial_stats(res: Any) -> dict[str, Any]:
-    """From MLflow: per trial, run duration (driver's start -> end) and the trial's own compute
-    (its prune stage if it ran one, its finetuning), plus the dense task's time and the trials' span."""
+def member_stats(res: Any) -> dict[str, Any]:
+    """From MLflow: the members' own compute (each prune stage once, on the run that carries it, and
+    every finetuning), the dense model's time, and the span from the first run start to the last end."""
     from study.mlflow_logging import children, client
 
-    busy, compute, starts, ends = [], [], [], []
+    compute, starts, ends = 0.0, [], []
     for run in children(res.tracking_uri, res.experiment_id, res.parent_run_id):
         m, tags = run.data.metrics, run.data.tags
         if run.info.end_time is None or "time_finetune_s" not in m:
             continue
-        ran_prune = tags.get("tpp.reuse") != "reused"
-        compute.append(m["time_finetune_s"] + (m.get("time_prune_s", 0.0) if ran_prune else 0.0))
-        busy.append((run.info.end_time - run.info.start_time) / 1000)
+        compute += m["time_finetune_s"] + (m.get("time_prune_s", 0.0) if tags.get("tpp.reuse") != "reused"
+                                           else 0.0)
         starts.append(run.info.start_time / 1000)
         ends.append(run.info.end_time / 1000)
     parent = client(res.tracking_uri).get_run(res.parent_run_id).data.metrics
-    return {"busy_s": sum(busy), "compute_s": sum(compute), "span_s": max(ends) - min(starts),
-            "fixed": [b - c for b, c in zip(busy, compute, strict=True)], "n": len(busy),
+    return {"compute_s": compute, "span_s": max(ends) - min(starts),
             "dense_s": parent.get("time_dense_s", float("nan"))}
 
 
@@ -196,8 +170,7 @@ class CpuTimes(tune.Callback):
                 continue
             if proc.pid == me.pid:
                 kind = "driver"
-            elif (cmd.startswith("ray::") and "PruneCacheActor" not in cmd
-                  or self.seen.get(proc.pid, ("",))[0] == "workers"):  # an idle worker was a trial's
+            elif cmd.startswith("ray::") or self.seen.get(proc.pid, ("",))[0] == "workers":
                 kind = "workers"
             else:
                 kind = "ray_system"
@@ -214,16 +187,16 @@ class CpuTimes(tune.Callback):
         Path(self.path).write_text(json.dumps(parts))
 
 
-def run_study(raw: dict[str, Any], storage: str, name: str, reuse: bool,
+def run_study(raw: dict[str, Any], storage: str, name: str,
               overrides: dict[str, Any]) -> tuple[Any, float, dict[str, Any]]:
     import study
 
     cpu_file = os.path.join(storage, f"{name}.cpu.json")
     t0 = time.perf_counter()
-    res = study.run(raw, storage=storage, if_exists="replace", name=name, prune_reuse=reuse,
-                    callbacks=[CpuTimes(cpu_file)], **overrides)
+    res = study.run(raw, storage=storage, if_exists="replace", name=name, callbacks=[CpuTimes(cpu_file)],
+                    **_copy(overrides))
     total = time.perf_counter() - t0
-    stats = trial_stats(res)
+    stats = member_stats(res)
     stats["cpu"] = json.loads(Path(cpu_file).read_text())
     return res, total, stats
 
@@ -231,13 +204,15 @@ def run_study(raw: dict[str, Any], storage: str, name: str, reuse: bool,
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--config", default=CONFIG)
+    p.add_argument("--repeats", type=int, default=3, help="study runs (the overhead is their median)")
     p.add_argument("--keep", action="store_true", help="keep the studies' folder (printed) for inspection")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for both studies and the in-process run, e.g. checkpoint_every=30")
+                   help="config override for the studies and the in-process run, e.g. lockstep=false")
     args = p.parse_args()
     import yaml
 
     from study.config import load_config
+    from study.design import plan
 
     # Read once: every study and the in-process run use the same config even if the file changes meanwhile.
     raw = yaml.safe_load(Path(args.config).read_text())
@@ -247,89 +222,43 @@ def main() -> None:
         overrides.setdefault("set", {})[key] = yaml.safe_load(value)
     cfg = load_config(raw, **_copy(overrides))
     storage = tempfile.mkdtemp(prefix="tpp-study-bench-")
-    # quick: the reuse-on study only (two studies do not fit the smoke budget); full: both
-    modes = (True,) if args.quick else (True, False)
+    repeats = 1 if args.quick else args.repeats
     try:
-        results = {reuse: run_study(raw, storage, f"bench-reuse-{'on' if reuse else 'off'}", reuse, overrides)
-                   for reuse in modes}
-        t = serial(cfg)
-        alone, paired = (float("nan"), float("nan")) if args.quick else pair_efficiency(cfg, t["dense"])
+        studies, serials = [], []
+        for i in range(repeats):  # interleaved: study, in-process, study, in-process, ...
+            studies.append(run_study(raw, storage, f"bench-{i}", overrides))
+            serials.append(serial(cfg))
+        alone, paired = (math.nan, math.nan) if args.quick else pair_efficiency(cfg, serials[0]["dense"])
     finally:
         if not args.keep:
             shutil.rmtree(storage, ignore_errors=True)
-    n_reg, distinct = prune_combos(cfg)
     par = cfg.max_concurrent or 1
-    ideal_on = t["dense_s"] + (t["prune_reused_s"] + t["finetune_s"]) / par
-    ideal_off = t["dense_s"] + (t["prune_all_s"] + t["finetune_s"]) / par
-
-    rows_a = []
-    for reuse in (True, False):
-        row: dict[str, object] = {"prune_reuse": "on" if reuse else "off", "regularising trials": n_reg,
-                                  "distinct (method, pr, growth, seed)": distinct}
-        if reuse not in results:
-            rows_a.append({**row, "trials": "not run (quick mode)"})
-            continue
-        res, total, _ = results[reuse]
-        rows_a.append({**row, "trials": res.num_trials, "status": dict(res.counts),
-                       "stages computed (tpp.reuse)": res.reuse.get("computed", 0),
-                       "stages reused": res.reuse.get("reused", 0), "study wall s": res.wall_s,
-                       "study.run() s": total})
-    if len(results) == 2:
-        on, off = results[True][0], results[False][0]
-        rows_a.append({"prune_reuse": "on / off", "stages computed (tpp.reuse)":
-                       f"{on.reuse.get('computed', 0)} / {off.reuse.get('computed', 0)}",
-                       "study wall s": on.wall_s / off.wall_s,
-                       "study.run() s": results[True][1] / results[False][1]})
-    rows_a.append({"prune_reuse": "predicted on / off (stage counts x in-process stage times)",
-                   "study wall s": ideal_on / ideal_off})
-    keys = list(dict.fromkeys(k for r in rows_a for k in r))
-    rows_a = [{k: r.get(k, "") for k in keys} for r in rows_a]
-
-    res, total, st = results[True]
-    rows_b = [
-        {"quantity": "in-process: dense training s", "value": t["dense_s"]},
-        {"quantity": "in-process: prune stages s (with reuse)", "value": t["prune_reused_s"]},
-        {"quantity": "in-process: finetuning s (all trials)", "value": t["finetune_s"]},
-        {"quantity": f"ideal wall s = dense + trials / {par}", "value": ideal_on},
-        {"quantity": "study wall s (StudyResult.wall_s: dense model + Tune)", "value": res.wall_s},
-        {"quantity": "study.run() s (incl. Ray start, MLflow set-up, shutdown)", "value": total},
-        {"quantity": "overhead: study wall / ideal (goal <= 1.25)", "value": res.wall_s / ideal_on},
-        {"quantity": "overhead: study.run() / ideal", "value": total / ideal_on},
-        {"quantity": "in study: dense training s (time_dense_s)", "value": st["dense_s"]},
-        {"quantity": "in study: trials' own compute s (sum of time_prune_s run + time_finetune_s)",
-         "value": st["compute_s"]},
-        {"quantity": "in study / in-process compute (same work inside Ray trials)",
-         "value": st["compute_s"] / (t["prune_reused_s"] + t["finetune_s"])},
-        {"quantity": "in study: trial runs s (sum of MLflow run durations)", "value": st["busy_s"]},
-        {"quantity": f"slot occupancy: run durations / ({par} x first start -> last end)",
-         "value": st["busy_s"] / (par * st["span_s"])},
-        {"quantity": "fixed cost per trial s, median (MLflow run duration - compute)",
-         "value": statistics.median(st["fixed"]) if st["fixed"] else float("nan")},
-        {"quantity": "fixed cost per trial s, amortised ((wall - ideal) x concurrency / trials)",
-         "value": (res.wall_s - ideal_on) * par / res.num_trials},
-        {"quantity": "CPU s: in-process trials (the same work, no Ray)", "value": t["trials_cpu_s"]},
-        {"quantity": "CPU s: Ray worker processes (trials, worker start-up; a cluster's dense task)",
-         "value": st["cpu"]["workers"]},
-        {"quantity": "CPU s: driver (embedded: dense training; Tune loop, MLflow/progress callbacks, Optuna)",
-         "value": st["cpu"]["driver"]},
-        {"quantity": "CPU s: Ray system processes (raylet, GCS, agents, prune-cache actor)",
-         "value": st["cpu"]["ray_system"]},
-        {"quantity": f"CPU s available in the study wall time ({os.cpu_count()} cores)",
-         "value": (os.cpu_count() or 1) * res.wall_s},
-        {"quantity": "no Ray: one trial alone s / per trial with two at once in two processes s",
-         "value": f"{alone:.3g} / {paired:.3g}" + (" (not run in quick mode)" if args.quick else "")},
-        {"quantity": f"ideal wall s on this machine = dense + trials / {par} x (paired / alone)",
-         "value": t["dense_s"] + (ideal_on - t["dense_s"]) * paired / alone},
-        {"quantity": "overhead vs that: study wall / ideal on this machine",
-         "value": res.wall_s / (t["dense_s"] + (ideal_on - t["dense_s"]) * paired / alone)},
-    ]
-    print(table(rows_a))
-    print()
-    print(table(rows_b))
+    rows, ratios = [], []
+    for (res, total, st), t in zip(studies, serials, strict=True):
+        ideal = t["dense_s"] + (t["prune_s"] + t["finetune_s"]) / par
+        machine_ideal = t["dense_s"] + (ideal - t["dense_s"]) * paired / alone
+        ratios.append(res.wall_s / ideal)
+        rows.append({
+            "runs": res.num_runs, "status": dict(res.counts), "in-process dense s": t["dense_s"],
+            "in-process prune s": t["prune_s"], "in-process finetune s": t["finetune_s"],
+            f"ideal s (dense + rest / {par})": ideal, "study wall s": res.wall_s, "study.run() s": total,
+            "overhead (goal <= 1.15)": res.wall_s / ideal, "study.run() / ideal": total / ideal,
+            "in-study / in-process compute": st["compute_s"] / (t["prune_s"] + t["finetune_s"]),
+            "CPU s: workers / driver / Ray": f"{st['cpu']['workers']:.3g} / {st['cpu']['driver']:.3g} / "
+                                             f"{st['cpu']['ray_system']:.3g}",
+            "CPU s in-process": t["trials_cpu_s"],
+            "overhead vs this machine's 2-at-once": res.wall_s / machine_ideal,
+        })
+    print(table(rows))
+    print(f"\noverhead, median of {len(ratios)}: {statistics.median(ratios):.3g}x "
+          f"(each: {', '.join(f'{r:.3g}' for r in ratios)})")
+    print(f"no Ray: one member alone {alone:.3g} s, per member with two at once {paired:.3g} s"
+          + (" (not run in quick mode)" if args.quick else ""))
     where = storage if args.keep else "deleted"
-    print(f"\nconfig: {args.config} overrides {overrides or 'none'}: {cfg.trials} trials, "
-          f"methods {cfg.methods}, pr {cfg.space.pr}, growth {cfg.space.growth}, dense {cfg.dense.epochs} / "
-          f"finetune {cfg.finetune.epochs} epochs, max_concurrent {par}; study folders {where}")
+    p = plan(cfg, par)
+    print(f"config: {args.config} overrides {overrides or 'none'}: {len(p.points)} prune points x "
+          f"{len(p.members)} members = {p.num_runs} runs in {len(p.units)} trials, max_concurrent {par}; "
+          f"study folders {where}")
     print(f"machine: {machine()}")
 
 

@@ -546,11 +546,13 @@ def read_yaml(path: Path) -> Any:
     except UnicodeDecodeError as e:
         raise StudyConfigError("", f"{path} is not UTF-8 text (byte {data[e.start]:#04x} at offset "
                                f"{e.start}); accepted: a UTF-8 YAML file") from None
+    loader = _UniqueKeyLoader(text)  # what yaml.safe_load does, with the repeated-key check
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        return loader.get_single_data()
     except yaml.YAMLError as e:
         raise StudyConfigError("", f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
-    return raw
+    finally:
+        loader.dispose()
 
 
 def _loc_path(loc: tuple[Any, ...]) -> str:
@@ -594,6 +596,8 @@ def _first_error(e: ValidationError) -> StudyConfigError:
     err = min(errs, key=rank)
     loc, msg = tuple(err["loc"]), str(err["msg"])
     ctx_error = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_error, StudyConfigError):  # raised with its full path (study.design checks)
+        return ctx_error
     if isinstance(ctx_error, _PathError):
         base = _loc_path(loc)
         if ctx_error.path.startswith(("space.", "finetune.", "num_trials", "sampler", "objective.",

@@ -142,18 +142,18 @@ def points(cfg: StudyConfig) -> list[PrunePoint]:
 
 
 def size(cfg: StudyConfig) -> tuple[int, int]:
-    """(prune points, members per point) of a design -- an upper bound, counted without building it."""
+    """(prune points, members per point) of a design, counted without building it (for qmc an upper
+    bound: methods without a penalty may share PRs)."""
     n_members = (len(levels(cfg.finetune.lr)) or 1) * math.prod(len(v) for v in cfg.finetune.axes().values())
     if not cfg.is_design:
         return cfg.num_trials or 0, 1
     sp = cfg.space
-    n_pairs = 1
-    for values in (sp.pr, sp.growth):
-        if values is not None and not isinstance(values, Range):
-            n_pairs *= len(levels(values))
-    if cfg.sampler == "qmc":
-        n_pairs *= cfg.num_trials or 1
-    return len(cfg.methods) * n_pairs * len(sp.seeds), n_members
+    n_points = 0
+    for m in cfg.methods:
+        dims = [sp.pr] + ([sp.growth] if has_penalty(cfg, m.shown) and sp.growth is not None else [])
+        n = math.prod(len(levels(d)) for d in dims if not isinstance(d, Range))
+        n_points += n * (cfg.num_trials or 1 if any(isinstance(d, Range) for d in dims) else 1)
+    return n_points * len(sp.seeds), n_members
 
 
 def check_runnable(cfg: StudyConfig) -> None:
@@ -193,7 +193,8 @@ def run_config(cfg: StudyConfig, point: PrunePoint, member: dict[str, Any]) -> R
     from tpp.config import RunConfig
 
     m = method_cfg(cfg, point.method)
-    d: dict[str, Any] = {**cfg.fixed, **m.settings, **cfg.dense.settings(), **member}
+    single = {k: v[0] for k, v in cfg.finetune.axes().items() if len(v) == 1}
+    d: dict[str, Any] = {**cfg.fixed, **m.settings, **cfg.dense.settings(), **single, **member}
     d.update(model=cfg.model.name, model_kwargs=dict(cfg.model.kwargs), data=cfg.data.name,
              data_root=cfg.data.root, data_kwargs=dict(cfg.data.kwargs), val_fraction=cfg.data.val_fraction,
              method=m.name, pr=point.pr, seed=point.seed)

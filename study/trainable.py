@@ -153,12 +153,35 @@ class Reporter:
                           if k in event]
             if _finite(event.get("test_acc")) and self.objective == "best_acc":
                 self.best = max(self.best, float(event["test_acc"]))
-            if self.epoch == 1 or state is not None or time.monotonic() - self.reported >= self.every_s:
+            last = event["epoch"] == event["epochs"] - 1  # goes with the member's end, reported next
+            if not last and (self.epoch == 1 or state is not None
+                             or time.monotonic() - self.reported >= self.every_s):
                 self._report(state)
 
     def flush(self) -> None:
         if self.rows or self.done or self.reuse:
             self._report()
+
+
+@functools.lru_cache(maxsize=1)
+def die_with_raylet() -> None:
+    """Stop this worker process within a second once its raylet is gone.
+
+    An embedded Ray's raylet dies with the driver (Ray ties them together), but its workers notice
+    only some seconds later and meanwhile keep computing -- a killed study would go on writing its
+    prune cache and checkpoints. The raylet is the worker's parent: when the parent changes, exit.
+    """
+    import os
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="tpp-die-with-raylet", daemon=True).start()
 
 
 def _resume_state() -> dict[str, Any] | None:
@@ -202,6 +225,7 @@ def trial(config: dict[str, Any], dense: Any = None, ctx: TrialContext | None = 
     from tpp.run import load_run_data, run_pipeline
 
     assert ctx is not None and dense is not None
+    die_with_raylet()
     if config["kind"] == "prune":
         _prune_unit(config, dense, ctx)
         return

@@ -14,17 +14,19 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
 from ray import tune
-from test_study_run import check_trial_runs, tiny
+from test_study_run import check_member_runs, tiny
 
 import study
 from study.driver import collect
 from study.mlflow_logging import children
+from study.prune_cache import PruneCache
 from study.store import StudyFolder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,17 +37,14 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
 
-def _runs_by_trial(res: study.StudyResult) -> dict[str, list]:
+def _runs_by_member(res: study.StudyResult) -> dict[str, list]:
     out: dict[str, list] = {}
     for r in children(res.tracking_uri, res.experiment_id, res.parent_run_id):
-        out.setdefault(r.data.tags["tpp.trial_id"], []).append(r)
+        out.setdefault(r.data.tags["tpp.member_id"], []).append(r)
     return out
 
 
-def _interrupt_cli(tmp_path: Path, name: str, sig: int) -> tuple[Path, dict[str, str], str]:
-    """Start `tpp-study run`, send `sig` once 2 trials finished; returns (storage, finished, output)."""
-    cfg = tiny(name, space={"lr": [1e-3, 3e-3, 1e-2, 3e-2], "pr": [0.5, 0.75], "growth": [0.2], "seeds": [0]},
-               finetune={"epochs": 3}, max_concurrent=1)
+def _start_cli(tmp_path: Path, name: str, cfg: dict) -> tuple[subprocess.Popen, list[str], Path]:
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     storage = tmp_path / "studies"
@@ -53,80 +52,145 @@ def _interrupt_cli(tmp_path: Path, name: str, sig: int) -> tuple[Path, dict[str,
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     lines: list[str] = []
-    two_done = threading.Event()
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()  # type: ignore[arg-type]
+    return proc, lines, storage
 
-    def read() -> None:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            lines.append(line)
-            if re.search(rf"\[{name}\] [2-9]/16 done", line):
-                two_done.set()
 
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    assert two_done.wait(300), "".join(lines[-40:])
+def _wait_for(what, lines: list[str], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, "".join(lines[-40:])
+        time.sleep(0.2)
+
+
+INTERRUPTED = dict(finetune__lr=[1e-3, 3e-3, 1e-2, 3e-2], finetune__epochs=3, finetune__per_trial=1,
+                   max_concurrent=1)
+
+
+def _interrupt_cli(tmp_path: Path, name: str, sig: int) -> tuple[Path, dict[str, str], str]:
+    """Start `tpp-study run`, send `sig` once 2 runs finished; returns (storage, finished, output)."""
+    proc, lines, storage = _start_cli(tmp_path, name, tiny(name, **INTERRUPTED))
+    _wait_for(lambda: any(re.search(rf"\[{name}\] [2-9]/16 runs done", line) for line in lines), lines)
     if sig == signal.SIGKILL:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started: a crash, no clean-up
     else:
-        os.kill(proc.pid, sig)  # Ctrl-C on the driver
+        os.kill(proc.pid, sig)  # Ctrl-C, or a scheduler's / docker's stop, on the driver
     code = proc.wait(180)
-    reader.join(10)
+    time.sleep(0.5)
     out = "".join(lines)
-    if sig == signal.SIGINT:
-        assert code == 1, out[-3000:]
-        assert "Resume:" in out and "tpp-study resume" in out
-    # what MLflow holds now, per trial: the finished ones must survive the resume untouched
+    if sig != signal.SIGKILL:
+        assert code == 1, out[-3000:]  # interrupted: not 0, and no native crash (134)
+        assert "tpp-study resume" in out and "Tuner.restore" not in out, out[-3000:]
     folder = StudyFolder(storage / name)
     meta = folder.read_meta()
-    finished = {r.data.tags["tpp.trial_id"]: r.info.run_id
-                for r in children(meta.tracking_uri, meta.experiment_id, meta.parent_run_id)
-                if r.info.status == "FINISHED"}
+    runs = children(meta.tracking_uri, meta.experiment_id, meta.parent_run_id)
+    if sig != signal.SIGKILL:
+        assert meta.status == "interrupted"
+        assert not [r for r in runs if r.info.status == "RUNNING"], "runs left RUNNING by a clean stop"
+    finished = {r.data.tags["tpp.member_id"]: r.info.run_id for r in runs if r.info.status == "FINISHED"}
     assert len(finished) >= 2, out[-3000:]
     return storage, finished, out
 
 
-def _resume_and_check(storage: Path, name: str, finished_before: dict[str, str]) -> None:
+def _resume_and_check(storage: Path, name: str, finished_before: dict[str, str], epochs: int = 3) -> None:
     proc = subprocess.run([TPP_STUDY, "resume", name, "--storage", str(storage)], cwd=storage.parent,
                           env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = collect(StudyFolder(storage / name))
-    assert res.status == "completed" and res.num_trials == 16
-    by_trial = _runs_by_trial(res)
-    assert len(by_trial) == 16 and all(len(v) == 1 for v in by_trial.values())  # exactly one run per trial
-    runs = [v[0] for v in by_trial.values()]
+    assert res.status == "completed" and res.num_runs == 16
+    by_member = _runs_by_member(res)
+    assert len(by_member) == 16 and all(len(v) == 1 for v in by_member.values())  # one run per member
+    runs = [v[0] for v in by_member.values()]
     assert not [r.info.run_name for r in runs if r.info.status != "FINISHED"]  # nothing left RUNNING
-    check_trial_runs(res, runs, epochs=3)
+    check_member_runs(res, runs, epochs=epochs)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(res.tracking_uri)
-    for tid, run_id in finished_before.items():
-        assert by_trial[tid][0].info.run_id == run_id
-        # not re-run: each epoch of a trial finished before the fault was logged exactly once
+    for mid, run_id in finished_before.items():
+        assert by_member[mid][0].info.run_id == run_id
+        # not re-run: each epoch of a member finished before the fault was logged exactly once
         steps = [m.step for m in client.get_metric_history(run_id, "finetune/test_acc")]
-        assert sorted(steps) == sorted(set(steps)), (tid, steps)
+        assert sorted(steps) == sorted(set(steps)), (mid, steps)
+    for r in runs:  # no metric step missing or doubled anywhere
+        for key in ("finetune/test_acc", "finetune/train_loss"):
+            steps = sorted(m.step for m in client.get_metric_history(r.info.run_id, key))
+            assert steps == list(range(epochs)), (r.info.run_name, key, steps)
     assert client.get_run(res.parent_run_id).info.status == "FINISHED"
+    again = subprocess.run([TPP_STUDY, "resume", name, "--storage", str(storage)], cwd=storage.parent,
+                           env=_env(), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "nothing to do" in again.stdout and "Ray" not in again.stderr
 
 
 @pytest.mark.slow
-def test_driver_ctrl_c_then_resume(tmp_path):
-    storage, finished, _ = _interrupt_cli(tmp_path, "sigint", signal.SIGINT)
-    _resume_and_check(storage, "sigint", finished)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["int", "term", "kill"])
+def test_driver_stopped_then_resumed(tmp_path, sig):
+    name = f"stop{int(sig)}"
+    storage, finished, _ = _interrupt_cli(tmp_path, name, sig)
+    _resume_and_check(storage, name, finished)
+
+
+def _long_prune_stage(name: str) -> dict:
+    """One tpp prune point whose stage takes seconds, shared by 4 single-member trials."""
+    return tiny(name, methods=["tpp"], space={"pr": [0.5], "growth": [0.01], "seeds": [0]},
+                finetune__lr=[1e-3, 3e-3, 1e-2, 3e-2], finetune__per_trial=1, finetune__epochs=2,
+                fixed={**tiny(name)["fixed"], "stabilize_reg_interval": 400}, max_failures=2)
 
 
 @pytest.mark.slow
-def test_driver_hard_kill_then_resume(tmp_path):
-    storage, finished, _ = _interrupt_cli(tmp_path, "sigkill", signal.SIGKILL)
-    _resume_and_check(storage, "sigkill", finished)
+def test_driver_killed_while_a_shared_prune_stage_is_computed_then_resumed(tmp_path):
+    name = "prunekill"
+    proc, lines, storage = _start_cli(tmp_path, name, _long_prune_stage(name))
+    cache = PruneCache(storage / name / "prune_cache")
+    _wait_for(lambda: cache.computations(), lines)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(60)
+    assert not list(cache.folder.glob("*.pt"))  # killed mid-stage: nothing half-written in the cache
+    resumed = subprocess.run([TPP_STUDY, "resume", name, "--storage", str(storage)], cwd=tmp_path,
+                             env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    res = collect(StudyFolder(storage / name))
+    by_member = _runs_by_member(res)
+    assert res.status == "completed" and len(by_member) == 4 and all(len(v) == 1 for v in by_member.values())
+    check_member_runs(res, [v[0] for v in by_member.values()], epochs=2)
+    assert list(cache.computations().values()) == [2]  # the killed attempt and the one that finished
+
+
+class KillPruneWorker(tune.Callback):
+    """SIGKILL the worker process computing the shared prune stage as soon as it starts."""
+
+    def __init__(self, cache_dir: str) -> None:
+        self.cache_dir, self.killed = cache_dir, False
+
+    def on_step_end(self, iteration, trials, **info):
+        log = Path(self.cache_dir) / "computed.log"
+        if not self.killed and log.is_file() and log.read_text():
+            pid = int(log.read_text().split()[-1].rsplit(":", 1)[1])
+            self.killed = True
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_worker_killed_while_computing_a_shared_prune_stage(local_ray, tmp_path):
+    """The trials of that stage wait for it; Tune retries the killed one; it is computed twice at most."""
+    cfg = _long_prune_stage("workerprune")
+    killer = KillPruneWorker(str(tmp_path / "workerprune" / "prune_cache"))
+    res = study.run(cfg, storage=str(tmp_path), callbacks=[killer])
+    assert killer.killed and res.status == "completed"
+    by_member = _runs_by_member(res)
+    assert len(by_member) == 4 and all(len(v) == 1 for v in by_member.values())
+    check_member_runs(res, [v[0] for v in by_member.values()], epochs=2)
+    assert list(PruneCache(Path(res.path) / "prune_cache").computations().values()) == [2]
 
 
 # ---------------------------------------------------------------------------------------------- workers
 class KillWorker(tune.Callback):
-    """SIGKILL the process running the first trial that reports its second finetuning epoch."""
+    """SIGKILL the process running the first finetune trial that reports its second epoch."""
 
     def __init__(self) -> None:
         self.killed: str | None = None
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if self.killed is None and result.get("epoch") == 1 and "tpp_final" not in result:
+        if self.killed is None and result.get("epoch") == 2 and "tpp_done" not in result:
             self.killed = trial.trial_id
             os.kill(int(result["pid"]), signal.SIGKILL)
 
@@ -143,20 +207,20 @@ def local_ray():
 
 @pytest.mark.slow
 def test_killed_trial_worker_is_retried_from_its_checkpoint(local_ray, tmp_path):
-    cfg = tiny("workerkill", space={"lr": [1e-2, 3e-2], "pr": [0.5], "growth": [0.2], "seeds": [0]},
-               finetune={"epochs": 5}, max_failures=2, checkpoint_min_interval_s=0)
+    cfg = tiny("workerkill", space={"pr": [0.5], "growth": [0.2], "seeds": [0]}, finetune__lr=[1e-2, 3e-2],
+               finetune__epochs=5, max_failures=2, checkpoint_min_interval_s=0)
     killer = KillWorker()
     res = study.run(cfg, storage=str(tmp_path), callbacks=[killer])
     assert killer.killed is not None
     assert res.status == "completed"
-    by_trial = _runs_by_trial(res)
-    assert all(len(v) == 1 for v in by_trial.values()) and len(by_trial) == 4  # continued, not duplicated
-    runs = [v[0] for v in by_trial.values()]
-    check_trial_runs(res, runs, epochs=5)
-    killed = by_trial[killer.killed][0]
-    assert killed.data.tags["tpp.status"] == "completed"
+    by_member = _runs_by_member(res)
+    assert all(len(v) == 1 for v in by_member.values()) and len(by_member) == 4  # continued, not duplicated
+    runs = [v[0] for v in by_member.values()]
+    check_member_runs(res, runs, epochs=5)
+    killed = [r for r in runs if r.data.tags["tpp.trial_id"] == killer.killed]
+    assert killed and all(r.data.tags["tpp.status"] == "completed" for r in killed)
     # continued from a checkpoint (the metric is the epoch it was taken at), not restarted from scratch
-    assert killed.data.metrics["resumed_from_epoch"] >= 0
+    assert any(r.data.metrics.get("resumed_from_epoch", -1) >= 0 for r in killed)
     # resource hygiene: bounded checkpoints per trial, disk use reported
     for trial_dir in (Path(res.path) / "tune").glob("trial_*"):
         assert len(list(trial_dir.glob("checkpoint_*"))) <= 2, trial_dir
@@ -176,7 +240,7 @@ class RemoveNode(tune.Callback):
         node = str(result.get("tpp_node", "")).split("/")[-1]
         workers = _CLUSTER.get("workers", [])
         victim = next((w for w in workers if w.node_id.startswith(node)), None) if node else None
-        if self.removed is None and victim is not None and "tpp_final" not in result:
+        if self.removed is None and victim is not None and "tpp_done" not in result:
             self.removed = victim.node_id
             threading.Thread(target=_CLUSTER["cluster"].remove_node, args=(victim,), daemon=True).start()
 
@@ -187,15 +251,16 @@ def test_study_survives_losing_a_worker_node(tmp_path, multi_node_cluster):
     _CLUSTER.update(cluster=cluster, workers=workers)
     try:
         remover = RemoveNode()
-        cfg = tiny("nodeloss", space={"lr": [1e-3, 1e-2, 3e-2], "pr": [0.5], "growth": [0.2], "seeds": [0]},
-                   finetune={"epochs": 4}, max_concurrent=3, max_failures=3)
+        cfg = tiny("nodeloss", space={"pr": [0.5], "growth": [0.2], "seeds": [0]},
+                   finetune__lr=[1e-3, 1e-2, 3e-2], finetune__epochs=4, finetune__per_trial=1,
+                   max_concurrent=3, max_failures=3)
         res = study.run(cfg, storage=str(tmp_path), address=cluster.address, callbacks=[remover])
         assert remover.removed is not None
         assert res.status == "completed"
-        by_trial = _runs_by_trial(res)
-        assert len(by_trial) == 6 and all(len(v) == 1 for v in by_trial.values())
-        check_trial_runs(res, [v[0] for v in by_trial.values()], epochs=4)
-        assert Counter(v[0].data.tags["tpp.status"] for v in by_trial.values()) == {"completed": 6}
+        by_member = _runs_by_member(res)
+        assert len(by_member) == 6 and all(len(v) == 1 for v in by_member.values())
+        check_member_runs(res, [v[0] for v in by_member.values()], epochs=4)
+        assert Counter(v[0].data.tags["tpp.status"] for v in by_member.values()) == {"completed": 6}
     finally:
         _CLUSTER.clear()
 

@@ -11,16 +11,7 @@ import pytest
 import yaml
 
 from study.config import StudyConfigError, load_config
-from study.space import (
-    DefineByRun,
-    design,
-    grid_cells,
-    grid_size,
-    logged_params,
-    point_from_config,
-    run_config,
-    run_name,
-)
+from study.design import DefineByRun, logged_params, members, plan, points, run_config, run_name, size
 
 CONFIGS = Path(__file__).resolve().parents[1] / "study" / "configs"
 
@@ -30,10 +21,8 @@ BASE = {
     "data": {"name": "synthetic"},
     "dense": {"epochs": 2, "lr": 0.05},
     "methods": ["l1", "tpp"],
-    "space": {"lr": {"low": 1e-4, "high": 1e-1}, "pr": [0.5, 0.8, 0.9], "growth": [1e-3, 1e-2],
-              "seeds": [0, 1]},
-    "finetune": {"epochs": 2},
-    "num_trials": 8,
+    "space": {"pr": [0.5, 0.8, 0.9], "growth": [1e-3, 1e-2], "seeds": [0, 1]},
+    "finetune": {"lr": {"low": 1e-4, "high": 1e-1, "per_decade": 1}, "epochs": 2},
 }
 
 
@@ -54,56 +43,79 @@ def cfg_with(**changes):
 # (change, expected field path, a fragment the one-line message must contain)
 BAD = [
     (dict(unknown_key=1), "unknown_key", "accepted: name"),
-    (dict(space__lr={"low": 1e-1, "high": 1e-4}), "space.lr", "inverted"),
-    (dict(space__lr={"low": 1e-3, "high": 1e-3}), "space.lr", "low < high"),
-    (dict(space__lr=[0.01, -1]), "space.lr", "> 0"),
-    (dict(space__lr={"low": 0, "high": 1e-2}), "space.lr", "> 0"),
-    (dict(space__lr=[]), "space.lr", "non-empty"),
-    (dict(space__lr={"low": 1e-3, "hi": 1}), "space.lr.hi", "accepted: low, high"),
-    (dict(space__lr="fast"), "space.lr", "{low: L, high: H}"),
+    (dict(finetune__lr={"low": 1e-1, "high": 1e-4, "per_decade": 2}), "finetune.lr", "inverted"),
+    (dict(finetune__lr={"low": 1e-3, "high": 1e-3}), "finetune.lr", "low < high"),
+    (dict(finetune__lr=[0.01, -1]), "finetune.lr", "> 0"),
+    (dict(finetune__lr={"low": 0, "high": 1e-2, "per_decade": 2}), "finetune.lr", "> 0"),
+    (dict(finetune__lr=[]), "finetune.lr", "a list of numbers"),
+    (dict(finetune__lr={"low": 1e-3, "hi": 1}), "finetune.lr.hi", "accepted: low, high, per_decade"),
+    (dict(finetune__lr="fast"), "finetune.lr", "{low: L, high: H, per_decade: N}"),
+    (dict(finetune__lr=["fast", 1e-3]), "finetune.lr", "accepted: a number, a list of numbers, or {low"),
+    (dict(finetune__lr={"low": 1e-4, "high": 1e-1}), "finetune.lr", "ladder"),
+    (dict(finetune__lr=...), "finetune.lr", "required"),
+    (dict(space__lr=[1e-3]), "space.lr", "moved to finetune.lr"),
     (dict(space__pr=[0.5, 1.0]), "space.pr", "(0, 1)"),
     (dict(space__pr=[0.0]), "space.pr", "(0, 1)"),
     (dict(space__pr={"low": 0.9, "high": 0.3}), "space.pr", "inverted"),
+    (dict(space__pr=[0.5, 0.5]), "space.pr", "duplicate"),
     (dict(space__growth=[0]), "space.growth", "> 0"),
     (dict(space__growth=[-1e-3]), "space.growth", "> 0"),
     (dict(space__growth=...), "space.growth", "tpp"),
     (dict(space__seeds=[0, 0]), "space.seeds", "duplicate"),
     (dict(space__seeds=[]), "space.seeds", ""),
-    (dict(space__speed=[1]), "space.speed", "accepted: lr, pr, growth, seeds"),
+    (dict(space__speed=[1]), "space.speed", "accepted: pr, growth, seeds"),
     (dict(model={"name": "resnet1000"}), "model.name", "accepted: "),
     (dict(model={"name": "mlp", "kwargs": {"deep": 3}}), "model.kwargs", "accepted: depth"),
     (dict(data={"name": "imagenet21k"}), "data.name", "accepted: "),
     (dict(data={"name": "synthetic", "kwargs": {"n_samples": 3}}), "data.kwargs", "accepted: "),
     (dict(data={"name": "cifar10", "root": "/no/such/folder"}), "data.root", "does not exist"),
-    (dict(methods=["l1", "magic"]), "methods[1]", "accepted: l1, tpp"),
+    (dict(data={"name": "synthetic", "val_fraction": 1.5}), "data.val_fraction", "less than 1"),
+    (dict(methods=["l1", "magic"]), "methods[1].name", "accepted: l1, tpp"),
     (dict(methods=[]), "methods", ""),
+    (dict(methods=["l1", "l1"]), "methods", "duplicate"),
+    (dict(methods=["l1", {"name": "l1", "lw_opp": 3.0}]), "methods[1].label", "required"),
+    (dict(methods=["l1", {"name": "tpp", "label": "x", "lr": 3.0}]), "methods[1].lr", "prune-stage"),
+    (dict(methods=["l1", {"name": "tpp", "label": "x", "reg_lr": -3.0}]), "methods[1].reg_lr", "> 0"),
     (dict(sampler="random"), "sampler", "'qmc', 'grid', 'tpe' or 'gp'"),
-    (dict(num_trials=0), "num_trials", "greater than or equal to 1"),
-    (dict(num_trials=...), "num_trials", "required"),
+    (dict(sampler="qmc"), "sampler", "accepted: sampler: grid"),
+    (dict(sampler="qmc", space__pr={"low": 0.3, "high": 0.9}), "num_trials", "required"),
+    (dict(num_trials=8), "num_trials", "leave num_trials out"),
+    (dict(sampler="tpe"), "num_trials", "required"),
+    (dict(sampler="tpe", num_trials=0), "num_trials", "greater than or equal to 1"),
+    (dict(sampler="tpe", num_trials=4, finetune__per_trial=3), "finetune.per_trial", "accepted: 1"),
+    (dict(early_stopping={"asha": True}), "early_stopping.asha", "tpe/gp"),
     (dict(dense={"epochs": 2, "checkpoint": "x.pt"}), "dense", "exactly one"),
     (dict(dense={}), "dense", "exactly one"),
     (dict(dense={"checkpoint": "/no/such/dense.pt"}), "dense.checkpoint", "not a file"),
-    (dict(dense={"epochs": 2, "lr": -0.1}), "dense.lr", "greater than 0"),
-    (dict(finetune={"epochs": 0}), "finetune.epochs", "greater than or equal to 1"),
-    (dict(finetune={"epochs": 2, "schedule": "linear"}), "finetune.schedule", "accepted: step"),
-    (dict(finetune={"epochs": 2, "milestones": [0.5, 1.5]}), "finetune.milestones", "(0, 1)"),
-    (dict(fixed={"batch_size": 0}), "fixed.batch_size", ">= 1"),
+    (dict(dense={"epochs": 2, "lr": -0.1}), "dense.lr", "> 0"),
+    (dict(dense={"epochs": 2, "speed": 1}), "dense.speed", "accepted: checkpoint, seed, epochs, lr"),
+    (dict(finetune__epochs=0), "finetune.epochs", ">= 1"),
+    (dict(finetune__schedule="exponential"), "finetune.schedule", "accepted: step"),
+    (dict(finetune__schedule=["step", "exponential"]), "finetune.schedule", "accepted: step"),
+    (dict(finetune__milestones=[0.5, 1.5]), "finetune.milestones", "(0, 1)"),
+    (dict(finetune__schedule="onecycle"), "finetune.warmup_epochs", "onecycle"),
+    (dict(finetune__epochs=[]), "finetune.epochs", "empty list"),
+    (dict(finetune__dropout=0.1), "finetune.dropout", "accepted: lr, per_trial"),
+    (dict(fixed={"reg_batch_size": 0}), "fixed.reg_batch_size", ">= 1"),
     (dict(fixed={"reg_lr": -1.0}), "fixed.reg_lr", "> 0"),
-    (dict(fixed={"lr": 0.1}), "fixed.lr", "own section"),
+    (dict(fixed={"lr": 0.1}), "fixed.lr", "set it in finetune"),
+    (dict(fixed={"pr": 0.1}), "fixed.pr", "set it in space"),
     (dict(fixed={"warp": 9}), "fixed.warp", "accepted: prune_layers"),
     (dict(objective={"metric": "loss"}), "objective.metric", "accepted: best_acc"),
+    (dict(objective={"metric": "test_acc_at_best_val"}), "objective.metric", "val_fraction"),
     (dict(objective={"mode": "maximize"}), "objective.mode", "'max' or 'min'"),
     (dict(resources={"gpu": "lots"}), "resources.gpu", "auto"),
     (dict(resources={"gpu": -0.5}), "resources.gpu", "auto"),
     (dict(resources={"cpus": 0}), "resources.cpus", "greater than 0"),
     (dict(max_concurrent=0), "max_concurrent", "greater than or equal to 1"),
-    (dict(early_stopping={"asha": True, "reduction_factor": 1}), "early_stopping.reduction_factor",
-     "greater than 1"),
+    (dict(sampler="tpe", num_trials=2, early_stopping={"asha": True, "reduction_factor": 1}),
+     "early_stopping.reduction_factor", "greater than 1"),
     (dict(mlflow={"uri": "x"}), "mlflow.uri", "accepted: tracking_uri, experiment"),
     (dict(ray={"adress": "auto"}), "ray.adress", "accepted: address, num_cpus"),
     (dict(name="bad name/../x"), "name", "pattern"),
-    (dict(sampler="grid", num_trials=...), "space.lr", "grid sampler needs a list"),
-    (dict(sampler="grid", num_trials=5, space__lr=[1e-3, 1e-2]), "num_trials", "accepted: 36"),
+    (dict(sampler="grid", space__pr={"low": 0.3, "high": 0.9}), "space.pr", "grid sampler crosses"),
+    (dict(finetune__weight_decay=[0.0] * 1 + [1e-4, 1e-3], finetune__epochs=list(range(1, 400)),
+          finetune__lr={"low": 1e-6, "high": 1.0, "per_decade": 100}), "finetune", "accepted: at most"),
 ]
 
 
@@ -130,12 +142,33 @@ def test_bad_yaml_and_missing_file_are_one_line_errors(tmp_path):
         load_config(tmp_path / "list.yaml")
 
 
+def test_repeated_keys_and_non_utf8_files_are_refused(tmp_path):
+    """yaml.safe_load keeps the last of repeated keys silently: the user would run what they did not see."""
+    twice = tmp_path / "twice.yaml"
+    text = yaml.safe_dump(BASE, sort_keys=False)
+    first = text.splitlines().index("methods:") + 1
+    twice.write_text(text + "methods: [l1]\n")
+    with pytest.raises(StudyConfigError) as info:
+        load_config(twice)
+    last = len(text.splitlines()) + 1
+    assert str(info.value) == (f"methods: repeated key (lines {first} and {last}); "
+                               "accepted: each key once per mapping")
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("space:\n  pr: [0.5]\n  pr: [0.9]\n")
+    with pytest.raises(StudyConfigError, match=r"^pr: repeated key \(lines 2 and 3\)"):
+        load_config(nested)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"name: t\n\xff\xfe\x00junk")
+    with pytest.raises(StudyConfigError, match=r"not UTF-8 text \(byte 0xff at offset 8\)"):
+        load_config(binary)
+
+
 def test_defaults_and_overrides(tmp_path):
     cfg = load_config(cfg_with(), storage=str(tmp_path / "s"), tracking_uri=None,
                       set={"space.seeds": [3], "finetune.epochs": 4})
-    assert cfg.sampler == "qmc" and cfg.objective.metric == "best_acc" and cfg.objective.mode == "max"
-    assert cfg.early_stopping.asha is False and cfg.resources.gpu == "auto"
-    assert cfg.space.seeds == [3] and cfg.finetune.epochs == 4
+    assert cfg.sampler == "grid" and cfg.objective.metric == "best_acc" and cfg.objective.mode == "max"
+    assert cfg.early_stopping.asha is False and cfg.resources.gpu == "auto" and cfg.lockstep is True
+    assert cfg.space.seeds == [3] and cfg.finetune.axes() == {"epochs": [4]}
     assert cfg.study_dir() == (tmp_path / "s" / "t").absolute()
     assert cfg.tracking_uri() == f"sqlite:///{tmp_path / 's' / 't' / 'mlflow.db'}"
     assert cfg.experiment() == "t"
@@ -143,19 +176,21 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg2.ray.address == "auto" and cfg2.tracking_uri() == "http://127.0.0.1:5000"
     assert cfg2.experiment() == "e"
     with pytest.raises(StudyConfigError, match="num_trials"):
-        load_config(cfg_with(), num_trials=-1)
-    # a scalar for a dimension is a one-level list
-    assert load_config(cfg_with(space__lr=0.01)).space.lr == [0.01]
+        load_config(cfg_with(sampler="tpe"), num_trials=-1)
+    # a scalar for a dimension is a one-level list; the saved YAML reads back the same config
+    assert load_config(cfg_with(finetune__lr=0.01)).finetune.lr == [0.01]
+    with_label = cfg_with(methods=["l1", {"name": "tpp", "label": "tpp-lw10", "lw_opp": 10.0}])
+    assert load_config(yaml.safe_load(load_config(with_label).to_yaml())) == load_config(with_label)
 
 
 def test_growth_not_required_without_penalty_methods():
     cfg = load_config(cfg_with(methods=["l1", "orthp"], space__growth=...))
     assert cfg.space.growth is None
-    assert all(p.growth is None for p in design(cfg))
+    assert all(p.growth is None for p in points(cfg))
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_configs_validate(path, tmp_path):
+def test_shipped_configs_validate_and_are_balanced(path, tmp_path):
     raw = yaml.safe_load(path.read_text())
     overrides = {}
     if raw["data"].get("root"):
@@ -166,132 +201,138 @@ def test_shipped_configs_validate(path, tmp_path):
         ckpt.write_bytes(b"")
         overrides["dense.checkpoint"] = str(ckpt)
     cfg = load_config(path, set=overrides)
-    assert cfg.trials >= 1
+    if cfg.is_design:
+        check_balanced(cfg)
+
+
+def check_balanced(cfg) -> None:
+    """Every method sees the same PRs and seeds (and growth levels among penalty methods), every prune
+    point the same members: method differences are paired comparisons."""
+    pts = points(cfg)
+    by_method = {}
+    for p in pts:
+        by_method.setdefault(p.method, []).append(p)
+    prs_seeds = {m: Counter((p.pr, p.seed) for p in ps) for m, ps in by_method.items()}
+    assert all(set(c) == set(next(iter(prs_seeds.values()))) for c in prs_seeds.values()), prs_seeds
+    penalty = [ps for ps in by_method.values() if ps[0].growth is not None]
+    assert len({frozenset(Counter((p.pr, p.growth, p.seed) for p in ps)) for ps in penalty}) <= 1
+    p = plan(cfg, slots=2)
+    runs = Counter(u.points[0] for u in p.units if u.kind == "finetune" for _ in u.members)
+    assert set(runs.values()) == {len(p.members)} and len(runs) == len(pts)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8])
+def test_small_qmc_designs_cross_methods_with_seeds_and_prs(n):
+    """A Sobol design once gave every TPP trial seed 0 and every L1 trial seed 1: now it spreads only
+    the ranged prune dimensions and crosses methods and seeds with every point."""
+    cfg = load_config(cfg_with(sampler="qmc", num_trials=n, space__pr={"low": 0.3, "high": 0.9}))
+    check_balanced(cfg)
+    pts = points(cfg)
+    assert len({p.pr for p in pts}) == n and all(0.3 <= p.pr <= 0.9 for p in pts)
+    assert Counter(p.method for p in pts) == {"l1": 2 * n, "tpp": 2 * 2 * n}
+    assert points(cfg) == pts  # reproducible from sampler_seed
 
 
 def test_paper_config_is_table_1():
     cfg = load_config(CONFIGS / "paper_resnet56_cifar10.yaml", set={"data.root": str(CONFIGS)})
-    assert cfg.sampler == "grid" and cfg.trials == 5 * 2 * 2 * 3
-    assert sorted(cfg.space.pr) == [0.3, 0.5, 0.7, 0.9, 0.95] and sorted(cfg.space.lr) == [1e-3, 1e-2]
-    assert cfg.finetune.epochs == 120 and cfg.resources.gpu == 0.25
-    rc = run_config(cfg, design(cfg)[0])
-    assert (rc.batch_size, rc.growth, rc.update_reg_interval, rc.stabilize_reg_interval) == (
-        128, 1e-4, 10, 10000)
+    assert cfg.sampler == "grid" and size(cfg) == (2 * 5 * 3, 2)
+    assert sorted(levels_of(cfg.space.pr)) == [0.3, 0.5, 0.7, 0.9, 0.95]
+    assert sorted(cfg.finetune.lr) == [1e-3, 1e-2]
+    assert cfg.resources.gpu == 0.25
+    rc = run_config(cfg, points(cfg)[-1], members(cfg)[0])
+    assert (rc.batch_size, rc.reg_batch_size, rc.growth, rc.update_reg_interval, rc.stabilize_reg_interval,
+            rc.epochs) == (128, 128, 1e-4, 10, 10000, 120)
     assert rc.milestones == (0.5, 0.75)  # drops at epochs 60 and 90 of 120
+
+
+def levels_of(values):
+    from study.config import levels
+
+    return levels(values)
 
 
 def test_quick_config_is_the_demo():
     cfg = load_config(CONFIGS / "quick.yaml")
-    assert (cfg.data.name, cfg.model.name, cfg.sampler) == ("digits", "mlp7_linear", "qmc")
-    assert set(cfg.methods) == {"l1", "tpp"} and len(cfg.space.seeds) >= 2 and len(cfg.space.pr) >= 3
-    lr = cfg.space.lr
-    assert lr.low <= 1e-4 and lr.high >= 1e-1
+    assert (cfg.data.name, cfg.model.name, cfg.sampler) == ("digits", "mlp7_linear", "grid")
+    assert {m.name for m in cfg.methods} == {"l1", "tpp"} and len(cfg.space.seeds) >= 3
+    lrs = levels_of(cfg.finetune.lr)
+    assert lrs[0] <= 1e-4 and lrs[-1] >= 1e-1 and len(lrs) >= 7
 
 
-# ---------------------------------------------------------------------------------------------- space
-def test_grid_is_the_exact_factorial_with_conditional_growth():
-    cfg = load_config(cfg_with(sampler="grid", num_trials=..., space__lr=[1e-3, 1e-2]))
-    cells = grid_cells(cfg)
-    # l1: 3 pr x 2 lr x 2 seeds; tpp: x 2 growth levels
-    assert len(cells) == grid_size(cfg) == cfg.trials == 12 + 24
-    assert len(set(cells)) == len(cells)
-    assert {c.growth for c in cells if c.method == "l1"} == {None}
-    assert Counter(c.growth for c in cells if c.method == "tpp") == {1e-3: 12, 1e-2: 12}
+# ---------------------------------------------------------------------------------------------- design
+def test_ladder_is_log_spaced_inclusive():
+    cfg = load_config(cfg_with(finetune__lr={"low": 1e-4, "high": 1e-1, "per_decade": 3}))
+    lrs = [m["lr"] for m in members(cfg)]
+    assert len(lrs) == 10 and lrs[0] == 1e-4 and lrs[3] == 1e-3 and lrs[-1] == 0.1
+    ratios = [b / a for a, b in zip(lrs, lrs[1:], strict=False)]
+    assert max(ratios) == pytest.approx(min(ratios), rel=1e-4) == pytest.approx(10 ** (1 / 3), rel=1e-4)
 
 
-def test_qmc_design_balances_categorical_choices():
-    cfg = load_config(cfg_with(num_trials=16, space__pr=[0.5, 0.9]))
-    pts = design(cfg)
-    assert len(pts) == 16
-    assert Counter(p.method for p in pts) == {"l1": 8, "tpp": 8}
-    assert Counter(p.seed for p in pts) == {0: 8, 1: 8}
-    assert Counter(p.pr for p in pts) == {0.5: 8, 0.9: 8}
-    # the LR range is covered on a log scale: every decade of [1e-4, 1e-1] gets trials
-    decades = Counter(min(int(-__import__("math").log10(p.lr)), 3) for p in pts)
-    assert set(decades) == {1, 2, 3} and min(decades.values()) >= 4
-    assert all(1e-4 <= p.lr <= 1e-1 for p in pts)
-    assert all((p.growth is None) == (p.method == "l1") for p in pts)
-    assert design(cfg) == pts  # reproducible from sampler_seed
+def test_grid_crosses_levels_with_conditional_growth_and_the_members():
+    cfg = load_config(cfg_with(finetune__lr=[1e-3, 1e-2]))
+    pts = points(cfg)
+    # l1: 3 pr x 2 seeds; tpp: x 2 growth levels
+    assert len(pts) == 6 + 12 and len(set(pts)) == len(pts) and size(cfg) == (len(pts), 2)
+    assert {p.growth for p in pts if p.method == "l1"} == {None}
+    assert Counter(p.growth for p in pts if p.method == "tpp") == {1e-3: 6, 1e-2: 6}
+    check_balanced(cfg)
 
 
-@pytest.mark.parametrize("reuse", [True, False])
-def test_design_starts_every_prune_stage_before_the_trials_that_reuse_one(reuse):
-    from study.space import qmc_design
-
-    cfg = load_config(cfg_with(num_trials=32, space__pr=[0.5, 0.9], prune_reuse=reuse))
-    sobol, ordered = qmc_design(cfg), design(cfg)
-    assert sorted(map(repr, ordered)) == sorted(map(repr, sobol))  # the same trials, reordered
-    keys = [(p.pr, p.growth, p.seed) if p.method == "tpp" else None for p in ordered]
-    computing = len({k for k in keys if k} if reuse else [k for k in keys if k])
-    head, tail = keys[:computing], keys[computing:]
-    assert None not in head and (len(set(head)) == len(head) or not reuse)
-    assert all(k is None or k in head for k in tail)  # later tpp trials reuse a stage started earlier
-    assert [k[1] for k in head] == sorted(k[1] for k in head)  # slowest penalty schedule (least growth) first
-    assert ordered != sobol
+def test_recipe_axes_cross_with_warmup_only_where_it_applies():
+    cfg = load_config(cfg_with(finetune__lr=[1e-3, 1e-2], finetune__schedule=["step", "cosine"],
+                               finetune__warmup_epochs=[0, 1], finetune__epochs=[2, 4]))
+    ms = members(cfg)
+    # step ignores warmup: 2 lr x 2 epochs x (step x 1 warmup + cosine x 2 warmups)
+    assert len(ms) == 2 * 2 * 3 and len({tuple(sorted(m.items())) for m in ms}) == len(ms)
+    assert all(m["warmup_epochs"] == 0 for m in ms if m["schedule"] == "step")
+    rc = run_config(cfg, points(cfg)[0], ms[-1])
+    assert (rc.schedule, rc.warmup_epochs, rc.epochs) == ("cosine", 1, 4)
 
 
-def test_define_by_run_follows_the_design_even_after_a_lost_trial():
-    """Tune saves its searcher (this object) with its trial list; a trial asked after the last save is
-    lost by a hard kill. The restored searcher must ask for that point again, and Optuna must record
-    exactly the points that run."""
-    import pickle
-
-    import optuna
-
-    from study.design_sampler import DesignSampler
-
-    cfg = load_config(cfg_with(num_trials=8))
-    sampler = DesignSampler()
-    study = optuna.create_study(direction="maximize", sampler=sampler)
-    space = DefineByRun(cfg, sampler)
-    got = []
-    for i in range(3):
-        if i == 2:
-            saved = pickle.dumps(space)  # Tune's last save, before the third trial
-        t = study.ask()
-        got.append(point_from_config(space(t)))
-        assert point_from_config(t.params) == got[-1]  # what Optuna records is what runs
-        study.tell(t, 1.0)
-    space = pickle.loads(saved)  # the driver was killed; resume restores the saved searcher
-    study.sampler = space.sampler
-    got = got[:2]
-    for _ in range(6):
-        t = study.ask()
-        got.append(point_from_config(space(t)))
-        assert point_from_config(t.params) == got[-1]
-        study.tell(t, 1.0)
-    assert got == design(cfg)
-    with pytest.raises(RuntimeError, match="8 points"):
-        space(study.ask())
+def test_plan_puts_prune_stages_in_lockstep_units_and_splits_members():
+    cfg = load_config(cfg_with(finetune__lr=[1e-3, 1e-2, 3e-2]))
+    p = plan(cfg, slots=2)
+    prune = [u for u in p.units if u.kind == "prune"]
+    tpp_points = {i for i, pt in enumerate(p.points) if pt.method == "tpp"}
+    assert len(prune) == 2 and sorted(i for u in prune for i in u.points) == sorted(tpp_points)
+    assert p.units[:2] == prune and p.num_runs == len(p.points) * 3
+    alone = plan(load_config(cfg_with(finetune__lr=[1e-3, 1e-2, 3e-2], lockstep=False)), slots=2)
+    assert [u.kind for u in alone.units] == ["finetune"] * len(alone.points)  # each trial prunes its own
+    split = plan(load_config(cfg_with(finetune__lr=[1e-3, 1e-2, 3e-2], lockstep=False,
+                                      finetune__per_trial=2)), slots=2)
+    assert {len(u.points) for u in split.units if u.kind == "prune"} == {1}  # shared by two trials
+    assert Counter(len(u.members) for u in split.units if u.kind == "finetune") == {2: 18, 1: 18}
 
 
 def test_define_by_run_for_adaptive_samplers():
     import optuna
 
-    cfg = load_config(cfg_with(sampler="tpe"))
+    cfg = load_config(cfg_with(sampler="tpe", num_trials=10, finetune__lr={"low": 1e-4, "high": 1e-1}))
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, multivariate=True, group=True))
     for _ in range(10):
         t = study.ask()
         out = DefineByRun(cfg)(t)
-        assert ("growth" in t.params) == (out["method"] == "tpp")
-        p = point_from_config(out)
-        assert 1e-4 <= p.lr <= 1e-1 and p.pr in (0.5, 0.8, 0.9) and p.seed in (0, 1)
-        study.tell(t, p.lr)
+        assert ("growth" in t.params) == (out["method"] == "tpp") == (out["growth"] is not None)
+        assert 1e-4 <= out["member"]["lr"] <= 1e-1 and out["pr"] in (0.5, 0.8, 0.9) and out["seed"] in (0, 1)
+        study.tell(t, out["member"]["lr"])
 
 
 def test_run_config_names_and_params():
-    cfg = load_config(cfg_with(fixed={"batch_size": 32}))
-    tpp_pt = point_from_config({"method": "tpp", "pr": 0.9, "lr": 0.0032, "growth": 1e-3, "seed": 0})
-    l1_pt = point_from_config({"method": "l1", "pr": 0.5, "lr": 0.1, "growth": 1e-3, "seed": 1})
-    assert l1_pt.growth is None  # l1 has no penalty: growth dropped whatever the searcher said
-    assert run_name(tpp_pt) == "tpp pr=0.9 g=1e-3 lr=3.2e-3 s0"
-    assert run_name(l1_pt) == "l1 pr=0.5 lr=1e-1 s1"
-    rc = run_config(cfg, tpp_pt)
-    assert (rc.method, rc.pr, rc.lr, rc.growth, rc.seed, rc.epochs, rc.batch_size, rc.dense_epochs) == (
-        "tpp", 0.9, 0.0032, 1e-3, 0, 2, 32, 2)
-    params = logged_params(run_config(cfg, l1_pt), l1_pt)
-    assert params["growth"] == "none" and params["method"] == "l1" and params["model_kwargs"].startswith("{")
-    assert set(params) >= {"model", "data", "method", "pr", "lr", "growth", "seed", "epochs", "batch_size"}
+    cfg = load_config(cfg_with(fixed={"reg_batch_size": 32}, finetune__batch_size=16))
+    tpp_pt = next(p for p in points(cfg) if p.method == "tpp" and p.pr == 0.9 and p.growth == 1e-3)
+    l1_pt = next(p for p in points(cfg) if p.method == "l1" and p.seed == 1)
+    member = {"lr": 0.0032}
+    assert run_name(tpp_pt, run_config(cfg, tpp_pt, member)) == "lr=3.2e-3 tpp pr=0.9 g=1e-3 s0"
+    rc = run_config(cfg, l1_pt, {"lr": 0.1, "schedule": "cosine"})
+    assert run_name(l1_pt, rc, ["schedule"]) == "lr=1e-1 l1 pr=0.5 s1 cosine"
+    rc = run_config(cfg, tpp_pt, member)
+    assert (rc.method, rc.pr, rc.lr, rc.growth, rc.seed, rc.epochs, rc.batch_size, rc.reg_batch_size,
+            rc.dense_epochs) == ("tpp", 0.9, 0.0032, 1e-3, 0, 2, 16, 32, 2)
+    params = logged_params(l1_pt, run_config(cfg, l1_pt, member))
+    assert "growth" not in params and params["has_penalty"] == "0" and params["method_label"] == "l1"
+    assert params["log10_lr"] == "-2.4949" and params["model_kwargs"].startswith("{")
+    assert set(params) >= {"model", "data", "method", "pr", "lr", "seed", "epochs", "batch_size"}
+    assert logged_params(tpp_pt, rc)["growth"] == "0.001"
 
 
 # ---------------------------------------------------------------------------------------------- CLI
