@@ -142,7 +142,9 @@ def curve_table(prep: Prepared, *, lrs: tuple[float, float] = (1e-3, 1e-2),
     value over the non-diverged LRs (``top_<metric>``)."""
     rows = []
     metrics = [m for m in METRICS if m in prep.points and prep.points[m].notna().any()]
-    for (group, seed), c in prep.points.groupby(["group", "seed"], sort=False):
+    order = {g: i for i, g in enumerate(prep.groups()["group"])}  # report order: method, then levels
+    pts = prep.points.assign(_o=prep.points["group"].map(order)).sort_values(["_o", "seed"], kind="stable")
+    for (group, seed), c in pts.groupby(["group", "seed"], sort=False):
         c = c.sort_values("lr")
         x, y, div = c["lr"].to_numpy(float), c["acc"].to_numpy(float), c["diverged"].to_numpy(bool)
         b_acc, b_lr = best(x, y, div)

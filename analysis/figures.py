@@ -128,11 +128,19 @@ def fig_acc_vs_lr(t: Tables):
     if pts["lr"].nunique() < 2:
         raise _Skip("the study has one LR only (needs at least two)")
     strata = _strata(t, pts)
-    fig, axes = _grid(len(strata))
+    ncols = min(len(strata), 3)
+    nrows = math.ceil(len(strata) / ncols)
+    n_bars = max(int(t.curves.groupby(t.curves["pr"])["group"].size().max()), 1)
+    fig = Figure(figsize=(4.9 * ncols, (3.3 + 0.09 * n_bars) * nrows + 0.6), layout="constrained")
+    grid = fig.add_gridspec(2 * nrows, ncols, height_ratios=[3.3, 0.35 + 0.09 * n_bars] * nrows)
     ladder = t.prep.lr_axis.mode == "ladder"
-    for ax, (title, rows) in zip(axes, strata, strict=True):
+    first = None
+    for k, (title, rows) in enumerate(strata):
+        ax = fig.add_subplot(grid[2 * (k // ncols), k % ncols])
+        bars = fig.add_subplot(grid[2 * (k // ncols) + 1, k % ncols], sharex=ax)
+        first = first or ax
         rows = rows.assign(_s=t.series_of(rows))
-        bar_y = 0.03
+        y = 0
         for s, r in rows.groupby("_s", sort=False):
             r = r.sort_values("lr")
             st = t.style(s, r["method"].iloc[0])
@@ -145,25 +153,26 @@ def fig_acc_vs_lr(t: Tables):
             ax.scatter(div["lr"], div["acc"], marker="x", s=40, color=st["color"], zorder=5)
             for _, c in t.curves[t.curves["group"] == group].iterrows():
                 if finite(c["window_edge_lo"]):
-                    ax.plot([10 ** c["window_edge_lo"], 10 ** c["window_edge_hi"]], [bar_y, bar_y],
-                            transform=ax.get_xaxis_transform(), color=st["color"], lw=3,
-                            solid_capstyle="butt")
-                    bar_y += 0.025
-        lo, hi = ax.get_ylim()
-        room = min(0.4, bar_y + 0.02)  # the window bars sit in a strip below the lowest accuracy
-        ax.set_ylim(lo - room / (1 - room) * (hi - lo), hi)
+                    bars.plot([10 ** c["window_edge_lo"], 10 ** c["window_edge_hi"]], [y, y],
+                              color=st["color"], lw=3, solid_capstyle="butt")
+                y -= 1
         ax.set_xscale("log")
         ax.set_title(title)
-        ax.set_xlabel("finetuning LR (log scale)" + ("; markers: the ladder" if ladder else ""))
         ax.set_ylabel(f"{SHORT.get(t.prep.metric, t.prep.metric)} (%)")
         ax.grid(alpha=0.3, which="both")
-    handles, labels = axes[0].get_legend_handles_labels()
+        ax.tick_params(labelbottom=False)
+        bars.set_ylim(y - 0.5, 0.5)
+        bars.set_yticks([])
+        bars.set_ylabel("windows", fontsize=8)
+        bars.grid(alpha=0.3, which="both", axis="x")
+        bars.set_xlabel("finetuning LR (log scale)" + ("; markers: the ladder" if ladder else ""))
+    handles, labels = first.get_legend_handles_labels()
     handles += [Line2D([], [], color="k", marker="x", ls="none"), Line2D([], [], color="k", lw=3)]
     labels += ["diverged (that seed)", f"robust window of one seed (within {t.delta:g} of its best)"]
     fig.legend(handles, labels, fontsize=8, loc="outside lower center", ncols=min(4, len(labels)))
     fig.suptitle(f"{t.name}: accuracy vs finetuning LR ({t.band_note()})")
     return fig, ("Accuracy after finetuning against the finetuning LR, one panel per pruning ratio: the seed "
-                 "mean at each LR that ran, the band over seeds, × where a seed diverged, and at the bottom "
+                 "mean at each LR that ran, the band over seeds, × where a seed diverged; below each panel, "
                  f"one bar per seed spanning its robust window (accuracy within {t.delta:g} point of that "
                  "seed's best).")
 

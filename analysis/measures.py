@@ -96,7 +96,8 @@ def lr_points(prep: Prepared, *, n_grid: int = 25) -> pd.DataFrame:
     cols = [*prep.keys, "group", "lr", "how", "n", "n_diverged", "acc", "lo", "hi", "interval", "acc_stable",
             "metric"]
     rows = []
-    for group, g in prep.points.groupby("group", sort=False):
+    for group in prep.groups()["group"]:
+        g = prep.points[prep.points["group"] == group]
         first = g.iloc[0]
         base = {k: first[k] for k in prep.keys}
         if prep.lr_axis.mode == "ladder":

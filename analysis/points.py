@@ -211,9 +211,9 @@ def prepare(data: StudyData | pd.DataFrame, metric: str = "auto", *, rel_tol: fl
         df[col] = pd.to_numeric(df[col], errors="coerce") if col in df else np.nan
     df["seed"] = df.get("seed", 0)
     df["lr"] = pd.to_numeric(df["lr"], errors="coerce")
-    excluded = {k: int(v) for k, v in df.loc[~df["status"].isin(FINISHED), "status"].value_counts().items()}
-    res = df[df["status"].isin(FINISHED)].copy()
-    metric, notes = choose_metric(res, metric)
+    res, excluded, notes = _finished(df)
+    metric, more = choose_metric(res, metric)
+    notes += more
     res["acc"] = _accuracy(res, metric)
     bad = res["acc"].isna() | ~np.isfinite(res["lr"]) | (res["lr"] <= 0)
     if bad.any():
@@ -247,6 +247,26 @@ def prepare(data: StudyData | pd.DataFrame, metric: str = "auto", *, rel_tol: fl
         notes.append(f"{dup} (group, seed, LR) point(s) hold more than one finished member: their accuracy "
                      "is the mean over the non-diverged ones")
     return Prepared(points, res, keys, recipe, axis, metric, excluded, notes)
+
+
+def _finished(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int], list[str]]:
+    """The finished member runs, one per member (a member re-run after a resume keeps its latest finished
+    run), and the members never finished, counted by status."""
+    done = df["status"].isin(FINISHED)
+    res = df[done]
+    notes = []
+    if "member_id" in df:
+        res = res.sort_values("start_time", kind="stable") if "start_time" in res else res
+        dup = res["member_id"].notna() & res["member_id"].duplicated(keep="last")
+        if dup.any():
+            notes.append(f"{int(dup.sum())} member(s) have more than one finished run: the latest is "
+                         "measured")
+            res = res[~dup]
+        rest = df[~done & ~df["member_id"].isin(res["member_id"])]
+    else:
+        rest = df[~done]
+    excluded = {k: int(v) for k, v in rest["status"].value_counts().items()}
+    return res.copy(), excluded, notes
 
 
 def _points(res: pd.DataFrame, keys: list[str]) -> pd.DataFrame:

@@ -359,6 +359,21 @@ def test_in_progress_and_empty_studies(store, tmp_path):
     assert "0 of 8 planned member runs finished" in empty
 
 
+def test_a_member_run_twice_is_measured_once(tmp_path):
+    from analysis import load_study, prepare
+
+    uri, client = new_store(tmp_path)
+    write_study(client, "rerun", [
+        Member("l1", 0.5, 1e-3, 0, 70.0, status="interrupted", member_id="a"),
+        Member("l1", 0.5, 1e-3, 0, 80.0, member_id="a"),  # resumed: finished in a second run
+        Member("l1", 0.5, 1e-2, 0, 60.0, member_id="b"), Member("l1", 0.5, 1e-2, 0, 85.0, member_id="b"),
+        Member("l1", 0.5, 1e-1, 0, 0.0, status="failed", member_id="c")], root=tmp_path)
+    prep = prepare(load_study("rerun", uri, histories=None))
+    assert prep.points["acc"].tolist() == [80.0, 85.0] and prep.points["n_members"].eq(1).all()
+    assert prep.excluded == {"failed": 1}  # the interrupted run of member a finished later
+    assert "1 member(s) have more than one finished run: the latest is measured" in prep.notes
+
+
 def test_definitions_match_the_readme():
     from pathlib import Path
 

@@ -50,6 +50,7 @@ class Member:
     best_acc: float | None = None  # default acc + 1 (test-selected: optimistic)
     last_acc: float | None = None  # default acc - 0.5
     extra_params: dict = field(default_factory=dict)
+    member_id: str | None = None  # default: one id per Member
 
     def metrics(self) -> dict[str, float]:
         out = {"best_acc": self.acc + 1.0 if self.best_acc is None else self.best_acc,
@@ -82,8 +83,8 @@ def write_study(client, name: str, members: list[Member], *, root: Path, planned
     for i, m in enumerate(members):
         prune_key = f"{m.method}-{m.pr}-{m.growth}-{m.seed}"
         tags = {"mlflow.parentRunId": pid, "tpp.study": name, "tpp.role": "trial", "tpp.method": m.method,
-                "tpp.reuse": "computed", "tpp.member_id": f"m{i:04d}", "tpp.prune_key": prune_key,
-                "tpp.trial_id": f"t{i // 2:04d}"}
+                "tpp.reuse": "computed", "tpp.member_id": m.member_id or f"m{i:04d}",
+                "tpp.prune_key": prune_key, "tpp.trial_id": f"t{i // 2:04d}"}
         g = "" if m.growth is None else f" g={m.growth:g}"
         run = client.create_run(exp, run_name=f"{m.method} pr={m.pr}{g} lr={m.lr:.2g} s{m.seed}", tags=tags)
         rid = run.info.run_id
