@@ -331,7 +331,7 @@ def fig_finetune_curves(t: Tables):
                 if c.empty:
                     continue
                 x = c.index.to_numpy(float)
-                ax.plot(x, c.mean(axis=1), color=st["color"], ls=st["ls"], label=f"{s} ({c.shape[1]} seeds)")
+                ax.plot(x, c.mean(axis=1), color=st["color"], ls=st["ls"], label=f"{s}, {c.shape[1]} seeds")
                 ax.fill_between(x, c.min(axis=1), c.max(axis=1), color=st["color"], alpha=0.15, lw=0)
             end = "lowest" if lr == ends[0] else "highest"
             ax.set_title(f"PR {fmt_pr(pr)}, LR {fmt_lr(lr)} (the ladder's {end})", fontsize=10)

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.fmt import finite, fmt_acc, fmt_dec, fmt_lr, fmt_num, fmt_p, fmt_pr, fmt_share
-from analysis.labels import group_title, levels_text
+from analysis.labels import group_title, levels_text, method_label
 from analysis.trainability import NAMES
 
 
@@ -139,6 +139,11 @@ def groups_text(groups: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _baseline_title(r: pd.Series) -> str:
+    growth = r["baseline_growth"]
+    return method_label(r["baseline"]) + (f" (growth {fmt_lr(growth)})" if finite(growth) else "")
+
+
 def comparison_text(cmp: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Per compared pair and seed-level measure: the means, the paired difference, interval, p, outcome."""
     names = {"window_decades": "robust window (decades)", "best_acc": "best acc (points)",
@@ -147,7 +152,7 @@ def comparison_text(cmp: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     for _, r in cmp[cmp["measure"].isin(list(names))].iterrows():
         fmt = fmt_dec if r["measure"] == "window_decades" else fmt_acc
         rows.append({"PR / recipe": levels_text(r, [k for k in keys if k not in ("method", "growth")]),
-                     "method": group_title(r, keys), "baseline": r["baseline_group"],
+                     "method": group_title(r, keys), "baseline": _baseline_title(r),
                      "measure": names[r["measure"]],
                      "seeds": int(r["n"]), "method mean": fmt(r["method_mean"]),
                      "baseline mean": fmt(r["baseline_mean"]),
@@ -162,9 +167,9 @@ def lr_comparison_text(cmp: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     if at.empty:
         return pd.DataFrame()
     rows = []
-    for (_, gb), r in at.groupby(["group", "baseline_group"], sort=False):
+    for _, r in at.groupby(["group", "baseline_group"], sort=False):
         row = {"PR / recipe": levels_text(r.iloc[0], [k for k in keys if k not in ("method", "growth")]),
-               "method − baseline": f"{group_title(r.iloc[0], keys)} − {gb}"}
+               "method − baseline": f"{group_title(r.iloc[0], keys)} − {_baseline_title(r.iloc[0])}"}
         for _, x in r.iterrows():
             mark = "†" if x["method_diverged"] or x["baseline_diverged"] else ""
             row[f"LR {fmt_lr(x['lr'])}"] = f"{fmt_acc(x['diff'], True)}{mark} (p {fmt_p(x['p'])})"
