@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from tpp.methods import get_method, list_methods
+from tpp.methods.registry import accepted_methods
+from tpp.models.registry import COUPLING_CHOICES
+from tpp.pruning.criteria import CRITERIA
+from tpp.pruning.select import SCOPES
 from tpp.schedules import SCHEDULES, WARMUP_SCHEDULES
 
 Stage = Literal["model", "data", "dense", "prune", "finetune", "run"]
@@ -61,6 +65,19 @@ class RunConfig:
     pr: float = setting(0.5, "prune", "pruning ratio of the model preset's layers, in [0, 1)")
     prune_layers: dict[str, float] | None = setting(None, "prune", 'explicit JSON {"glob pattern": ratio} '
                                                     "instead of the model preset")
+    criterion: str = setting("l1", "prune", "filter selection criterion of methods that select by criterion: "
+                             f"{', '.join(CRITERIA)}")
+    scope: str = setting("layer", "prune", "ranking scope of the selection: layer (each layer prunes its own "
+                         "ratio, the paper's) or global (all pruned layers' units ranked together, the same "
+                         "total count, every layer keeps at least one)")
+    coupling: str = setting("auto", "prune", "channel coupling: none (each layer prunes its own "
+                            "filters; layers tied by residual sums, depthwise or grouped convs are errors; "
+                            "the paper's), groups (tied channels pruned together, as torch_pruning's "
+                            "DependencyGraph defines them) or auto (the model's default)")
+    criterion_samples: int = setting(256, "prune", "training samples (seeded, fixed) the data-driven "
+                                     "criteria (taylor, hessian) score on")
+    method_params: dict[str, Any] = setting({}, "prune", 'JSON parameters of the method (see `tpp list`), '
+                                            'e.g. {"lw": 0.1}')
     seed: int = setting(0, "prune", "seed of every random choice (init, data order, augmentation) of the "
                         "prune stage and finetuning")
     growth: float = setting(1e-4, "prune", "penalty growth: added to the penalty factor every "
@@ -114,7 +131,14 @@ class RunConfig:
             raise ValueError(f"{name}: got {getattr(self, name)!r}; accepted: {accepted}")
 
         if self.method not in list_methods():
-            bad("method", ", ".join(list_methods()))
+            bad("method", accepted_methods())
+        get_method(self.method).resolve_params(self.method_params)
+        if self.criterion not in CRITERIA:
+            bad("criterion", ", ".join(CRITERIA))
+        if self.scope not in SCOPES:
+            bad("scope", ", ".join(SCOPES))
+        if self.coupling not in COUPLING_CHOICES:
+            bad("coupling", ", ".join(COUPLING_CHOICES))
         if not 0.0 <= self.pr < 1.0:
             bad("pr", "a pruning ratio in [0, 1)")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -128,7 +152,7 @@ class RunConfig:
             if not getattr(self, name) >= 0:
                 bad(name, "a number >= 0")
         for name in ("update_reg_interval", "batch_size", "reg_batch_size", "dense_batch_size", "epochs",
-                     "jsv_samples", "eval_batch_size"):
+                     "jsv_samples", "eval_batch_size", "criterion_samples"):
             if int(getattr(self, name)) < 1:
                 bad(name, "an integer >= 1")
         for name in ("stabilize_reg_interval", "dense_epochs", "jsv_every", "warmup_epochs"):

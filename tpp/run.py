@@ -26,22 +26,20 @@ from torch import nn
 
 from tpp.config import RunConfig
 from tpp.data import load_data
-from tpp.methods import get_method
+from tpp.methods import Method, PruneContext, StageResult, get_method, select_by_criterion
 from tpp.metrics import count_flops, count_params, jacobian_singular_values, jsv_summary
-from tpp.models import ModelSpec, build_model, model_prune_preset
+from tpp.models import ModelSpec, build_model, model_prune_preset, resolve_coupling
 from tpp.pruning import (
-    PruneRegularizer,
+    channel_groups,
     expand_preset,
-    find_followers,
     kept_indices,
-    orthp_reinit,
     remove_pruned,
     resolve_layers,
-    select_l1,
+    verify_removal,
     zero_pruned,
 )
 from tpp.results import DenseModel, PrunedModel, RunResult, cpu_state_dict, example_input
-from tpp.schedules import DenseSchedule, PenaltySchedule, finetune_lr
+from tpp.schedules import DenseSchedule, finetune_lr
 from tpp.train import (
     Precision,
     epoch_generator,
@@ -171,69 +169,29 @@ def layer_ratios(cfg: RunConfig, model: nn.Module) -> dict[str, float]:
             raise ValueError(f"prune_layers: model {cfg.model!r} has no pruning preset; give prune_layers "
                              "as {glob pattern: ratio}")
         patterns = expand_preset(preset, cfg.pr)
-    return {name: r for name, r in resolve_layers(model, patterns).items() if r > 0}
+    coupling = resolve_coupling(cfg.coupling, cfg.model)
+    return {name: r for name, r in resolve_layers(model, patterns, coupling).items() if r > 0}
 
 
-def _regularize(cfg: RunConfig, model: nn.Module, masks, followers, data, device, precision,
-                on_event: EventFn | None, history: list[dict[str, Any]]) -> tuple[int, str | None]:
-    """The growing-penalty stage; ends with every pruned filter hard-zeroed. Appends each epoch's
-    record to `history`; returns (iterations run, None) or, when the loss became NaN/inf, (iterations, why).
-    """
-    method = get_method(cfg.method)
-    reg = PruneRegularizer(model, masks, followers, gram=method.gram, bn=method.bn, target=method.target,
-                           lw=cfg.lw_opp)
-    schedule = PenaltySchedule(cfg.growth, cfg.update_reg_interval, cfg.reg_upper_limit,
-                               cfg.stabilize_reg_interval)
-    zero_plan = sorted(zip(schedule.zeroing_iterations(len(masks)), list(masks), strict=True))
-    opt = sgd(model, cfg.reg_lr, cfg.reg_momentum, cfg.reg_weight_decay)
-    state = {"it": 0, "factor": 0.0}
-
-    def extra_loss() -> torch.Tensor:
-        state["factor"] = schedule.factor(state["it"])
-        return reg.loss(state["factor"])
-
-    def after_backward() -> None:
-        reg.add_l2_grads(state["factor"])
-
-    def after_step() -> None:
-        state["it"] += 1
-        while zero_plan and zero_plan[0][0] < state["it"]:
-            reg.zero_layer(zero_plan.pop(0)[1])
-        reg.reapply_zeros()
-
-    epoch = 0
-    while state["it"] < schedule.total_iters:
-        t0 = time.perf_counter()
-        batches = data.train_batches(cfg.reg_batch_size, epoch_generator(cfg.seed, "prune", epoch), device)
-        stats = train_epoch(model, batches, opt, device, precision, extra_loss, after_backward, after_step,
-                            max_iterations=schedule.total_iters - state["it"])
-        record = {"epoch": epoch, "train_loss": stats.loss, "reg": state["factor"], "iteration": state["it"],
-                  "test_acc": evaluate(model, _test_batches(data, cfg, device), device, precision)}
-        history.append(record)
-        _emit(on_event, event="epoch", stage="prune", iterations=schedule.total_iters,
-              seconds=time.perf_counter() - t0, **record)
-        if not stats.finite:
-            return state["it"], (f"the regularisation loss became NaN/inf at iteration {state['it']} "
-                                 f"(reg_lr={cfg.reg_lr}, lw_opp={cfg.lw_opp}, growth={cfg.growth})")
-        epoch += 1
-    reg.zero_all()
-    return state["it"], None
-
-
-def _reinit_scratch(model: nn.Module, seed: int) -> None:
-    """Random re-initialisation of the pruned architecture (the Scratch baseline)."""
-    torch.manual_seed(seed + 7919)
-    for m in model.modules():
-        if hasattr(m, "reset_parameters") and m is not model:
-            m.reset_parameters()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
+def _select(method: Method, ctx: PruneContext) -> dict[str, torch.Tensor]:
+    """The method's selection (or the run's criterion), checked: one bool mask per group, none empty."""
+    masks = (method.select or select_by_criterion)(ctx)
+    for root, group in ctx.groups.items():
+        m = masks.get(root)
+        if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.shape != (group.units,) or m.all():
+            raise ValueError(f"method {method.name!r}: its selection must give {root!r} a bool mask of "
+                             f"{group.units} units (True = pruned) that keeps at least one")
+    return {root: masks[root].cpu() for root in ctx.groups}
 
 
 def prune_stage(cfg: RunConfig, dense: DenseModel, data=None, on_event: EventFn | None = None) -> PrunedModel:
-    """Select filters on the dense weights, run the method's regulariser, remove filters physically.
+    """Trace the channel groups, run the method's stages around the selection, remove physically.
 
-    A regulariser whose loss becomes NaN/inf gives a PrunedModel with `diverged` set (and no weights).
+    The method's hooks (`tpp.methods`): an optional regularisation stage before or after the
+    selection (by default the run's criterion on the dense weights; its removal is verified exact on
+    copies right away: the zeroed and the removed model compute the same outputs), the removal,
+    then an optional post-removal step. A stage whose loss becomes NaN/inf gives a PrunedModel with
+    `diverged` set (and no weights).
     """
     data = data if data is not None else load_run_data(cfg)
     train, _ = run_splits(cfg, data)
@@ -242,31 +200,36 @@ def prune_stage(cfg: RunConfig, dense: DenseModel, data=None, on_event: EventFn 
     seed_everything(cfg.seed)
     start = time.perf_counter()
     model = dense.build()
-    ratios = layer_ratios(cfg, model)
-    masks = select_l1(model, ratios)
-    followers = find_followers(model, example_input(dense.spec), list(masks))
+    coupling = resolve_coupling(cfg.coupling, cfg.model)
+    ratios, groups = channel_groups(model, example_input(dense.spec), layer_ratios(cfg, model), coupling)
     params_dense, flops_dense = count_params(model), count_flops(model, dense.spec.input_shape)
     model = precision.prepare_model(model, device)
-    iterations, diverged, history = 0, None, []
-    if method.regularize:
-        iterations, diverged = _regularize(cfg, model, masks, followers, train, device, precision, on_event,
-                                           history)
+    ctx = PruneContext(cfg, method.resolve_params(cfg.method_params), model, ratios, groups, coupling, train,
+                       device, precision, on_event)
+    result = StageResult(0)
+    if method.stage is not None and method.stage_before_selection:
+        result = method.stage(ctx)
+    if result.diverged is None:
+        ctx.masks = _select(method, ctx)
+        verify_removal(ctx.model, ctx.masks, groups, data.eval_inputs(8, device))  # before a costly stage
+        if method.stage is not None and not method.stage_before_selection:
+            result = method.stage(ctx)
+    iterations, diverged = result.iterations, result.diverged
     base = {"prune_iterations": iterations, "iters_prune": iterations, "params_dense": params_dense,
             "flops_dense": flops_dense,
             "flops_train_prune": train_flops(flops_dense, iterations * cfg.reg_batch_size),
-            "pruned_filters": int(sum(int(m.sum()) for m in masks.values()))}
+            "pruned_filters": int(sum(int(m.sum()) for m in (ctx.masks or {}).values()))}
     if diverged is not None:
         metrics = {**base, "time_prune_s": time.perf_counter() - start}
         _emit(on_event, event="stage_end", stage="prune", diverged=diverged, **metrics)
-        return PrunedModel(dense.spec, {}, {}, metrics, dense.schedule, diverged, history)
-    if method.regularize:
-        zero_pruned(model, masks, followers)
-    model = remove_pruned(model.to("cpu").to(memory_format=torch.contiguous_format), masks, followers)
-    if method.reinit == "orthp":
-        orthp_reinit(model)
-    elif method.reinit == "scratch":
-        _reinit_scratch(model, cfg.seed)
-    model = precision.prepare_model(model, device)
+        return PrunedModel(dense.spec, {}, {}, metrics, dense.schedule, diverged, ctx.history)
+    masks = ctx.masks
+    if method.stage is not None:
+        zero_pruned(ctx.model, masks, groups)
+    ctx.model = remove_pruned(ctx.model.to("cpu").to(memory_format=torch.contiguous_format), masks, groups)
+    if method.after_removal is not None:
+        method.after_removal(ctx)
+    model = precision.prepare_model(ctx.model, device)
     params, flops = count_params(model), count_flops(model, dense.spec.input_shape)
     acc, loss = evaluate_metrics(model, _test_batches(data, cfg, device), device, precision)
     jsv = measure_jsv(model, data, cfg, device)
@@ -278,7 +241,7 @@ def prune_stage(cfg: RunConfig, dense: DenseModel, data=None, on_event: EventFn 
     }
     _emit(on_event, event="stage_end", stage="prune", **metrics)
     return PrunedModel(dense.spec, kept_indices(masks), cpu_state_dict(model), metrics, dense.schedule,
-                       None, history)
+                       None, ctx.history)
 
 
 # -------------------------------------------------------------------------------------------- finetune
@@ -299,6 +262,9 @@ def finetune_stage(cfg: RunConfig, pruned: PrunedModel, data=None, on_event: Eve
     seed_everything(cfg.seed)
     model = precision.prepare_model(pruned.build(), device)
     opt = sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay)
+    method = get_method(cfg.method)  # its finetuning penalty (e.g. L1 + KernOrth), if it declares one
+    penalty, params = method.finetune_penalty, method.resolve_params(cfg.method_params)
+    extra_loss = (lambda: penalty(model, params)) if penalty is not None else None
     history, start_epoch, elapsed, iterations = [], 0, 0.0, 0
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
@@ -316,7 +282,7 @@ def finetune_stage(cfg: RunConfig, pruned: PrunedModel, data=None, on_event: Eve
                          dense_schedule)
         set_lr(opt, lr)
         batches = train.train_batches(cfg.batch_size, epoch_generator(cfg.seed, "finetune", epoch), device)
-        stats = train_epoch(model, batches, opt, device, precision)
+        stats = train_epoch(model, batches, opt, device, precision, extra_loss)
         iterations += stats.iterations
         record: dict[str, Any] = {"epoch": epoch, "train_loss": stats.loss, "lr": lr}
         record["test_acc"] = evaluate(model, _test_batches(data, cfg, device), device, precision)
@@ -344,6 +310,8 @@ def finetune_stage(cfg: RunConfig, pruned: PrunedModel, data=None, on_event: Eve
     flops = train_flops(pruned.metrics.get("flops", 0), iterations * cfg.batch_size)
     metrics.update(iters_finetune=iterations, time_finetune_s=time.perf_counter() - t0,
                    flops_train_finetune=flops)
+    if resume_state is not None:  # a retried or resumed run: where it picked up
+        metrics["resumed_from_epoch"] = resume_state["epoch"]
     if status == "completed":
         metrics.update({f"final_jsv_{k}": v for k, v in measure_jsv(model, data, cfg, device).items()})
     _emit(on_event, event="stage_end", stage="finetune", status=status, **metrics)

@@ -1,13 +1,23 @@
-"""Architectures by name: CIFAR ResNets, VGG19, torchvision ResNets, MLPs; plus pruning presets."""
+"""Architectures by name: CIFAR ResNets, VGG19, torchvision ResNets, MLPs; plus pruning presets and
+each model's default coupling."""
 
-from tpp.models import cifar_resnet, imagenet, mlp, vgg  # noqa: F401  (registers the built-ins)
+# Importing the model modules registers the built-ins.
+from tpp.models import cifar_resnet, imagenet, mlp, vgg  # noqa: F401
 from tpp.models.cifar_resnet import BasicBlock, CifarResNet, ShortcutA
 from tpp.models.imagenet import RESNET50_SPEEDUPS, resnet50_speedup_preset
 from tpp.models.mlp import MLP
-from tpp.models.registry import ModelSpec, build_model, list_models, model_prune_preset, register_model
+from tpp.models.registry import (
+    ModelSpec,
+    build_model,
+    list_models,
+    model_prune_preset,
+    register_model,
+    resolve_coupling,
+)
 from tpp.models.vgg import VGG
 
 __all__ = [
-    "MLP", "RESNET50_SPEEDUPS", "VGG", "BasicBlock", "CifarResNet", "ModelSpec", "ShortcutA", "build_model",
-    "list_models", "model_prune_preset", "register_model", "resnet50_speedup_preset",
+    "MLP", "RESNET50_SPEEDUPS", "VGG", "BasicBlock", "CifarResNet", "ModelSpec", "ShortcutA",
+    "build_model", "list_models", "model_prune_preset", "register_model", "resnet50_speedup_preset",
+    "resolve_coupling",
 ]

@@ -67,21 +67,29 @@ class ModelSpec:
 class _Entry:
     factory: Factory
     preset: Preset | PresetFn | None
+    coupling: str
 
 
 _MODELS: dict[str, _Entry] = {}
+COUPLING_CHOICES = ("auto", "none", "groups")
 
 
-def register_model(name: str, prune_preset: Preset | PresetFn | None = None) -> Callable[[Factory], Factory]:
+def register_model(name: str, prune_preset: Preset | PresetFn | None = None,
+                   coupling: str = "none") -> Callable[[Factory], Factory]:
     """Decorator: register `factory(num_classes, input_shape, **kwargs) -> nn.Module` under `name`.
 
     `prune_preset` is {glob pattern over module names: ratio or "pr"}, or a callable taking the factory
     kwargs and returning such a dict (for architectures whose layer names depend on kwargs).
+    `coupling` is what a run's `coupling: auto` means for this model: "none" (each pruned layer prunes
+    its own filters, the paper's) or "groups" (pruned with every channel tied to them; needed when the
+    preset's layers feed depthwise/grouped convolutions or residual sums).
     Registering an existing name replaces it (so notebooks can re-run their cells).
     """
+    if coupling not in COUPLING_CHOICES[1:]:
+        raise ValueError(f"register_model({name!r}): coupling must be none or groups, got {coupling!r}")
 
     def deco(factory: Factory) -> Factory:
-        _MODELS[name] = _Entry(factory, prune_preset)
+        _MODELS[name] = _Entry(factory, prune_preset, coupling)
         return factory
 
     return deco
@@ -130,3 +138,10 @@ def model_prune_preset(name: str, **model_kwargs: Any) -> Preset:
     if callable(preset):
         preset = preset(**model_kwargs)
     return dict(preset)
+
+
+def resolve_coupling(coupling: str, model: str) -> str:
+    """A run's coupling mode: "none" or "groups" as given, or the model's default for "auto"."""
+    if coupling not in COUPLING_CHOICES:
+        raise ValueError(f"coupling: got {coupling!r}; accepted: {', '.join(COUPLING_CHOICES)}")
+    return _entry(model).coupling if coupling == "auto" else coupling
