@@ -295,3 +295,27 @@ def test_data_driven_criteria_use_fixed_seeded_samples(tiny, own_registry):
         run_pipeline(cfg.replace(method="test-record", criterion="taylor", criterion_samples=100, seed=seed,
                                  epochs=1), dense=dense, data=data)
     assert seen[0] == seen[1] and seen[0][0] == 100 and seen[2][1] != seen[0][1]
+
+
+# --------------------------------------------------------------------------------- the shipped example
+EXAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "custom_method")
+
+
+def test_the_example_plugin_runs_and_declares_its_entry_point(monkeypatch, own_registry):
+    import tomllib
+
+    with open(os.path.join(EXAMPLE, "pyproject.toml"), "rb") as f:
+        eps = tomllib.load(f)["project"]["entry-points"]["tpp_study.methods"]
+    assert eps == {"variance-lasso": "tpp_example_method"}
+    monkeypatch.syspath_prepend(EXAMPLE)
+    monkeypatch.delitem(sys.modules, "tpp_example_method", raising=False)
+    import tpp_example_method  # noqa: F401  (registers "variance-lasso")
+
+    cfg = RunConfig(model="resnet20", data="synthetic", method="variance-lasso", pr=0.5,
+                    data_kwargs={"input_shape": [3, 8, 8], "n_train": 32, "n_test": 16}, batch_size=16,
+                    reg_batch_size=16, dense_batch_size=16, dense_epochs=1, epochs=1, growth=0.5,
+                    update_reg_interval=1, stabilize_reg_interval=1, criterion_samples=32, jsv_samples=2,
+                    device="cpu", method_params={"lw": 0.1})
+    out = run_pipeline(cfg)
+    assert out.members[0].status == "completed" and out.pruned.metrics["iters_prune"] == 3
+    assert all(len(kept) == 8 * 2**i for i, kept in enumerate(list(out.pruned.kept.values())[::3]))
