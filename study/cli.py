@@ -6,8 +6,7 @@
     tpp-study list                                            # studies under ./studies
     tpp-study status quick
 
-Exit codes: 0 completed; 1 interrupted (resume it); 2 bad config or cannot start (nothing ran);
-3 every run finished but some failed (`tpp-study status` lists them).
+Exit codes: see EXIT_DOC (also in --help).
 """
 
 from __future__ import annotations
@@ -20,9 +19,11 @@ from typing import Any
 
 from study.config import StudyConfigError
 
+EXIT_DOC = ("Exit codes: 0 completed; 1 interrupted or stopped (resume it); 2 bad config or cannot start "
+            "(nothing ran); 3 every run finished but some failed (`tpp-study status` lists them).")
 EPILOG = ("Configs: study/configs/*.yaml (quick.yaml is the embedded demo). Paths in a config are relative "
           "to the current directory. A cluster: --address auto (or ray://HOST:10001, or RAY_ADDRESS) with "
-          "--storage on a shared path and --tracking-uri http://HOST:PORT of an mlflow server.")
+          "--storage on a shared path and --tracking-uri http://HOST:PORT of an mlflow server. " + EXIT_DOC)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -379,6 +379,7 @@ class StudyConfig(_Strict):
     checkpoint_every: int = Field(default=1, ge=1)  # finetune epochs between trial checkpoints
     # ...but not more often than this: a checkpoint of a sub-second epoch costs more than redoing it
     checkpoint_min_interval_s: float = Field(default=10.0, ge=0)
+    min_free_mb: float = Field(default=200.0, ge=0)  # stop cleanly (resumable) below this free disk space
     lockstep: bool = True  # train same-shaped members (and prune stages) as one vectorised model
     early_stopping: EarlyStoppingCfg = Field(default_factory=EarlyStoppingCfg)
     storage: str = "./studies"

@@ -9,6 +9,8 @@ first trial starts.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -21,6 +23,8 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ray import tune
 
 from study.config import StudyConfig, StudyConfigError, load_config
 from study.mlflow_logging import (
@@ -61,6 +65,7 @@ class StudyResult:
     reuse: dict[str, int] = field(default_factory=dict)  # tpp.reuse -> count
     best: dict[str, Any] | None = None
     runs: list[dict[str, Any]] = field(default_factory=list)
+    stopped_because: str | None = None  # a clean stop the study made itself (a full disk)
     wall_s: float = 0.0
     disk_bytes: int = 0
 
@@ -185,7 +190,7 @@ def _absolute_paths(cfg: StudyConfig) -> StudyConfig:
 
 # Keys a resumed study may change: how and where it runs, never what it computes.
 OPERATIONAL_KEYS = ("description", "storage", "ray", "mlflow", "max_concurrent", "max_failures",
-                    "checkpoint_every", "checkpoint_min_interval_s")
+                    "checkpoint_every", "checkpoint_min_interval_s", "min_free_mb")
 
 
 def _result_config(cfg: StudyConfig) -> dict[str, Any]:
@@ -271,6 +276,43 @@ def _dense(cfg: StudyConfig, folder: StudyFolder, meta: StudyMeta, gpu: float, e
 
 
 # ---------------------------------------------------------------------------------------------- tune
+class DiskGuard(tune.Callback):
+    """Stops the study cleanly (as Ctrl-C would: resumable) when the study folder's disk runs low.
+
+    A full disk otherwise surfaces as errors in whatever writes next -- Tune's state, a trial's
+    checkpoint, the MLflow store -- and a trial that fails for it would be recorded as failed. Checked
+    every few seconds; the reason is kept in `stopped` for the driver's one-line message.
+    """
+
+    EVERY_S = 2.0
+    last_stop: str | None = None  # why the guard of this process stopped a study (read by the driver)
+
+    def __init__(self, path: str, min_free_mb: float):
+        self.path, self.min_free_mb = path, min_free_mb
+        self.checked = 0.0
+
+    def problem(self) -> str | None:
+        free = shutil.disk_usage(self.path).free
+        if free >= self.min_free_mb * 2**20:
+            return None
+        return (f"disk almost full at {self.path}: {human_bytes(free)} free, below min_free_mb = "
+                f"{self.min_free_mb:g} MB; free some space, then resume the study")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "min_free_mb": self.min_free_mb}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if DiskGuard.last_stop is not None or time.monotonic() - self.checked < self.EVERY_S:
+            return
+        self.checked = time.monotonic()
+        DiskGuard.last_stop = self.problem()
+        if DiskGuard.last_stop is not None:
+            os.kill(os.getpid(), signal.SIGUSR1)  # Tune's own "stop and save the state" signal
+
+
 def _searcher(cfg: StudyConfig, folder: StudyFolder, dense: Any, slots: int) -> tuple[Any, int]:
     """(Tune searcher, number of trials): the design's units, or Optuna proposing single members."""
     if cfg.is_design:
@@ -318,7 +360,8 @@ def _tuner(cfg: StudyConfig, folder: StudyFolder, trainable: Any, dense: Any, gp
                                   mode=cfg.objective.mode if scheduler else None)
     run_config = tune.RunConfig(
         name=folder.tune_path.name, storage_path=str(folder.path), verbose=0,
-        callbacks=[StudyLogger(str(folder.path)), Progress(str(folder.path)), *callbacks],
+        callbacks=[StudyLogger(str(folder.path)), Progress(str(folder.path)),
+                   DiskGuard(str(folder.path), cfg.min_free_mb), *callbacks],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         failure_config=tune.FailureConfig(max_failures=cfg.max_failures))
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
@@ -367,8 +410,12 @@ def run(config: str | os.PathLike | dict[str, Any] | StudyConfig, *, if_exists: 
     """
     if if_exists not in ("error", "replace", "resume"):
         raise ValueError(f"if_exists: got {if_exists!r}; accepted: error, replace, resume")
+    configure_mlflow_env()
     cfg = _absolute_paths(load_config(config, **overrides))
     folder = StudyFolder(cfg.study_dir())
+    holder = folder.holder() if folder.path.is_dir() else None
+    if holder:  # whatever --if-exists says: one study, one writer
+        raise StudyError(f"study {cfg.name!r} is being run by {holder}; wait for it, or stop it first")
     if if_exists == "resume" and folder.exists():
         return resume(str(folder.path), callbacks=callbacks, expect=cfg)
     _preflight(cfg)
@@ -444,6 +491,7 @@ def resume(name_or_path: str, *, storage: str | None = None, address: str | None
     `expect`: the config the caller means to run (`run --if-exists resume`); a study saved with another
     config is refused, naming the keys that differ.
     """
+    configure_mlflow_env()
     folder = find_study(name_or_path, storage or "./studies")
     cfg = load_config(folder.config_path)
     if expect is not None and config_digest(expect) != config_digest(cfg):
@@ -510,6 +558,10 @@ def _execute(cfg: StudyConfig, folder: StudyFolder, gpu: float, restore: bool, e
     from study.trainable import TrialContext, trial
 
     t0 = time.monotonic()
+    DiskGuard.last_stop = None
+    problem = DiskGuard(str(folder.path), cfg.min_free_mb).problem()
+    if problem:
+        raise StudyError(problem)
     meta = folder.read_meta()
     _replay_pending(folder, meta)
     finished = finished_members(children(meta.tracking_uri, meta.experiment_id, meta.parent_run_id))
@@ -537,7 +589,12 @@ def _execute(cfg: StudyConfig, folder: StudyFolder, gpu: float, restore: bool, e
             tuner = _tuner(cfg, folder, trainable, dense, gpu, callbacks)
         print(f"[{cfg.name}] {meta.num_runs} runs ({cfg.sampler}), {cfg.resources.cpus:g} CPU"
               + (f" + {gpu:g} GPU" if gpu else "") + " per trial; one line per finished run:", flush=True)
-        tuner.fit()
+        try:
+            tuner.fit()
+        except OSError as e:  # a full disk hit before the guard saw it: a stop, resumable
+            if e.errno != errno.ENOSPC:
+                raise
+            DiskGuard.last_stop = f"no space left on the device of {folder.path}: {e}"
         result = collect(folder)
         status = result.status
     except KeyboardInterrupt:
@@ -545,7 +602,8 @@ def _execute(cfg: StudyConfig, folder: StudyFolder, gpu: float, restore: bool, e
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-        folder.update_meta(status=status)
+        with contextlib.suppress(OSError):  # a full disk may refuse even this small file
+            folder.update_meta(status=status)
         metrics = {}
         if result is not None:
             metrics = {f"runs_{k}": float(v) for k, v in result.counts.items()}
@@ -555,11 +613,15 @@ def _execute(cfg: StudyConfig, folder: StudyFolder, gpu: float, restore: bool, e
                   tags={"tpp.study_status": status, **({"tpp.best_run_id": result.best["run_id"]}
                                                        if result and result.best else {})})
         box.status("parent", {"completed": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
-        box.drain(30)
+        box.drain(5 if DiskGuard.last_stop else 30)
     result.wall_s = time.monotonic() - t0
+    result.stopped_because = DiskGuard.last_stop
     summary = {k: v for k, v in asdict(result).items() if k != "runs"}
-    (folder.path / "result.json").write_text(json.dumps(summary, indent=2, default=str))
+    with contextlib.suppress(OSError):  # a full disk: the summary below still says everything
+        (folder.path / "result.json").write_text(json.dumps(summary, indent=2, default=str))
     print(result.summary(), flush=True)
+    if result.stopped_because:
+        print(f"tpp-study: stopped: {result.stopped_because}", file=sys.stderr, flush=True)
     return result
 
 

@@ -32,6 +32,7 @@ log = logging.getLogger("study.mlflow")
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100  # MLflow's per-log_batch limits
 FLUSH_EVERY_S = 2.0  # epoch curves reach MLflow within this; run starts, ends and checkpoints at once
 PARAM_MAX_CHARS = 6000
+NO_SPACE = ("No space left on device", "database or disk is full")
 # Store errors that go away by themselves: keep the write and retry (a full disk included).
 TRANSIENT = ("database is locked", "connection", "timed out", "max retries", "temporarily unavailable", "503",
              "502", "database or disk is full", "disk i/o error", "no space left")
@@ -71,11 +72,14 @@ def check_tracking(uri: str, wait_s: float = 0.0) -> None:
 
 
 def configure_mlflow_env() -> None:
-    """Keep one MLflow HTTP call short (the outbox retries) and send MLflow no usage telemetry."""
+    """Keep one MLflow HTTP call short (the outbox retries), the console to one line per run, and send
+    MLflow no usage telemetry (a user opts in by setting MLFLOW_DISABLE_TELEMETRY=false)."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # no "View run" line per run
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no "Creating initial MLflow database tables"
 
 
 def client(uri: str) -> Any:
@@ -373,9 +377,9 @@ class StudyLogger(tune.Callback):
             if self.status.get(mid) == "FINISHED":
                 continue
             tags = {"tpp.status": "running", "tpp.trial_id": trial.trial_id}
-            if mid in self.box.run_ids:  # resumed: reopen the existing run
-                self.box.status(mid, "RUNNING")
-                self.box.batch(mid, tags=tags)
+            if mid in self.box.run_ids:  # resumed: reopen the existing run (its params again: a write
+                self.box.status(mid, "RUNNING")  # lost to a full disk may have been them; same values)
+                self.box.batch(mid, params=logged_params(runs.point, rc), tags=tags)
             else:
                 from tpp.run import prune_key
 
@@ -449,8 +453,10 @@ class StudyLogger(tune.Callback):
             error = Path(trial.error_file).read_text()[-4000:]
         if trial.trial_id not in self.members:
             self.on_trial_start(iteration, trials, trial)  # failed before it ever started
+        # a full disk is no fault of the member: it is stopped, and runs again on resume
+        status = "interrupted" if any(s in error for s in NO_SPACE) else "failed"
         for mid in self._open(trial.trial_id):
-            self._end(mid, "failed", {"tpp.status": "failed", "tpp.error": error or last_error_line(trial)})
+            self._end(mid, status, {"tpp.status": status, "tpp.error": error or last_error_line(trial)})
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.close()
@@ -462,10 +468,16 @@ class StudyLogger(tune.Callback):
         for mid, status in list(self.status.items()):
             if status == "RUNNING":
                 self._end(mid, "interrupted", {"tpp.status": "interrupted"})
-        if not self.box.drain(60):
+        full = any(s in (self.box.problem or "") for s in NO_SPACE)
+        if not self.box.drain(5 if full else 60):
             from study.store import StudyFolder
 
             folder = StudyFolder(self.study_dir)
-            self.box.save_pending(folder.pending_log)
+            try:
+                self.box.save_pending(folder.pending_log)
+            except OSError as e:  # the disk is full: what is lost here is redone by `resume`
+                print(f"[tpp-study] {len(self.box.ops)} MLflow write(s) could not be kept ({e}); the runs "
+                      "they belong to are not FINISHED, so `resume` runs them again", flush=True)
+                return
             print(f"[tpp-study] MLflow still unreachable: {len(self.box.ops)} write(s) saved to "
                   f"{folder.pending_log}; `tpp-study resume {self.meta.name}` delivers them", flush=True)

@@ -43,6 +43,7 @@ class Progress(tune.Callback):
         self.best: tuple | None = None
         self.names: dict[str, tuple[str, float]] = {}  # member id -> (run name, lr)
         self.members: dict[str, list[str]] = {}
+        self.notices: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"study_dir": self.study_dir}
@@ -74,6 +75,10 @@ class Progress(tune.Callback):
             self.names[mid] = (run_name(runs.point, rc, varying(self.config)), rc.lr)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        for notice in result.get("tpp_notices") or []:
+            if notice not in self.notices:  # once per study, however many trials say it
+                self.notices.add(notice)
+                print(f"[{self.meta.name}] {notice}", file=self.stream or sys.stdout, flush=True)
         metric, mode = self.config.objective.metric, self.config.objective.mode
         for mid, rec in (result.get("tpp_done") or {}).items():
             if mid not in self.names:

@@ -94,6 +94,7 @@ class Reporter:
         self.rows: list[tuple[str, str, float, int]] = []
         self.done: dict[str, dict[str, Any]] = {}
         self.reuse: dict[str, str] = {}
+        self.notices: list[str] = []
         self.best = -math.inf
         self.reported = -math.inf
         self.epoch = 0
@@ -107,6 +108,8 @@ class Reporter:
             result["tpp_done"], self.done = self.done, {}
         if self.reuse:
             result["tpp_reuse"], self.reuse = self.reuse, {}
+        if self.notices:
+            result["tpp_notices"], self.notices = self.notices, []
         self.reported = time.monotonic()
         if state is None:
             tune.report(result)
@@ -145,6 +148,10 @@ class Reporter:
         elif kind == "member_end":
             self.finished(event["member"], event["status"], event["metrics"])
             self._report()
+        elif kind == "notice":
+            self.notices.append(event["message"])
+        elif kind == "checkpoint":
+            self._report(event["checkpoint"])
         elif kind == "epoch" and event.get("stage") == "finetune":
             state = event.pop("checkpoint", None)
             mid = self.runs.ids[event["member"]]
@@ -159,7 +166,7 @@ class Reporter:
                 self._report(state)
 
     def flush(self) -> None:
-        if self.rows or self.done or self.reuse:
+        if self.rows or self.done or self.reuse or self.notices:
             self._report()
 
 
@@ -245,7 +252,7 @@ def trial(config: dict[str, Any], dense: Any = None, ctx: TrialContext | None = 
     store = ctx.cache if get_method(runs.configs[0].method).regularize else None
     run_pipeline(runs.configs, dense=dense, store=store, data=data, on_event=reporter.on_event, skip=skip,
                  resume_state=resume_state, checkpoint_every=cfg.checkpoint_every,
-                 checkpoint_min_interval_s=cfg.checkpoint_min_interval_s)
+                 checkpoint_min_interval_s=cfg.checkpoint_min_interval_s, lockstep=cfg.lockstep)
     reporter.flush()
     _free_gpu()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["regularizer_overhead", "pruned_speedup", "jsv_cost", "data_path", "gpu_throughput",
+SCRIPTS = ["regularizer_overhead", "pruned_speedup", "jsv_cost", "data_path", "gpu_throughput", "lockstep",
            "study_overhead"]
 
 

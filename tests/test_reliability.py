@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -278,3 +279,72 @@ def test_sources_follow_the_security_rules(path):
     assert not re.search(r"yaml\.(load|unsafe_load)\(", text), f"{path}: use yaml.safe_load"
     assert "shell=True" not in text and "os.system(" not in text, f"{path}: no shell strings"
     assert "0.0.0.0" not in text, f"{path}: bind to 127.0.0.1 unless the user asks otherwise"
+
+
+# ---------------------------------------------------------------------------------------------- disk
+class FillDisk(tune.Callback):
+    """Once the first member finished, fill the study's filesystem to `leave` bytes."""
+
+    def __init__(self, path: str, leave: int) -> None:
+        self.path, self.leave, self.done = path, leave, False
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if not self.done and result.get("tpp_done"):
+            self.done = True
+            free = shutil.disk_usage(self.path).free
+            with open(Path(self.path) / "filler", "wb") as f:
+                f.write(b"\0" * max(free - self.leave, 0))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 48 MB filesystem (tmpfs) for the study folder; needs the right to mount (root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root (CAP_SYS_ADMIN)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_study_cleanly_and_resume_finishes_it(local_ray, small_disk, capsys):
+    cfg = tiny("full", finetune__per_trial=1, finetune__epochs=3, max_concurrent=1, min_free_mb=1)
+    res = study.run(cfg, storage=str(small_disk), callbacks=[FillDisk(str(small_disk), 300_000)])
+    err = capsys.readouterr().err
+    assert res.status == "interrupted" and res.exit_code == 1
+    assert res.stopped_because and "disk almost full" in res.stopped_because and "free" in res.stopped_because
+    assert [line for line in err.splitlines() if line.startswith("tpp-study: stopped:")] == [
+        f"tpp-study: stopped: {res.stopped_because}"]
+    folder = StudyFolder(small_disk / "full")
+    assert folder.read_meta().status == "interrupted"
+    (small_disk / "filler").unlink()  # space is back
+    again = study.resume(str(folder.path))
+    assert again.status == "completed"
+    by_member = _runs_by_member(again)
+    assert len(by_member) == 8 and all(len(v) == 1 for v in by_member.values())
+    check_member_runs(again, [v[0] for v in by_member.values()], epochs=3)
+
+
+@pytest.mark.slow
+def test_one_study_one_writer(tmp_path):
+    """While a study runs, a second `run` (any --if-exists) and a `resume` refuse in one line naming
+    the holder, and the running study ends with exactly one run per member."""
+    cfg = tiny("busy", finetune__epochs=4)
+    proc, lines, storage = _start_cli(tmp_path, "busy", cfg)
+    folder = StudyFolder(storage / "busy")
+    _wait_for(lambda: folder.lock_path.is_file() and folder.holder(), lines)
+    config = str(tmp_path / "busy.yaml")
+    for argv in (["run", config], ["run", config, "--if-exists", "replace"],
+                 ["run", config, "--if-exists", "resume"], ["resume", "busy"]):
+        other = subprocess.run([TPP_STUDY, *argv, "--storage", str(storage)], cwd=tmp_path, env=_env(),
+                               capture_output=True, text=True, timeout=120)
+        assert other.returncode == 2, (argv, other.stdout[-2000:], other.stderr[-2000:])
+        err = other.stderr.strip().splitlines()
+        assert len(err) == 1 and "is being run by pid" in err[0] and str(proc.pid) in err[0], (argv, err)
+    assert proc.wait(300) == 0, "".join(lines[-40:])
+    res = collect(folder)
+    by_member = _runs_by_member(res)
+    assert res.status == "completed" and len(by_member) == 8 and all(len(v) == 1 for v in by_member.values())
+    assert folder.holder() is None

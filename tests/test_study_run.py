@@ -493,3 +493,18 @@ def test_study_on_a_multi_node_cluster(tmp_path, multi_node_cluster):
     assert Counter(r.data.tags["tpp.reuse"] for r in runs) == {"none": 3, "computed": 1, "reused": 2}
     nodes = {r.data.tags["tpp.node"] for r in runs}
     assert len(nodes) >= 2, nodes
+
+
+def test_a_study_with_failed_runs_says_so_and_exits_3(local_ray, tmp_path):
+    """A prune_layers pattern that matches nothing fails every trial of the penalty-free method at its
+    prune stage: the study finishes, but not as "completed" (schedulers and scripts can tell)."""
+    cfg = tiny("fails", methods=["l1"], max_failures=0,
+               fixed={**TINY["fixed"], "prune_layers": {"no_such_layer*": 0.5}})
+    res = study.run(cfg, storage=str(tmp_path))
+    assert res.status == "failed" and res.exit_code == 3
+    assert res.counts == {"failed": 4}
+    runs = child_runs(res)
+    assert all(r.info.status == "FAILED" and "matches no prunable" in r.data.tags["tpp.error"] for r in runs)
+    from study.cli import EXIT_DOC  # the codes are documented where users look
+
+    assert "3" in EXIT_DOC and "failed" in EXIT_DOC

@@ -70,6 +70,8 @@ def _progress(event: dict[str, Any], members: int = 1) -> None:
         extra = f"  reg {event['reg']:.3g}" if "reg" in event else f"  lr {event['lr']:.2e}"
         print(f"[{stage:>8}{member}] {where}  loss {event['train_loss']:.4f}  acc {event['test_acc']:6.2f}%"
               f"{extra}  ({event['seconds']:.2f} s)", file=sys.stderr, flush=True)
+    elif event["event"] == "notice":
+        print(f"[  notice] {event['message']}", file=sys.stderr, flush=True)
     elif event["event"] == "stage_end":
         if event.get("diverged"):
             print(f"[{stage:>8}] diverged: {event['diverged']}", file=sys.stderr, flush=True)
@@ -105,7 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     data = load_run_data(cfg)
     dense = load_dense(args.dense, expected=model_spec(cfg, data)) if args.dense else None
-    out = run_pipeline(members, dense=dense, data=data,
+    out = run_pipeline(members, dense=dense, data=data, lockstep=args.lockstep,
                        on_event=None if args.quiet else lambda e: _progress(e, len(members)))
     if args.save_pruned and not out.pruned.diverged:
         save_pruned(args.save_pruned, out.pruned)
@@ -146,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(r, [f.name for f in dataclasses.fields(RunConfig)], multi=("lr",))
     r.add_argument("--dense", help="dense checkpoint from `tpp pretrain` (default: train one first)")
     r.add_argument("--save-pruned", metavar="PATH", help="also save the pruned model before finetuning")
+    r.add_argument("--lockstep", action=argparse.BooleanOptionalAction, default=True,
+                   help="train several --lr members as one vectorised model (default: on)")
     r.set_defaults(fn=cmd_run)
     for sp in (p, r):
         sp.add_argument("--json", action="store_true",

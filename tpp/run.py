@@ -397,15 +397,21 @@ def run_pipeline(members: RunConfig | Sequence[RunConfig], *, dense: DenseModel 
                  pruned: PrunedModel | None = None, store: PrunedStore | None = None, data=None,
                  on_event: EventFn | None = None, skip: Sequence[int] = (),
                  resume_state: dict[str, Any] | None = None, checkpoint_every: int = 1,
-                 checkpoint_min_interval_s: float = 0.0) -> PipelineResult:
+                 checkpoint_min_interval_s: float = 0.0, lockstep: bool = True,
+                 lockstep_members: int = 16) -> PipelineResult:
     """Dense (trained unless given) -> prune stage (given, from `store`, or computed) -> finetuning of
-    every member not in `skip`, one after another. Events of a member carry `member` (its index);
-    a `pruned` event (with the prune stage's `history`) comes before the first member starts.
+    every member not in `skip`. Events of a member carry `member` (its index); a `pruned` event (with
+    the prune stage's `history`) comes before the first member starts, a `member_end` after each.
 
-    Checkpoint events carry {"member": i, "done": {index: metrics}, "state": member i's state};
-    passing one back as `resume_state` skips the done members and continues member i exactly.
-    Each returned RunResult's metrics hold every stage's metrics (`member_metrics`).
+    With `lockstep`, members that share their mini-batches (`tpp.lockstep.lockstep_groups`, at most
+    `lockstep_members` at once) train as one vectorised model; a model vmap cannot run falls back to
+    one by one (a `notice` event says so). Checkpoint events carry {"group": member indices, "done":
+    {index: metrics}, "state": the group's state}; passing one back as `resume_state` skips the done
+    members and continues that group exactly. Each returned RunResult's metrics hold every stage's
+    metrics (`member_metrics`).
     """
+    from tpp.lockstep import LockstepUnsupported, finetune_lockstep, lockstep_groups
+
     members = check_members([members] if isinstance(members, RunConfig) else members)
     cfg = members[0]
     data = data if data is not None else load_run_data(cfg)
@@ -420,28 +426,54 @@ def run_pipeline(members: RunConfig | Sequence[RunConfig], *, dense: DenseModel 
     _emit(on_event, event="pruned", reuse=reuse, history=pruned.history, diverged=pruned.diverged)
     results: list[RunResult | None] = [None] * len(members)
     done = dict((resume_state or {}).get("done", {}))
-    for i, member in enumerate(members):
-        if i in skip:
-            continue
-        if pruned.diverged:
-            results[i] = diverged_prune_result(pruned, data.num_classes)
-        elif i in done:
-            results[i] = RunResult(done[i]["status"], done[i]["metrics"], [])
-            continue
-        else:
-            state = resume_state["state"] if resume_state and resume_state.get("member") == i else None
 
-            def tagged(event: dict[str, Any], i: int = i) -> None:
-                if "checkpoint" in event:
-                    event["checkpoint"] = {"member": i, "done": dict(done), "state": event["checkpoint"]}
-                _emit(on_event, member=i, **event)
-
-            results[i] = finetune_stage(member, pruned, data, tagged, resume_state=state,
-                                        checkpoint_every=checkpoint_every,
-                                        checkpoint_min_interval_s=checkpoint_min_interval_s)
-        result = results[i]
-        assert result is not None
+    def finish(i: int, result: RunResult) -> None:
         result.metrics = member_metrics(dense, pruned, result)
+        results[i] = result
         done[i] = {"status": result.status, "metrics": result.metrics}
         _emit(on_event, event="member_end", member=i, status=result.status, metrics=result.metrics)
+
+    for i in done:
+        results[i] = RunResult(done[i]["status"], done[i]["metrics"], [])
+    todo = [i for i in range(len(members)) if i not in skip and i not in done]
+    if pruned.diverged:
+        for i in todo:
+            finish(i, diverged_prune_result(pruned, data.num_classes))
+        return PipelineResult(dense, pruned, results, reuse)
+    groups = [g[j:j + lockstep_members] for g in lockstep_groups([members[i] for i in todo])
+              for j in range(0, len(g), lockstep_members)] if lockstep else [[k] for k in range(len(todo))]
+    groups = [[todo[k] for k in g] for g in groups]
+    if resume_state and "group" in resume_state:  # the interrupted group first, exactly as it was
+        resumed = list(resume_state["group"])
+        groups = [resumed] + [[i for i in g if i not in resumed] for g in groups]
+    for g in filter(None, groups):
+        state = resume_state["state"] if resume_state and resume_state.get("group") == g else None
+
+        def tagged(event: dict[str, Any], g: list[int] = g) -> None:
+            event = dict(event)
+            if "member" in event:
+                event["member"] = g[event["member"]]
+            if "checkpoint" in event:
+                event["checkpoint"] = {"group": list(g), "done": dict(done), "state": event["checkpoint"]}
+            _emit(on_event, **event)
+
+        if len(g) > 1 or (state is not None and state.get("lockstep")):
+            try:
+                finetune_lockstep([members[i] for i in g], pruned, data, tagged,
+                                  lambda pos, result, g=g: finish(g[pos], result), resume_state=state,
+                                  checkpoint_every=checkpoint_every,
+                                  checkpoint_min_interval_s=checkpoint_min_interval_s)
+                continue
+            except LockstepUnsupported as e:
+                _emit(on_event, event="notice", message=f"lockstep: {members[0].model} cannot be vectorised "
+                      f"({e}); training its {len(g)} members one by one")
+                state = None
+        for i in g:
+            if i in done:
+                continue
+            result = finetune_stage(members[i], pruned, data, lambda e, i=i: tagged({**e, "member": 0}, [i]),
+                                    resume_state=state, checkpoint_every=checkpoint_every,
+                                    checkpoint_min_interval_s=checkpoint_min_interval_s)
+            state = None
+            finish(i, result)
     return PipelineResult(dense, pruned, results, reuse)

@@ -1,0 +1,150 @@
+"""Lockstep finetuning equals the plain path member by member: same batches, per-epoch losses and
+accuracies within float tolerance, final weights close; a diverging member leaves the others alone;
+checkpoint and resume are bit-exact; models vmap cannot run fall back one by one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tpp.config import RunConfig
+from tpp.lockstep import finetune_lockstep
+from tpp.run import finetune_stage, load_run_data, prune_stage, run_pipeline, train_dense
+
+BASE = dict(data="synthetic", device="cpu", dense_epochs=1, dense_batch_size=32, batch_size=32, epochs=3,
+            jsv_samples=4, method="l1", pr=0.5, eval_batch_size=64, val_fraction=0.25)
+CASES = {
+    "mlp": dict(model="mlp", model_kwargs={"depth": 4, "width": 24, "activation": "relu"},
+                data_kwargs={"n_train": 192, "n_test": 64}),
+    "resnet20": dict(model="resnet20", data_kwargs={"n_train": 64, "n_test": 32, "input_shape": [3, 16, 16]}),
+    "vgg19": dict(model="vgg19", data_kwargs={"n_train": 48, "n_test": 32, "input_shape": [3, 32, 32]},
+                  epochs=2),
+}
+# Members of one pruned model: LRs, a schedule with warmup, no momentum, no weight decay, a shorter budget.
+CHANGES = [dict(lr=0.01), dict(lr=0.05, momentum=0.0), dict(lr=0.02, schedule="cosine", warmup_epochs=1),
+           dict(lr=0.01, weight_decay=0.0, epochs=2)]
+
+
+def setup(case: str):
+    cfg = RunConfig(**{**BASE, **CASES[case]})
+    data = load_run_data(cfg)
+    dense = train_dense(cfg, data)
+    return cfg, data, dense, prune_stage(cfg, dense, data)
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request):
+    return setup(request.param)
+
+
+def test_each_lockstep_member_equals_its_single_run(case):
+    """The first epoch agrees to float rounding (batched kernels sum in another order); later epochs
+    drift the way two float32 runs of one SGD trajectory do (the rounding differences grow with the
+    LR), so they are held to a looser bound."""
+    cfg, data, dense, pruned = case
+    members = [cfg.replace(**c) for c in CHANGES]
+    events, done = [], {}
+    together = finetune_lockstep(members, pruned, data, events.append, lambda i, r: done.setdefault(i, r))
+    assert sorted(done) == list(range(len(members)))
+    for member, got in zip(members, together, strict=True):
+        alone = finetune_stage(member, pruned, data)
+        assert len(got.history) == len(alone.history) == member.epochs
+        for epoch, (a, b) in enumerate(zip(got.history, alone.history, strict=True)):
+            assert a["lr"] == pytest.approx(b["lr"], rel=1e-12)
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5 if epoch == 0 else 2e-2)
+            if epoch == 0:  # accuracies count samples: equal unless a logit within float noise flips one
+                assert abs(a["test_acc"] - b["test_acc"]) <= 100 / 32 + 1e-9
+                assert abs(a["val_acc"] - b["val_acc"]) <= 100 / 16 + 1e-9
+        # all weights and each member's own BatchNorm statistics, as one vector
+        x, y = (torch.cat([t.flatten() for t in m.state_dict().values() if t.is_floating_point()])
+                for m in (got.model, alone.model))
+        assert float((x - y).norm() / y.norm()) < 1e-2
+        assert got.metrics["iters_finetune"] == alone.metrics["iters_finetune"]
+    ends = [e["member"] for e in events if e["event"] == "stage_end"]
+    if members[3].epochs < members[0].epochs:
+        assert ends.index(3) < ends.index(0)  # the shorter budget left the stack first
+
+
+def test_a_diverging_member_leaves_and_the_others_go_on_unaffected():
+    cfg, data, dense, pruned = setup("mlp")
+    members = [cfg.replace(lr=0.01), cfg.replace(lr=1e5), cfg.replace(lr=0.03)]
+    together = finetune_lockstep(members, pruned, data)
+    assert [r.status for r in together] == ["completed", "diverged", "completed"]
+    assert together[1].metrics["epochs_run"] < cfg.epochs + 1
+    for i in (0, 2):
+        alone = finetune_stage(members[i], pruned, data)
+        assert [h["train_loss"] for h in together[i].history] == pytest.approx(
+            [h["train_loss"] for h in alone.history], rel=1e-4)
+
+
+def test_lockstep_checkpoint_resumes_bit_exactly():
+    cfg, data, dense, pruned = setup("resnet20")
+    members = [cfg.replace(lr=0.01, epochs=4), cfg.replace(lr=0.03, epochs=4), cfg.replace(lr=0.02, epochs=2)]
+    full = finetune_lockstep(members, pruned, data)
+    states, done = [], {}
+
+    def stop_after_two(event):
+        if event["event"] == "checkpoint":
+            states.append(event["checkpoint"])
+            if len(states) == 2:
+                raise KeyboardInterrupt  # the process dies after epoch 1's checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune_lockstep(members, pruned, data, stop_after_two, lambda i, r: done.setdefault(i, r))
+    assert sorted(done) == [2] and states[-1]["active"] == [0, 1]  # the short member finished before
+    resumed = finetune_lockstep(members, pruned, data, resume_state=states[-1])
+    assert resumed[2] is None
+    for i in (0, 1):
+        assert [h["train_loss"] for h in resumed[i].history] == [h["train_loss"] for h in full[i].history]
+        pairs = zip(resumed[i].model.state_dict().values(), full[i].model.state_dict().values(), strict=True)
+        for a, b in pairs:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_pipeline_lockstep_equals_one_by_one_and_resumes_a_group():
+    cfg, data, dense, pruned = setup("mlp")
+    members = [cfg.replace(lr=lr) for lr in (0.003, 0.01, 0.03)] + [cfg.replace(lr=0.01, batch_size=16)]
+    fast = run_pipeline(members, dense=dense, pruned=pruned, data=data)
+    slow = run_pipeline(members, dense=dense, pruned=pruned, data=data, lockstep=False)
+    for a, b in zip(fast.members, slow.members, strict=True):
+        assert a.metrics["best_acc"] == pytest.approx(b.metrics["best_acc"], abs=100 / 64 + 1e-9)
+        assert a.metrics["iters_total"] == b.metrics["iters_total"]
+    states = []
+
+    def stop(event):
+        if "checkpoint" in event:
+            states.append(event["checkpoint"])
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(members, dense=dense, pruned=pruned, data=data, on_event=stop)
+    assert states[0]["group"] == [0, 1, 2]
+    again = run_pipeline(members, dense=dense, pruned=pruned, data=data, resume_state=states[0])
+    for a, b in zip(again.members, fast.members, strict=True):
+        assert a.metrics["best_acc"] == b.metrics["best_acc"]
+
+
+class Noisy(nn.Module):
+    """A model that draws random numbers in its forward (dropout): vmap refuses it."""
+
+    def __init__(self, num_classes: int, input_shape) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(input_shape[0], 16), nn.Linear(16, num_classes)
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x):
+        return self.fc2(self.drop(torch.relu(self.fc1(x))))
+
+
+def test_a_model_vmap_cannot_run_falls_back_with_one_notice():
+    from tpp.models import register_model
+
+    register_model("noisy_test", prune_preset={"fc1": "pr"})(Noisy)
+    cfg = RunConfig(**{**BASE, "model": "noisy_test", "data_kwargs": {"n_train": 64, "n_test": 32}})
+    events = []
+    out = run_pipeline([cfg.replace(lr=0.01), cfg.replace(lr=0.03)], data=load_run_data(cfg),
+                       on_event=events.append)
+    notices = [e for e in events if e["event"] == "notice"]
+    assert len(notices) == 1 and "one by one" in notices[0]["message"]
+    assert [m.status for m in out.members] == ["completed", "completed"]
