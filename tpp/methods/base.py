@@ -5,8 +5,9 @@ A method may supply any of
   stage(ctx) -> StageResult     a regularisation stage, run after selection (or before it with
                                 `stage_before_selection`); `penalty_stage(make_hooks)` runs hooks in
                                 the library's loop with the growing penalty schedule, or write your own;
-  after_removal(ctx)            a post-removal step on the physically pruned model (re-initialisation,
-                                a short recovery; it may replace `ctx.model`);
+  after_removal(ctx)            a post-removal step on the physically pruned model, handed over on the
+                                CPU (re-initialisation; a short recovery may move it to `ctx.device`;
+                                it may replace `ctx.model`);
   finetune_penalty(model, params) -> scalar tensor   added to every finetuning step's loss;
 and declares `params`, the schema of `RunConfig.method_params` (validated, logged, in the prune key).
 """
