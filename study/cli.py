@@ -53,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--address", help="Ray cluster to join (default: the one the study used, else local)")
     s.add_argument("--tracking-uri", help="MLflow tracking URI, if it moved (default: the study's)")
 
+    pl = sub.add_parser("plan", help="show what a config would run, without running it",
+                        description="A dry run: the design as a table (runs per method x PR x growth), the "
+                        "prune stages to compute, the work in iterations, balance notes. Nothing starts.")
+    pl.add_argument("config", help="study config (YAML)")
+    pl.add_argument("--max-concurrent", type=int, default=None,
+                    help="concurrent trials to plan prune units for (default: the config's, else 1)")
+
     ls = sub.add_parser("list", help="list the studies under a storage folder",
                         description="Studies under --storage with status, trials done/total, parent run.")
     ls.add_argument("--storage", default="./studies",
@@ -159,9 +166,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from study.config import load_config
+    from study.design import dense_run_config, describe
+    from tpp.data import DataError
+    from tpp.run import load_run_data
+
+    try:
+        cfg = load_config(args.config)
+        train = load_run_data(dense_run_config(cfg)).num_train
+    except (StudyConfigError, DataError) as e:
+        return _err(str(e).splitlines()[0])
+    slots = args.max_concurrent or cfg.max_concurrent or 1
+    print(describe(cfg, slots, round(train * (1 - cfg.data.val_fraction))))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return {"run": cmd_run, "resume": cmd_resume, "list": cmd_list, "status": cmd_status}[args.command](args)
+    return {"run": cmd_run, "resume": cmd_resume, "plan": cmd_plan, "list": cmd_list,
+            "status": cmd_status}[args.command](args)
 
 
 if __name__ == "__main__":

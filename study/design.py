@@ -355,3 +355,62 @@ def trial_runs(cfg: StudyConfig, config: dict[str, Any]) -> tuple[list[PrunePoin
     pts, mems = points(cfg), members(cfg)
     chosen = [pts[i] for i in config["points"]]
     return chosen, [(0, mems[j]) for j in config["members"]]
+
+
+def describe(cfg: StudyConfig, slots: int = 1, train_samples: int | None = None) -> str:
+    """`tpp-study plan`: the design as a table, the prune stages to compute, the work, balance notes."""
+    from collections import Counter
+
+    from study.progress import table_text
+
+    if not cfg.is_design:
+        n = cfg.num_trials or 0
+        return (f"{cfg.name}: sampler {cfg.sampler} proposes {n} single-member trials adaptively over "
+                f"methods {', '.join(m.shown for m in cfg.methods)} (no fixed design: methods are not paired "
+                "at equal LRs and seeds; for an LR-sensitivity map use grid or qmc)")
+    p = plan(cfg, slots)
+    lrs = sorted({m["lr"] for m in p.members})
+    rows = Counter((pt.method, pt.pr, "-" if pt.growth is None else short(pt.growth)) for pt in p.points)
+    seeds = len(cfg.space.seeds)
+    table = [["method", "pr", "growth", "seeds", "members", "runs"]]
+    table += [[m, f"{pr:.3g}", g, str(seeds), str(len(p.members)), str(n * len(p.members))]
+              for (m, pr, g), n in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2]))]
+    stages = [_prune_iterations(cfg, pt) for pt in p.points]
+    penalty = [s for s in stages if s]
+    epochs = sum(run_config(cfg, p.points[0], m).epochs for m in p.members) * len(p.points)
+    lines = [f"{cfg.name}: {cfg.sampler} design, {len(p.points)} prune points x {len(p.members)} members = "
+             f"{p.num_runs} runs in {len(p.units)} trials "
+             f"({sum(u.kind == 'prune' for u in p.units)} of them prune units, lockstep "
+             f"{'on' if cfg.lockstep else 'off'})", table_text(table),
+             f"members: {len(lrs)} LRs ({short(lrs[0])} ... {short(lrs[-1])})"
+             + (f" x {', '.join(varying(cfg))}" if varying(cfg) else "") + ", the same for every prune point",
+             f"prune stages to compute: {len(penalty)} with a penalty stage "
+             f"({sum(penalty):,} regularisation iterations, the longest {max(penalty, default=0):,}), "
+             f"{len(stages) - len(penalty)} without one",
+             f"finetuning: {epochs:,} member-epochs"
+             + (f" of {math.ceil(train_samples / run_config(cfg, p.points[0], p.members[0]).batch_size)} "
+                f"iterations each" if train_samples else ""),
+             "balance: every method is crossed with the same PRs and seeds, every prune point with the same "
+             "members: method differences are paired"]
+    if seeds < 6:
+        lines.append(f"note: {seeds} seed(s): a paired sign-flip test over seeds cannot reach p < 0.05 below "
+                     "6 seeds, so the report's verdict will call differences ties")
+    return "\n".join(lines)
+
+
+def work(cfg: StudyConfig, train_samples: int, cache_dir: Any, dense_digest: str,
+         runs_left: int) -> tuple[float, float]:
+    """(training iterations of one member-epoch, iterations of the work left): `runs_left` members'
+    finetuning and the prune stages not in the cache yet -- what the progress ETA divides by its rate."""
+    from study.prune_cache import PruneCache
+    from tpp.run import prune_key
+
+    pts = points(cfg) if cfg.is_design else []
+    mems = members(cfg) if cfg.is_design else [{"lr": (levels(cfg.finetune.lr) or [cfg.finetune.lr.low])[0]}]
+    first = run_config(cfg, pts[0] if pts else PrunePoint(cfg.methods[0].shown, 0.5, None, 0), mems[0])
+    per_epoch = math.ceil(max(train_samples, 1) / first.batch_size)
+    epochs = sum(run_config(cfg, pts[0], m).epochs for m in mems) / len(mems) if pts else first.epochs
+    cache = PruneCache(cache_dir)
+    prune = sum(_prune_iterations(cfg, p) for p in pts if p.growth is not None
+                and not cache.has(prune_key(run_config(cfg, p, mems[0]), dense_digest)))
+    return float(per_epoch), prune + runs_left * epochs * per_epoch

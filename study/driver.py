@@ -202,10 +202,10 @@ def config_digest(cfg: StudyConfig) -> str:
     return hashlib.sha256(json.dumps(_result_config(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _preflight(cfg: StudyConfig) -> None:
+def _preflight(cfg: StudyConfig) -> int:
     """Open the data set and the dense checkpoint before anything starts: a data folder in the wrong
     layout or a checkpoint that is corrupt or for another architecture is a config error, not a crash
-    after Ray and MLflow were started."""
+    after Ray and MLflow were started. Returns the samples a run trains on."""
     from study.design import dense_run_config
     from tpp.checkpoint import CheckpointError, load_dense
     from tpp.data import DataError
@@ -221,6 +221,7 @@ def _preflight(cfg: StudyConfig) -> None:
             load_dense(cfg.dense.checkpoint, expected=model_spec(run_cfg, data))
         except CheckpointError as e:
             raise StudyConfigError("dense.checkpoint", str(e).splitlines()[0]) from None
+    return data.num_train - round(cfg.data.val_fraction * data.num_train)
 
 
 # ---------------------------------------------------------------------------------------------- dense
@@ -418,7 +419,7 @@ def run(config: str | os.PathLike | dict[str, Any] | StudyConfig, *, if_exists: 
         raise StudyError(f"study {cfg.name!r} is being run by {holder}; wait for it, or stop it first")
     if if_exists == "resume" and folder.exists():
         return resume(str(folder.path), callbacks=callbacks, expect=cfg)
-    _preflight(cfg)
+    train_samples = _preflight(cfg)
     if if_exists == "error" and folder.path.exists() and any(folder.path.iterdir()):
         raise StudyError(f"study {cfg.name!r} already exists at {folder.path}; continue it with "
                          f"`tpp-study resume {folder.path}`, or pass --if-exists replace to start over")
@@ -439,7 +440,7 @@ def run(config: str | os.PathLike | dict[str, Any] | StudyConfig, *, if_exists: 
             folder.config_path.write_text(cfg.to_yaml())
             num_runs = _num_runs(cfg)
             meta = StudyMeta(name=cfg.name, tracking_uri=uri, experiment=cfg.experiment(), num_runs=num_runs,
-                             config_digest=config_digest(cfg),
+                             config_digest=config_digest(cfg), train_samples=train_samples,
                              ray_address=cfg.ray.address or os.environ.get("RAY_ADDRESS"))
             folder.write_meta(meta)
             _start_parent(cfg, folder, uri, num_runs)

@@ -24,6 +24,13 @@ def fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+def table_text(rows: list[list[str]]) -> str:
+    """Rows of strings as an aligned plain-text table (the first row is the header)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))).rstrip()
+                     for r in rows)
+
+
 def rank(value: float, lr: float, name: str, mode: str) -> tuple:
     """Sort key of the best run, the one definition every output uses: the better objective; ties go
     to the lower finetuning LR, then to the run name that sorts first."""
@@ -31,7 +38,16 @@ def rank(value: float, lr: float, name: str, mode: str) -> tuple:
 
 
 class Progress(tune.Callback):
-    """Prints `[study] 37/270 runs done (0 failed) | <run>: best_acc 91.20 | best ... | ETA 2m10s`."""
+    """One line per finished run, and where the study stands while runs are under way.
+
+    `[study] 37/270 runs done (0 failed) | <run>: best_acc 91.20 (completed) | best ... | ETA 2m10s`;
+    between them, every STATUS_EVERY_S, what the running trials are doing (a prune unit's iterations,
+    a trial's epoch). On a terminal the status is a tqdm bar under the lines instead. The ETA divides
+    the work left -- regularisation iterations and finetuning member-epochs, in training iterations --
+    by the rate measured so far in this session, so it holds across stages of very different cost.
+    """
+
+    STATUS_EVERY_S = 30.0
 
     def __init__(self, study_dir: str, stream: Any = None):
         self.study_dir, self.stream = study_dir, stream
@@ -39,11 +55,17 @@ class Progress(tune.Callback):
 
     def _reset(self) -> None:
         self.t0 = time.monotonic()
-        self.done = self.failed = self.finished_here = 0
+        self.done = self.failed = 0
         self.best: tuple | None = None
         self.names: dict[str, tuple[str, float]] = {}  # member id -> (run name, lr)
         self.members: dict[str, list[str]] = {}
         self.notices: set[str] = set()
+        self.running: dict[str, str] = {}  # trial id -> what it is doing
+        self.prune_seen: dict[str, int] = {}  # trial id -> iterations it reported
+        self.work_done = 0.0
+        self.work_left = math.nan
+        self.status_at = time.monotonic()
+        self.bar: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"study_dir": self.study_dir}
@@ -53,32 +75,51 @@ class Progress(tune.Callback):
 
     def setup(self, **info: Any) -> None:
         from study.config import load_config
+        from study.design import work
         from study.store import StudyFolder
 
         self._reset()
         folder = StudyFolder(self.study_dir)
         self.meta, self.config = folder.read_meta(), load_config(folder.config_path)
         self.done, self.failed = self.meta.done, self.meta.failed
+        self.per_epoch, self.work_left = work(self.config, self.meta.train_samples, folder.prune_cache,
+                                              self.meta.dense_digest, self.meta.num_runs - self.done)
         if self.meta.best:
             b = self.meta.best
             self.best = (rank(b["value"], b.get("lr", 0.0), b["run_name"], self.config.objective.mode), b)
+        out = self.stream or sys.stdout
+        if out.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=round(self.work_left), file=out, unit="it", unit_scale=True, leave=False,
+                            dynamic_ncols=True, bar_format="{desc} |{bar}| {percentage:3.0f}% {postfix}")
+
+    def _print(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, file=self.stream or sys.stdout, flush=True)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         from study.design import run_name, varying
         from study.trainable import resolve
 
         if trial.config.get("kind") == "prune":
+            self.running[trial.trial_id] = f"prune unit of {len(trial.config['points'])} stages"
             return
         runs = resolve(self.config, trial.config, trial.trial_id)
         self.members[trial.trial_id] = runs.ids
         for rc, mid in zip(runs.configs, runs.ids, strict=True):
             self.names[mid] = (run_name(runs.point, rc, varying(self.config)), rc.lr)
+        p = runs.point
+        self.running[trial.trial_id] = f"{p.method} pr={p.pr:.3g} s{p.seed}: {len(runs.ids)} members"
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         for notice in result.get("tpp_notices") or []:
             if notice not in self.notices:  # once per study, however many trials say it
                 self.notices.add(notice)
-                print(f"[{self.meta.name}] {notice}", file=self.stream or sys.stdout, flush=True)
+                self._print(f"[{self.meta.name}] {notice}")
+        self._account(trial, result)
         metric, mode = self.config.objective.metric, self.config.objective.mode
         for mid, rec in (result.get("tpp_done") or {}).items():
             if mid not in self.names:
@@ -91,28 +132,66 @@ class Progress(tune.Callback):
                     self.best = (key, {"metric": metric, "value": value, "run_name": name, "lr": lr})
             self._line(f"{name}: {metric} {value:.2f} ({rec['status']})")
 
+    def _account(self, trial: Any, result: dict) -> None:
+        """Work done (training iterations) from a report, and what the trial is doing now."""
+        tid, before = trial.trial_id, self.work_done
+        prune = result.get("tpp_prune_progress")
+        if prune:
+            self.work_done += max(prune["done"] - self.prune_seen.get(tid, 0), 0)
+            self.prune_seen[tid] = prune["done"]
+            self.running[tid] = f"prune: {prune['done']:,}/{prune['total']:,} iterations"
+        epochs = [(step, value) for mid, key, value, step in result.get("tpp_rows") or []
+                  if key == "finetune/test_acc"]
+        self.work_done += len(epochs) * self.per_epoch
+        if epochs and tid in self.running:
+            step, acc = epochs[-1]
+            self.running[tid] = self.running[tid].split(" | ")[0] + f" | epoch {step + 1}, acc {acc:.1f}"
+        if self.bar is not None:
+            self.bar.update(round(self.work_done - before))
+            self.bar.set_description_str(f"[{self.meta.name}] {self._count()} runs")
+            self.bar.set_postfix_str(f"ETA {self._eta()} | " + "; ".join(self.running.values()),
+                                     refresh=False)
+
+    def _count(self) -> str:
+        return f"{self.done + self.failed}/{self.meta.num_runs}"
+
+    def _eta(self) -> str:
+        elapsed = time.monotonic() - self.t0
+        left = self.work_left - self.work_done
+        if self.done + self.failed >= self.meta.num_runs:
+            return "0s"
+        return fmt_duration(left / self.work_done * elapsed) if self.work_done > 0 else "?"
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.bar is None and self.running and time.monotonic() - self.status_at >= self.STATUS_EVERY_S:
+            self.status_at = time.monotonic()
+            self._print(f"[{self.meta.name}] {self._count()} runs done, running: "
+                        + "; ".join(self.running.values()) + f" | ETA {self._eta()}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.running.pop(trial.trial_id, None)
+
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.running.pop(trial.trial_id, None)
         for mid in self.members.get(trial.trial_id, []):
             if mid in self.names:
                 name, _ = self.names.pop(mid)
                 self._line(f"{name}: FAILED: {last_error_line(trial)} (tag tpp.error has the traceback)",
                            failed=True)
 
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
     def _line(self, outcome: str, failed: bool = False) -> None:
         from study.store import StudyFolder
 
-        self.finished_here += 1
         self.done += not failed
         self.failed += failed
-        total = self.meta.num_runs
-        left = max(total - self.done - self.failed, 0)
-        elapsed = time.monotonic() - self.t0
-        eta = fmt_duration(elapsed / self.finished_here * left) if left else "0s"
         best = self.best[1] if self.best else None
         shown = f"{best['metric']} {best['value']:.2f} ({best['run_name']})" if best else "-"
-        print(f"[{self.meta.name}] {self.done + self.failed}/{total} runs done ({self.failed} failed) | "
-              f"{outcome} | best {shown} | elapsed {fmt_duration(elapsed)}, ETA {eta}",
-              file=self.stream or sys.stdout, flush=True)
+        self._print(f"[{self.meta.name}] {self._count()} runs done ({self.failed} failed) | {outcome} | "
+                    f"best: {shown} | elapsed {fmt_duration(time.monotonic() - self.t0)}, ETA {self._eta()}")
         StudyFolder(self.study_dir).update_meta(done=self.done, failed=self.failed, best=best)
 
 

@@ -48,6 +48,7 @@ class StudyMeta:
     best: dict[str, Any] | None = None
     config_digest: str = ""
     dense_digest: str = ""  # the dense weights' identity (prune keys hash it)
+    train_samples: int = 0  # samples a member trains on per epoch (the progress ETA's unit of work)
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     ray_address: str | None = None

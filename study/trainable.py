@@ -95,6 +95,7 @@ class Reporter:
         self.done: dict[str, dict[str, Any]] = {}
         self.reuse: dict[str, str] = {}
         self.notices: list[str] = []
+        self.prune_progress: dict[str, int] | None = None
         self.best = -math.inf
         self.reported = -math.inf
         self.epoch = 0
@@ -110,6 +111,8 @@ class Reporter:
             result["tpp_reuse"], self.reuse = self.reuse, {}
         if self.notices:
             result["tpp_notices"], self.notices = self.notices, []
+        if self.prune_progress:
+            result["tpp_prune_progress"], self.prune_progress = self.prune_progress, None
         self.reported = time.monotonic()
         if state is None:
             tune.report(result)
@@ -148,6 +151,10 @@ class Reporter:
         elif kind == "member_end":
             self.finished(event["member"], event["status"], event["metrics"])
             self._report()
+        elif kind == "epoch" and event.get("stage") == "prune" and self.every_s:
+            self.prune_progress = {"done": int(event["iteration"]), "total": int(event["iterations"])}
+            if time.monotonic() - self.reported >= self.every_s:
+                self._report()
         elif kind == "notice":
             self.notices.append(event["message"])
         elif kind == "checkpoint":
@@ -216,14 +223,40 @@ def _prune_unit(config: dict[str, Any], dense: Any, ctx: TrialContext) -> None:
         if cache.load(key, rc.prune_inputs()) is None:
             todo.append((key, rc))
     if todo:
+        from study.design import _prune_iterations
+
         data = load_run_data(todo[0][1])
+        progress = PruneProgress(sum(_prune_iterations(cfg, design_points(cfg)[i]) for i in config["points"]))
         with cache.locked([k for k, _ in todo]):
             for key, rc in todo:
                 if cache.load(key, rc.prune_inputs()) is None:  # a finetune unit may have computed it
                     cache.record(key, "start")
-                    cache.save(key, rc.prune_inputs(), prune_stage(rc, dense, data))
+                    cache.save(key, rc.prune_inputs(), prune_stage(rc, dense, data, progress.on_event))
                     cache.record(key, "done")
+                progress.stage_done()
     tune.report({"epoch": 0, "tpp_prune_computed": len(todo), "tpp_node": _node()})
+
+
+class PruneProgress:
+    """Reports how far a prune stage (or several, one after another) got, at most every REPORT_EVERY_S:
+    what the progress line and ETA show while a long regularisation stage runs."""
+
+    def __init__(self, total: int):
+        self.total, self.base, self.at, self.reported = total, 0, 0, time.monotonic()
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        if event.get("event") == "epoch" and event.get("stage") == "prune":
+            self.at = int(event["iteration"])
+            if time.monotonic() - self.reported >= REPORT_EVERY_S:
+                self.reported = time.monotonic()
+                tune.report(self.result())
+
+    def result(self) -> dict[str, Any]:
+        return {"epoch": 0, "tpp_node": _node(),
+                "tpp_prune_progress": {"done": self.base + self.at, "total": self.total}}
+
+    def stage_done(self) -> None:
+        self.base, self.at = self.base + self.at, 0
 
 
 def trial(config: dict[str, Any], dense: Any = None, ctx: TrialContext | None = None) -> None:

@@ -2,7 +2,11 @@
 
 import os
 
-import pytest
+# Before torch loads: idle OpenMP threads sleep instead of spinning (what `import tpp` does; a test
+# module may import torch first). Spinning threads made tests many times slower on a busy machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
 
 # Must be set before Ray starts: Ray then binds every node to 127.0.0.1 (no traffic to other addresses).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

@@ -440,6 +440,10 @@ def run_pipeline(members: RunConfig | Sequence[RunConfig], *, dense: DenseModel 
         for i in todo:
             finish(i, diverged_prune_result(pruned, data.num_classes))
         return PipelineResult(dense, pruned, results, reuse)
+    if lockstep and get_method(cfg.method).finetune_penalty is not None:
+        lockstep = False  # its penalty is a function of one live model: members train one by one
+        _emit(on_event, event="notice", message=f"lockstep: method {cfg.method!r} adds a finetuning penalty; "
+              "its members train one by one")
     groups = [g[j:j + lockstep_members] for g in lockstep_groups([members[i] for i in todo])
               for j in range(0, len(g), lockstep_members)] if lockstep else [[k] for k in range(len(todo))]
     groups = [[todo[k] for k in g] for g in groups]
