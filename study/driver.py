@@ -36,6 +36,7 @@ from study.mlflow_logging import (
     configure_mlflow_env,
     finished_members,
     flatten,
+    runs_page_url,
     start_parent,
 )
 from study.progress import Progress, fmt_duration, rank
@@ -75,11 +76,14 @@ class StudyResult:
 
     @property
     def mlflow_ui_command(self) -> str:
+        """How to open this study's runs in the MLflow UI: the study's own server, or one to start on
+        its SQLite file (loopback only, no usage telemetry)."""
         if not self.tracking_uri.startswith("sqlite:"):
-            return f"open {self.tracking_uri} (the study's MLflow server)"
+            return f"open the study's MLflow server {self.tracking_uri}"
         mlflow = Path(sys.executable).with_name("mlflow")
         exe = str(mlflow) if mlflow.exists() else "mlflow"
-        return f"{exe} server --backend-store-uri {self.tracking_uri} --host 127.0.0.1 --port 5000"
+        return (f"MLFLOW_DISABLE_TELEMETRY=true {exe} server --backend-store-uri {self.tracking_uri} "
+                "--host 127.0.0.1 --port 5000")
 
     def summary(self) -> str:
         c = self.counts
@@ -98,9 +102,9 @@ class StudyResult:
                   f"MLflow:    {self.tracking_uri}  experiment {self.experiment!r}, "
                   f"parent run {self.parent_run_id}",
                   f"MLflow UI: {self.mlflow_ui_command}"]
-        if self.tracking_uri.startswith("sqlite:"):
-            lines.append(f"           then open http://127.0.0.1:5000/#/experiments/{self.experiment_id}/runs"
-                         "?workflowType=machine_learning")
+        if self.experiment_id:  # the runs page in the training workflow, on the study's saved view
+            base = "http://127.0.0.1:5000" if self.tracking_uri.startswith("sqlite:") else self.tracking_uri
+            lines.append(f"           then open {runs_page_url(base, self.experiment_id, self.name)}")
         storage = str(Path(self.path).parent)
         lines.append(f"Report:    tpp-analyze {self.name} --storage {storage}")
         if self.status != "completed":

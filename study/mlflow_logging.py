@@ -15,10 +15,13 @@ tpp.reuse; per-epoch metrics `{stage}/{name}` with step = epoch; final metrics w
 from __future__ import annotations
 
 import collections
+import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -264,6 +267,147 @@ def _transient(e: Exception) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- parent
+# What MLflow 3.17's UI reads (checked in its JS bundle, mlflow/server/js/build/static/js):
+# * The GenAI-or-training switch is `workflowType`: the URL parameter `?workflowType=machine_learning`,
+#   else the browser's localStorage key `mlflow.workflowType_v1` (set by the sidebar's GenAI / Model
+#   training switch), else "genai". An experiment opened without a tab lands on Runs only in the
+#   machine_learning workflow. 3.17 derives the experiment kind from that switch and ignores the
+#   experiment tag `mlflow.experimentKind` (its feature flag is hard-wired on); earlier 3.x releases read
+#   the tag, so it is still set. Nothing on the tracking side changes the home page.
+# * Saved views: an experiment tag `mlflow.sharedViewState.<key>` holding {name, createdAt, updatedAt,
+#   state} (state: the runs page's filter, sort, columns, widths and charts as JSON), listed under
+#   "Views" and opened by `#/experiments/<id>/runs?viewStateShareKey=<key>`. Default columns otherwise
+#   live only in the browser's localStorage.
+# * Markdown in `mlflow.note.content`, on runs and on experiments (shown above the runs table).
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+NOTE_TAG = "mlflow.note.content"
+AUTO_NOTE_TAG = "tpp.auto_note"  # the experiment note as tpp last wrote it: a note edited since is kept
+DENSE_MODEL_TAG = "tpp.dense_model_id"  # on the parent run: the dense model's MLflow LoggedModel
+VIEW_METRICS = ("test_acc_at_best_val", "last_acc", "acc_after_removal", "param_ratio", "speedup")
+MAX_VIEW_CHARS = 20000  # MLflow's limit on an experiment tag's value
+
+
+def view_key(study: str) -> str:
+    """The study's saved-view key (the `viewStateShareKey` of its runs page URL)."""
+    return "tpp-" + re.sub(r"[^A-Za-z0-9_-]", "-", study)
+
+
+def runs_route(experiment_id: str, study: str | None = None) -> str:
+    """The hash route of the runs page in MLflow's training workflow, on the study's saved view."""
+    query = "workflowType=machine_learning" + (f"&viewStateShareKey={view_key(study)}" if study else "")
+    return f"#/experiments/{experiment_id}/runs?{query}"
+
+
+def runs_page_url(base: str, experiment_id: str, study: str | None = None) -> str:
+    """e.g. http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning&viewStateShareKey=tpp-x"""
+    return f"{base.rstrip('/')}/{runs_route(experiment_id, study)}"
+
+
+def study_view(cfg: Any) -> dict[str, Any]:
+    """The runs page state of a study's saved view: its member runs, best first, with the searched
+    values and the main results as columns, a parallel-coordinates chart (method, PR, log10 LR and the
+    finetune axes that vary against the objective: every run plottable) and the objective over log10 LR.
+    """
+    from study.design import has_penalty, varying
+
+    metric = cfg.objective.metric
+    penalty = any(has_penalty(cfg, m.shown) for m in cfg.methods)
+    params = ["method_label", "pr", *(["growth"] if penalty else []), "log10_lr", "lr", "seed", *varying(cfg)]
+    metrics = [metric, *(m for m in VIEW_METRICS if m != metric)]
+    columns = ([f"params.`{p}`" for p in params] + [f"metrics.`{m}`" for m in metrics]
+               + ["tags.`tpp.status`", "attributes.`Dataset`"])
+    section = "tpp-study"
+    charts = [
+        {"uuid": "tpp-parallel", "type": "PARALLEL", "metricSectionId": section, "isGenerated": False,
+         "deleted": False, "selectedParams": ["method_label", "pr", "log10_lr", *varying(cfg)],
+         "selectedMetrics": [metric], "showAllRuns": True},
+        {"uuid": "tpp-lr", "type": "SCATTER", "metricSectionId": section, "isGenerated": False,
+         "deleted": False, "xaxis": {"key": "log10_lr", "type": "PARAM"},
+         "yaxis": {"key": metric, "type": "METRIC"}, "runsCountToCompare": 1000},
+    ]
+    return {
+        "searchFilter": f"tags.`tpp.study` = '{cfg.name}' and tags.`tpp.role` = 'trial'",
+        "orderByKey": f"metrics.`{metric}`", "orderByAsc": cfg.objective.mode == "min",
+        "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [],
+        "modelVersionFilter": "All Runs", "selectedColumns": columns,
+        # MLflow applies widths only to the columns listed in columnOrder (ids as its table names them)
+        "columnOrder": ["attributes.`Run Name`", "runDateAndNestInfo", "attributes.`Dataset`", "duration",
+                        *columns[:-1]],
+        "columnWidths": {"attributes.`Run Name`": 240, "runDateAndNestInfo": 125, "attributes.`Dataset`": 190,
+                         "duration": 70, **{c: 85 if c.startswith("params.") else 95 for c in columns[:-1]}},
+        "runsHiddenMode": "SHOW_ALL",  # charts show every run, not MLflow's default first 10
+        "compareRunCharts": charts,
+        "compareRunSections": [{"uuid": section, "name": f"Study {cfg.name}", "display": True,
+                                "isReordered": False, "deleted": False, "isGenerated": False}],
+        "isAccordionReordered": True,  # the study's section first; MLflow adds its per-metric charts after
+    }
+
+
+def write_study_view(c: Any, experiment_id: str, cfg: Any) -> str:
+    """Save the study's runs view on its experiment (MLflow's "Views" menu); returns its key."""
+    now = int(time.time() * 1000)
+    key = view_key(cfg.name)
+    value = json.dumps({"name": f"tpp study {cfg.name}", "createdAt": now, "updatedAt": now,
+                        "state": json.dumps(study_view(cfg), separators=(",", ":"))})
+    if len(value) > MAX_VIEW_CHARS:
+        raise ValueError(f"the saved view of study {cfg.name} has {len(value)} characters; "
+                         f"MLflow keeps at most {MAX_VIEW_CHARS}")
+    c.set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + key, value)
+    return key
+
+
+def experiment_note(experiment_id: str, studies: list[str]) -> str:
+    """The experiment's description (markdown, one line above its runs table): a link per tpp study."""
+    links = " · ".join(f"[{s}]({runs_route(experiment_id, s)})" for s in sorted(studies))
+    return (f"**tpp studies**, their runs best first: {links} (saved views, also in the *Views* menu; a "
+            "study's description is on its parent run)")
+
+
+def study_note(description: str | None, experiment_id: str, study: str,
+               best: dict[str, Any] | None = None) -> str:
+    """The parent run's description (markdown): the config's description, a link to the best run with
+    its value rounded, and a link to the study's runs, best first."""
+    parts = [description.strip()] if description else []
+    if best:
+        link = f"#/experiments/{experiment_id}/runs/{best['run_id']}"
+        parts.append(f"**Best run:** [{best['run_name']}]({link}) -- {best['metric']} {best['value']:.4g}")
+    parts.append(f"[All runs of this study, best first]({runs_route(experiment_id, study)})")
+    return "\n\n".join(parts)
+
+
+def _view_studies(tags: dict[str, str]) -> list[str]:
+    """The studies with a tpp saved view among an experiment's tags."""
+    out = []
+    for k, v in tags.items():
+        if k.startswith(VIEW_TAG_PREFIX + "tpp-"):
+            with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+                out.append(json.loads(v)["name"].removeprefix("tpp study "))
+    return out
+
+
+def _dashboard(c: Any, experiment_id: str, study_dir: Path) -> None:
+    """Experiment tags, the study's saved view and the experiment's note: what makes the UI open on the
+    study's runs. Best effort: a failure is logged, never stops the study."""
+    from study.config import load_config
+    from study.store import StudyFolder
+
+    try:
+        cfg = load_config(StudyFolder(study_dir).config_path)
+        exp = c.get_experiment(experiment_id)
+        for k, v in EXPERIMENT_TAGS.items():
+            if exp.tags.get(k) != v:
+                c.set_experiment_tag(experiment_id, k, v)
+        write_study_view(c, experiment_id, cfg)
+        note = exp.tags.get(NOTE_TAG)
+        if note is None or note == exp.tags.get(AUTO_NOTE_TAG):  # never overwrite a user's description
+            note = experiment_note(experiment_id, sorted(set(_view_studies(exp.tags)) | {cfg.name}))
+            c.set_experiment_tag(experiment_id, NOTE_TAG, note)
+            c.set_experiment_tag(experiment_id, AUTO_NOTE_TAG, note)
+    except Exception as e:  # noqa: BLE001 - the dashboard is a convenience, the study goes on
+        log.warning("MLflow: could not write the study's saved view or experiment tags: %s", str(e)[:300])
+
+
 def ensure_experiment(c: Any, name: str, study_dir: Path, uri: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
@@ -272,14 +416,16 @@ def ensure_experiment(c: Any, name: str, study_dir: Path, uri: str) -> str:
         return exp.experiment_id
     # A local store keeps artifacts in the study folder; a server decides itself (its artifact proxy).
     location = None if is_http(uri) else (study_dir / "mlartifacts").as_uri()
-    return c.create_experiment(name, artifact_location=location)
+    return c.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
 
 
 def start_parent(uri: str, experiment: str, study_dir: Path, name: str, params: dict[str, str],
                  tags: dict[str, str], artifacts: dict[str, str]) -> tuple[str, str]:
-    """Create the study's parent run; returns (experiment_id, run_id)."""
+    """Create the study's parent run (and the experiment's dashboard tags); returns (experiment_id,
+    run_id)."""
     c = client(uri)
     exp_id = ensure_experiment(c, experiment, study_dir, uri)
+    _dashboard(c, exp_id, study_dir)
     run = c.create_run(exp_id, run_name=name, tags={"tpp.study": name, "tpp.role": "study",
                                                     "tpp.study_dir": str(study_dir), **tags})
     box = Outbox(uri, {"parent": run.info.run_id})
@@ -289,6 +435,87 @@ def start_parent(uri: str, experiment: str, study_dir: Path, name: str, params: 
     if not box.drain(60):
         raise TrackingUnavailable(f"could not write the study's parent run to {uri}")
     return exp_id, run.info.run_id
+
+
+# ------------------------------------------------------------------------------------- data and model
+def data_digest(cfg: Any) -> str:
+    """The data set's identity as the study sees it: name, root, loader kwargs and validation split."""
+    d = cfg.data
+    key = json.dumps({"name": d.name, "root": d.root, "kwargs": d.kwargs, "val_fraction": d.val_fraction},
+                     sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+def data_input(cfg: Any, spec: Any = None) -> Any:
+    """The study's data set as an MLflow dataset input (context "train"): name, digest, source (files
+    under a root, else the loader in tpp.data), and, with the dense model's spec, the tensor schema."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from tpp.data.registry import _DATA, default_root
+
+    d = cfg.data
+    entry = _DATA.get(d.name)
+    if entry is not None and entry.takes_root:
+        source_type, source = "local", {"uri": default_root(d.root)}
+    else:
+        source_type, source = "code", {"tags": {"tpp.data": d.name}}
+    schema = None
+    if spec is not None:
+        features = [{"type": "tensor", "name": "x", "tensor-spec": {"dtype": "float32",
+                                                                    "shape": [-1, *spec.input_shape]}}]
+        targets = [{"type": "tensor", "name": "y", "tensor-spec": {"dtype": "int64", "shape": [-1]}}]
+        schema = json.dumps({"mlflow_tensorspec": {"features": json.dumps(features),
+                                                   "targets": json.dumps(targets)}})
+    profile = json.dumps({"kwargs": d.kwargs, "val_fraction": d.val_fraction,
+                          **({"num_classes": spec.num_classes} if spec is not None else {})}, sort_keys=True)
+    ds = Dataset(name=d.name, digest=data_digest(cfg), source_type=source_type, source=json.dumps(source),
+                 schema=schema, profile=profile)
+    return DatasetInput(ds, [InputTag("mlflow.data.context", "train")])
+
+
+def study_inputs(c: Any, meta: Any, cfg: Any, study_dir: str) -> tuple[Any, str | None]:
+    """(the data set input, the dense model's LoggedModel id) of a study whose dense model is trained:
+    the model is created once (found again by the parent's tag tpp.dense_model_id) with the parent run
+    as its source, and both are logged on the parent run."""
+    from mlflow.entities import LoggedModelOutput
+
+    from study.store import StudyFolder
+    from tpp.checkpoint import load_dense
+
+    folder = StudyFolder(study_dir)
+    dense = load_dense(folder.dense_path) if folder.dense_path.is_file() else None
+    spec = dense.spec if dense is not None else None
+    data = data_input(cfg, spec)
+    parent = c.get_run(meta.parent_run_id)
+    model_id = parent.data.tags.get(DENSE_MODEL_TAG)
+    if model_id is None and dense is not None:
+        dense_cfg = cfg.dense
+        params = {"model": spec.name, "model_kwargs": json.dumps(spec.kwargs, sort_keys=True),
+                  "num_classes": str(spec.num_classes), "input_shape": json.dumps(list(spec.input_shape)),
+                  **({"checkpoint": str(dense_cfg.checkpoint)} if dense_cfg.checkpoint else
+                     {"epochs": str(dense_cfg.epochs), "lr": str(dense_cfg.lr),
+                      "batch_size": str(dense_cfg.batch_size)})}
+        tags = {"tpp.study": meta.name, "tpp.dense_digest": meta.dense_digest or dense.digest(),
+                "tpp.dense_path": str(folder.dense_path)}
+        if "dense_acc" in dense.metrics:  # rounded: tags are shown as text
+            tags["tpp.dense_acc"] = f"{dense.metrics['dense_acc']:.4g}"
+        model = c.create_logged_model(meta.experiment_id, name=f"dense-{spec.name}",
+                                      source_run_id=meta.parent_run_id, tags=tags, params=params,
+                                      model_type="dense")
+        c.finalize_logged_model(model.model_id, "READY")
+        model_id = model.model_id
+        c.log_outputs(meta.parent_run_id, [LoggedModelOutput(model_id, step=0)])
+        c.set_tag(meta.parent_run_id, DENSE_MODEL_TAG, model_id)
+    if not parent.inputs or not parent.inputs.dataset_inputs:
+        c.log_inputs(meta.parent_run_id, datasets=[data])
+    return data, model_id
+
+
+def log_member_inputs(c: Any, run_id: str, data: Any, model_id: str | None) -> None:
+    """A member run's inputs: the study's data set and the dense model it was pruned from."""
+    from mlflow.entities import LoggedModelInput
+
+    c.log_inputs(run_id, datasets=[data], models=[LoggedModelInput(model_id)] if model_id else None)
 
 
 def children(uri: str, experiment_id: str, parent_run_id: str) -> list[Any]:
@@ -373,6 +600,7 @@ class StudyLogger(tune.Callback):
         runs = resolve(self.config, trial.config, trial.trial_id)
         self.members[trial.trial_id] = runs.ids
         shown = varying(self.config)
+        created = []
         for rc, mid in zip(runs.configs, runs.ids, strict=True):
             if self.status.get(mid) == "FINISHED":
                 continue
@@ -386,10 +614,31 @@ class StudyLogger(tune.Callback):
                 self.box.create_run(mid, self.meta.experiment_id, run_name(runs.point, rc, shown), {
                     **tags, "mlflow.parentRunId": self.meta.parent_run_id, "tpp.study": self.meta.name,
                     "tpp.role": "trial", "tpp.member_id": mid, "tpp.method": runs.point.method,
-                    "tpp.prune_key": prune_key(rc, self.meta.dense_digest)})
+                    "tpp.prune_key": prune_key(rc, self.meta.dense_digest),
+                    "tpp.dense_digest": self.meta.dense_digest})
                 self.box.batch(mid, params=logged_params(runs.point, rc))
+                created.append(mid)
             self.status[mid] = "RUNNING"
         self.box.flush()
+        self._log_inputs(created)
+
+    def _log_inputs(self, mids: list[str]) -> None:
+        """The data set and dense-model inputs of runs just created (and, once, the dense model itself).
+
+        Best effort and not through the outbox (it has no such write): skipped while the store is
+        unreachable, and a failure only logged -- the dashboard loses a column, the study nothing."""
+        box = self.box
+        assert box is not None
+        if not mids or box.problem is not None or any(m not in box.run_ids for m in mids):
+            return
+        try:
+            inputs = getattr(self, "_inputs", None)
+            if inputs is None:
+                inputs = self._inputs = study_inputs(box.mlflow, self.meta, self.config, self.study_dir)
+            for mid in mids:
+                log_member_inputs(box.mlflow, box.run_ids[mid], *inputs)
+        except Exception as e:  # noqa: BLE001 - see above
+            log.warning("MLflow: could not log the data set / dense model inputs: %s", str(e)[:300])
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         assert self.box is not None
