@@ -1,10 +1,12 @@
-"""Lockstep vs one-by-one finetuning: member-epochs per second for K members of one pruned model.
+"""Lockstep vs one by one: member-epochs per second for K finetune members, and K TPP prune stages.
 
-For each model and K, the same K members (LRs spread over a decade) are finetuned for `--epochs`
-epochs by `tpp.lockstep.finetune_lockstep` (one vectorised model) and by K calls of
+Finetuning: for each model and K, the same K members (LRs spread over a decade) are finetuned for
+`--epochs` epochs by `tpp.lockstep.finetune_lockstep` (one vectorised model) and by K calls of
 `tpp.run.finetune_stage` (the plain path), interleaved, median of `--repeats`; both include the
-per-epoch evaluation and the final Jacobian measurement each member gets in a study. Also printed:
-the achieved training GFLOP/s (3 x forward FLOPs x samples, `tpp.run.train_flops`) of each.
+per-epoch evaluation and the final Jacobian measurement each member gets in a study. Prune stage: K
+TPP regularisation stages of one dense model (PRs and seeds differ, so masks and mini-batches do) by
+`tpp.lockstep.prune_lockstep` vs K `prune_stage` runs. Also printed: the achieved training GFLOP/s
+(3 x forward FLOPs x samples, `tpp.run.train_flops`) of each.
 Models: the 7-layer linear MLP on digits, ResNet20 and ResNet56 on CIFAR-10 (the shared copy when
 extracted under data/cifar10-jpeg, else synthetic images of the same shape: the cost is the same).
 
@@ -39,6 +41,46 @@ def _data_args(name: str, kwargs: dict, quick: bool) -> dict:
                                                  "input_shape": [3, 32, 32]}}
 
 
+def prune_case(model: str, ks: list[int], iterations: int, repeats: int,
+               quick: bool) -> list[dict[str, object]]:
+    from tpp.config import RunConfig
+    from tpp.lockstep import prune_lockstep
+    from tpp.run import finish_prune, load_run_data, prepare_prune, prune_stage, train_dense, train_flops
+
+    data_name, kwargs, batch = MODELS[model]
+    cfg = RunConfig(model=model, method="tpp", dense_epochs=0, reg_batch_size=batch, growth=1.0 / iterations,
+                    update_reg_interval=1, stabilize_reg_interval=0, jsv_samples=8, device="cpu",
+                    **_data_args(data_name, kwargs, quick))
+    data = load_run_data(cfg)
+    dense = train_dense(cfg, data)
+    rows = []
+    for k in ks:
+        cfgs = [cfg.replace(pr=0.3 + 0.6 * i / max(k - 1, 1), seed=i % 2) for i in range(k)]
+
+        def lockstep(cfgs=cfgs) -> None:
+            jobs = [prepare_prune(c, dense, data) for c in cfgs]
+            prune_lockstep(jobs)
+            [finish_prune(j) for j in jobs]
+
+        t = interleaved({"lockstep": lockstep,
+                         "one by one": lambda cfgs=cfgs: [prune_stage(c, dense, data) for c in cfgs]},
+                        repeats=repeats, warmup=1)
+        flops = train_flops(_flops(dense), iterations * batch) * k
+        rows.append({"stage": "prune (TPP)", "model": model, "data": cfg.data, "K": k,
+                     "member-iterations/s lockstep": k * iterations / t["lockstep"],
+                     "member-iterations/s one by one": k * iterations / t["one by one"],
+                     "speed-up": t["one by one"] / t["lockstep"],
+                     "GFLOP/s lockstep": flops / t["lockstep"] / 1e9,
+                     "GFLOP/s one by one": flops / t["one by one"] / 1e9})
+    return rows
+
+
+def _flops(dense) -> int:
+    from tpp.metrics import count_flops
+
+    return count_flops(dense.build(), dense.spec.input_shape)
+
+
 def case(model: str, ks: list[int], epochs: int, repeats: int, quick: bool) -> list[dict[str, object]]:
     from tpp.config import RunConfig
     from tpp.lockstep import finetune_lockstep
@@ -58,7 +100,7 @@ def case(model: str, ks: list[int], epochs: int, repeats: int, quick: bool) -> l
             "one by one": lambda members=members: [finetune_stage(m, pruned, data) for m in members],
         }, repeats=repeats, warmup=1)
         flops = train_flops(pruned.metrics["flops"], samples) * k
-        rows.append({"model": model, "data": cfg.data, "K": k,
+        rows.append({"stage": "finetune", "model": model, "data": cfg.data, "K": k,
                      "member-epochs/s lockstep": k * epochs / t["lockstep"],
                      "member-epochs/s one by one": k * epochs / t["one by one"],
                      "speed-up": t["one by one"] / t["lockstep"],
@@ -74,13 +116,19 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads (a study trial with cpus: 1 has 1)")
+    p.add_argument("--prune-iterations", type=int, default=200, help="iterations of each TPP prune stage")
+    p.add_argument("--stages", default="finetune,prune", help="which to measure")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ks = [1, 2] if args.quick else [int(k) for k in args.ks.split(",")]
     models = ["mlp7_linear"] if args.quick else args.models.split(",")
     epochs, repeats = (1, 1) if args.quick else (args.epochs, args.repeats)
-    rows = [row for m in models for row in case(m, ks, epochs, repeats, args.quick)]
-    print(table(rows))
+    stages = args.stages.split(",")
+    if "finetune" in stages:
+        print(table([row for m in models for row in case(m, ks, epochs, repeats, args.quick)]))
+    if "prune" in stages:
+        iterations = 20 if args.quick else args.prune_iterations
+        print(table([row for m in models for row in prune_case(m, ks, iterations, repeats, args.quick)]))
     print(f"\nepochs {epochs}, median of {repeats} interleaved repeats, cwd {os.getcwd()}")
     print(f"machine: {machine()}")
 

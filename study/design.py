@@ -271,16 +271,20 @@ class Plan:
 
 def plan(cfg: StudyConfig, slots: int = 1, max_lockstep: int = 16) -> Plan:
     """The design's units. Prune stages of methods with a penalty go into `prune` units -- batches of
-    same-dense-model stages computed together (lockstep), balanced over `slots` concurrent trials by
-    their iteration counts -- when lockstep is on or several finetune units share a stage; the
-    longest units start first, then the finetune units (ready once their stage is cached)."""
+    one method's stages computed together (lockstep), balanced over `slots` concurrent trials by their
+    iteration counts -- when lockstep is on or several finetune units share a stage; the longest units
+    start first, then the finetune units (ready once their stage is cached)."""
     pts, mems = points(cfg), members(cfg)
     per = cfg.finetune.per_trial or len(mems)
     chunks = [tuple(range(i, min(i + per, len(mems)))) for i in range(0, len(mems), per)]
     work = {i: _prune_iterations(cfg, p) for i, p in enumerate(pts)}
     shared = [i for i, p in enumerate(pts) if work[i] and (cfg.lockstep or len(chunks) > 1)]
     cap = max_lockstep if cfg.lockstep else 1
-    prune_units = [Unit("prune", b) for b in _balance(shared, work, slots, cap)]
+    by_method: dict[str, list[int]] = {}  # one method per lockstep batch (tpp.lockstep.prune_lockstep)
+    for i in shared:
+        by_method.setdefault(pts[i].method, []).append(i)
+    batches = [b for group in by_method.values() for b in _balance(group, work, slots, cap)]
+    prune_units = [Unit("prune", b) for b in sorted(batches, key=lambda b: -max(work[i] for i in b))]
     finetune = [Unit("finetune", (i,), c) for i in sorted(range(len(pts)), key=lambda i: -work[i])
                 for c in chunks]
     return Plan(pts, mems, prune_units + finetune)

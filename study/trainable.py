@@ -211,52 +211,63 @@ def _resume_state() -> dict[str, Any] | None:
 
 def _prune_unit(config: dict[str, Any], dense: Any, ctx: TrialContext) -> None:
     """Compute the unit's prune stages into the cache (skipping what is already there)."""
-    from study.design import points as design_points
-    from tpp.run import load_run_data, prune_key, prune_stage
+    from study.design import _prune_iterations, points
+    from tpp.run import load_run_data, prune_key
 
-    cfg, cache = ctx.config, ctx.cache
-    first = members(cfg)[0]
-    todo = []
-    for i in config["points"]:
-        rc = run_config(cfg, design_points(cfg)[i], first)
-        key = prune_key(rc, dense)
-        if cache.load(key, rc.prune_inputs()) is None:
-            todo.append((key, rc))
+    cfg, cache, pts = ctx.config, ctx.cache, points(ctx.config)
+    configs = [run_config(cfg, pts[i], members(cfg)[0]) for i in config["points"]]
+    todo = [(prune_key(rc, dense), rc) for rc in configs]
+    todo = [(k, rc) for k, rc in todo if cache.load(k, rc.prune_inputs()) is None]
     if todo:
-        from study.design import _prune_iterations
-
         data = load_run_data(todo[0][1])
-        progress = PruneProgress(sum(_prune_iterations(cfg, design_points(cfg)[i]) for i in config["points"]))
+        progress = PruneProgress(sum(_prune_iterations(cfg, pts[i]) for i in config["points"]))
         with cache.locked([k for k, _ in todo]):
-            for key, rc in todo:
-                if cache.load(key, rc.prune_inputs()) is None:  # a finetune unit may have computed it
-                    cache.record(key, "start")
-                    cache.save(key, rc.prune_inputs(), prune_stage(rc, dense, data, progress.on_event))
-                    cache.record(key, "done")
-                progress.stage_done()
+            # a finetune trial may have computed one while this unit waited for the locks
+            todo = [(k, rc) for k, rc in todo if cache.load(k, rc.prune_inputs()) is None]
+            for key, _ in todo:
+                cache.record(key, "start")
+            pruned = _prune_all([rc for _, rc in todo], dense, data, progress, cfg)
+            for (key, rc), model in zip(todo, pruned, strict=True):
+                cache.save(key, rc.prune_inputs(), model)
+                cache.record(key, "done")
     tune.report({"epoch": 0, "tpp_prune_computed": len(todo), "tpp_node": _node()})
 
 
+def _prune_all(cfgs: list[Any], dense: Any, data: Any, progress: PruneProgress,
+               study: StudyConfig) -> list[Any]:
+    """The pruned models of `cfgs`: their stages in lockstep when the study has it on and the method's
+    stage is the library's filter penalty (tpp.lockstep), else one after another."""
+    from tpp.lockstep import lockstep_prune_supported, prune_lockstep
+    from tpp.run import finish_prune, prepare_prune
+
+    jobs = [prepare_prune(rc, dense, data, progress.for_stage(i)) for i, rc in enumerate(cfgs)]
+    if study.lockstep and len(jobs) > 1 and all(lockstep_prune_supported(j) for j in jobs):
+        prune_lockstep(jobs)
+    else:
+        for j in jobs:
+            if j.needs_stage:
+                j.result = j.method.stage(j.ctx)
+    return [finish_prune(j) for j in jobs]
+
+
 class PruneProgress:
-    """Reports how far a prune stage (or several, one after another) got, at most every REPORT_EVERY_S:
-    what the progress line and ETA show while a long regularisation stage runs."""
+    """Reports how far prune stages (one after another, or in lockstep) got, at most every
+    REPORT_EVERY_S: what the progress line and ETA show while a long regularisation stage runs."""
 
     def __init__(self, total: int):
-        self.total, self.base, self.at, self.reported = total, 0, 0, time.monotonic()
+        self.total, self.at, self.reported = total, {}, time.monotonic()
 
-    def on_event(self, event: dict[str, Any]) -> None:
-        if event.get("event") == "epoch" and event.get("stage") == "prune":
-            self.at = int(event["iteration"])
-            if time.monotonic() - self.reported >= REPORT_EVERY_S:
-                self.reported = time.monotonic()
-                tune.report(self.result())
+    def for_stage(self, i: int) -> Any:
+        """The event callback of stage `i` (its iterations are counted on their own)."""
+        def on_event(event: dict[str, Any]) -> None:
+            if event.get("event") == "epoch" and event.get("stage") == "prune":
+                self.at[i] = int(event["iteration"])
+                if time.monotonic() - self.reported >= REPORT_EVERY_S:
+                    self.reported = time.monotonic()
+                    tune.report({"epoch": 0, "tpp_node": _node(),
+                                 "tpp_prune_progress": {"done": sum(self.at.values()), "total": self.total}})
 
-    def result(self) -> dict[str, Any]:
-        return {"epoch": 0, "tpp_node": _node(),
-                "tpp_prune_progress": {"done": self.base + self.at, "total": self.total}}
-
-    def stage_done(self) -> None:
-        self.base, self.at = self.base + self.at, 0
+        return on_event
 
 
 def trial(config: dict[str, Any], dense: Any = None, ctx: TrialContext | None = None) -> None:

@@ -148,3 +148,57 @@ def test_a_model_vmap_cannot_run_falls_back_with_one_notice():
     notices = [e for e in events if e["event"] == "notice"]
     assert len(notices) == 1 and "one by one" in notices[0]["message"]
     assert [m.status for m in out.members] == ["completed", "completed"]
+
+
+# ---------------------------------------------------------------------------------------- prune stages
+# The authors' regularisation LR (1e-3): a larger one makes the lw_opp = 1000 gram term so stiff on these
+# tiny random nets that two float32 runs of one trajectory drift apart by a percent within 30 steps.
+PRUNE = dict(method="tpp", growth=0.25, update_reg_interval=2, stabilize_reg_interval=6, reg_batch_size=32,
+             reg_lr=1e-3)
+
+
+@pytest.mark.parametrize(("name", "method"), [("mlp", "tpp"), ("mlp", "greg"), ("resnet20", "tpp"),
+                                             ("vgg19", "tpp")])
+def test_lockstep_prune_stages_equal_single_ones(name, method):
+    """Members with their own PR, growth (so their own length), seed (their own batches) and method
+    knobs leave the stack at their own end; each gives the pruned model its plain prune stage gives."""
+    from tpp.lockstep import prune_lockstep
+    from tpp.run import finish_prune, prepare_prune
+
+    base = RunConfig(**{**BASE, **CASES[name], **PRUNE, "method": method})
+    data = load_run_data(base)
+    dense = train_dense(base, data)
+    cfgs = [base, base.replace(pr=0.3, seed=1), base.replace(growth=0.5, reg_momentum=0.5),
+            base.replace(lw_opp=10.0, reg_lr=2e-3)][:2 if name == "vgg19" else 4]  # VGG19 is slow on CPU
+    jobs = [prepare_prune(c, dense, data) for c in cfgs]
+    prune_lockstep(jobs)
+    together = [finish_prune(j) for j in jobs]
+    for cfg, got in zip(cfgs, together, strict=True):
+        alone = prune_stage(cfg, dense, data)
+        assert got.kept == alone.kept and got.diverged is None
+        assert got.metrics["prune_iterations"] == alone.metrics["prune_iterations"]
+        assert [h["iteration"] for h in got.history] == [h["iteration"] for h in alone.history]
+        for a, b in zip(got.history, alone.history, strict=True):
+            assert a["reg"] == b["reg"]
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+        x, y = (torch.cat([t.flatten() for t in p.state_dict.values() if t.is_floating_point()])
+                for p in (got, alone))
+        assert float((x - y).norm() / y.norm()) < 5e-3
+        # near-collapsed networks have tiny singular values, which the weights' rounding moves most
+        assert got.metrics["jsv_after_removal_mean"] == pytest.approx(alone.metrics["jsv_after_removal_mean"],
+                                                                      rel=5e-2)
+
+
+def test_a_diverging_prune_stage_leaves_the_others_alone():
+    from tpp.lockstep import prune_lockstep
+    from tpp.run import finish_prune, prepare_prune
+
+    base = RunConfig(**{**BASE, **CASES["mlp"], **PRUNE})
+    data = load_run_data(base)
+    dense = train_dense(base, data)
+    cfgs = [base, base.replace(reg_lr=1e6, lw_opp=1e6)]
+    jobs = [prepare_prune(c, dense, data) for c in cfgs]
+    prune_lockstep(jobs)
+    fine, bad = (finish_prune(j) for j in jobs)
+    assert bad.diverged and "NaN/inf" in bad.diverged and fine.diverged is None
+    assert fine.kept == prune_stage(base, dense, data).kept

@@ -44,7 +44,15 @@ class StackedModel:
         self.base.train(mode)
 
     def forward(self, x: torch.Tensor, shared: bool = True) -> torch.Tensor:
-        """[K, B, ...] outputs for input `x` ([B, ...] given to every member, or [K, B, ...] each its own)."""
+        """[K, B, ...] outputs for input `x` ([B, ...] given to every member, or [K, B, ...] each its own).
+
+        A model class may provide `stacked_forward(params, x, shared)` (the MLPs do: batched matrix
+        products); every other model runs under vmap.
+        """
+        stacked = getattr(self.base, "stacked_forward", None)
+        if stacked is not None:
+            return stacked(self.params, x, shared)
+
         def one(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor):
             return functional_call(self.base, (params, buffers), (x,))
 
@@ -289,3 +297,210 @@ def _checkpoint(stack: StackedModel, opt: StackedSGD, active: list[int], staying
     return {"lockstep": True, "epoch": epoch, "stack": {"params": pick, "buffers": bufs}, "buf": momentum,
             "active": staying, "histories": [list(h) for h in histories], "iterations": list(iterations),
             "elapsed_s": elapsed, "torch_rng": torch.get_rng_state()}
+
+
+# ------------------------------------------------------------------------------------- prune stages
+class _StackedPenalty:
+    """The TPP / GReg penalty (`tpp.pruning.PruneRegularizer`) of every member at once, rebuilt from
+    each member's `named_plan()`: per-member gram targets, L2 masks and zeroing plans on the stack."""
+
+    def __init__(self, plans: list[dict[str, Any]], zero_plans: list[list[tuple[int, str]]],
+                 params: dict[str, torch.Tensor], device: torch.device):
+        k = len(plans)
+        self.plans, self.zero_plans = plans, [list(z) for z in zero_plans]
+        self.target = plans[0]["target"]
+        self.gram_on = torch.tensor([float(p["gram_on"]) for p in plans], device=device)
+        self.lw = torch.tensor([p["lw"] for p in plans], device=device)
+        # Same-shaped weights in one batched gram term: shape -> (names, targets [K,L,N,N], active [K,L])
+        names_by_shape: dict[tuple, list[str]] = {}
+        for plan in plans:
+            for name, _ in plan["gram"]:
+                names = names_by_shape.setdefault(tuple(params[name].shape[1:]), [])
+                if name not in names:
+                    names.append(name)
+        self.gram: dict[tuple, tuple[list[str], torch.Tensor, torch.Tensor]] = {}
+        for shape, names in names_by_shape.items():
+            fill = torch.ones if self.target == "gram" else torch.zeros  # a no-op target where unpruned
+            targets = fill(k, len(names), shape[0], shape[0], device=device)
+            active = torch.zeros(k, len(names), device=device)
+            for pos, plan in enumerate(plans):
+                for name, target in plan["gram"]:
+                    if name in names:
+                        targets[pos, names.index(name)] = target.to(device)
+                        active[pos, names.index(name)] = 1.0
+            self.gram[shape] = (names, targets, active)
+        self.l2: dict[str, torch.Tensor] = {}
+        for pos, plan in enumerate(plans):
+            for name, mask in plan["l2"].items():
+                if name not in self.l2:
+                    self.l2[name] = torch.zeros_like(params[name])
+                self.l2[name][pos] = mask.to(device)
+        self.keep: dict[str, torch.Tensor] = {}
+
+    def select(self, keep: list[int]) -> None:
+        idx = torch.tensor(keep, dtype=torch.long, device=self.lw.device)
+        self.plans = [self.plans[i] for i in keep]
+        self.zero_plans = [self.zero_plans[i] for i in keep]
+        self.gram_on, self.lw = self.gram_on[idx], self.lw[idx]
+        self.gram = {shape: (names, t.index_select(0, idx), a.index_select(0, idx))
+                     for shape, (names, t, a) in self.gram.items()}
+        self.l2 = {n: m.index_select(0, idx) for n, m in self.l2.items()}
+        self.keep = {n: m.index_select(0, idx) for n, m in self.keep.items()}
+
+    def loss(self, params: dict[str, torch.Tensor], factor: torch.Tensor) -> torch.Tensor:
+        """[K]: lw * factor * sum over each member's layers of mean((G - T)^2)."""
+        from tpp.pruning.penalties import gram_penalty
+
+        total = torch.zeros_like(factor)
+        for (n, *_), (names, targets, active) in self.gram.items():
+            rows = torch.stack([params[name].reshape(factor.shape[0], n, -1) for name in names], 1)
+            total = total + (active * gram_penalty(rows, targets, self.target)).sum(1)
+        return self.lw * factor * self.gram_on * total
+
+    @torch.no_grad()
+    def add_l2_grads(self, params: dict[str, torch.Tensor], factor: torch.Tensor) -> None:
+        for name, mask in self.l2.items():
+            p = params[name]
+            p.grad.addcmul_(mask * factor.view(-1, *([1] * (p.dim() - 1))), p)
+
+    @torch.no_grad()
+    def after_step(self, params: dict[str, torch.Tensor], iteration: int) -> None:
+        """Zero the layers each member's plan zeroes by `iteration`, then keep every zeroed entry zero:
+        one multiply per parameter."""
+        for pos, plan in enumerate(self.zero_plans):
+            while plan and plan[0][0] < iteration:
+                layer = plan.pop(0)[1]
+                for name, dim, index in self.plans[pos]["zero"][layer]:
+                    if name not in self.keep:
+                        self.keep[name] = torch.ones_like(params[name])
+                    self.keep[name][pos].index_fill_(dim, index.to(params[name].device), 0.0)
+        for name, keep in self.keep.items():
+            params[name].mul_(keep)
+
+
+def lockstep_prune_supported(job: Any) -> bool:
+    """Whether a prune job's stage is the library's filter penalty (TPP, GReg and their ablations),
+    which `prune_lockstep` vectorises; any other stage (a plug-in's own) runs one by one."""
+    make = getattr(job.method.stage, "make_hooks", None)
+    return bool(job.needs_stage and make is not None
+                and getattr(make, "__name__", "").startswith("filter_penalty"))
+
+
+def prune_lockstep(jobs: list[Any]) -> None:
+    """Run the regularisation stages of `jobs` (`tpp.run.PruneJob`s of one dense model, built-in filter
+    penalties, one batch size) together, as `tpp.methods.run_penalty_loop` runs each: per member its own
+    masks, penalty schedule, seed (its own mini-batches), LR, momentum and weight decay. A member
+    leaves the stack at its last iteration or when its loss becomes NaN/inf; each job's `result` and
+    model are set as the plain loop would leave them, ready for `tpp.run.finish_prune`."""
+    from tpp.methods import StageResult
+    from tpp.train import epoch_generator, evaluate
+
+    if not jobs:
+        return
+    first = jobs[0]
+    cfgs = [j.cfg for j in jobs]
+    if any(c.reg_batch_size != cfgs[0].reg_batch_size for c in cfgs):
+        raise ValueError("jobs: lockstep prune stages share one reg_batch_size")
+    if len({j.method.name for j in jobs}) != 1:
+        raise ValueError("jobs: lockstep prune stages run one method")
+    device, precision = first.ctx.device, first.ctx.precision
+    hooks = [j.method.stage.make_hooks(j.ctx) for j in jobs]
+    schedules = [j.ctx.schedule for j in jobs]
+    stack = StackedModel([j.ctx.model for j in jobs])
+    opt = StackedSGD(stack.params)
+    penalty = _StackedPenalty([h.reg.named_plan() for h in hooks], [h.zero_plan for h in hooks], stack.params,
+                              device)
+    active = list(range(len(jobs)))
+    it, epoch = 0, 0
+    tensor = lambda values: torch.tensor(values, dtype=torch.float32, device=device)  # noqa: E731
+
+    def leave(positions: list[int], results: list[Any], records: list[dict[str, Any] | None]) -> None:
+        """Members at `positions` are done: their weights back into their own models (then, like the
+        plain loop: the epoch's record with their own test accuracy, and the final zeroing)."""
+        nonlocal active
+        for pos, result, record in zip(positions, results, records, strict=True):
+            i = active[pos]
+            j = jobs[i]
+            j.ctx.model.load_state_dict(stack.member_state(pos))
+            if record is not None:
+                test = j.ctx.data.test_batches(j.cfg.eval_batch_size, device)
+                record["test_acc"] = evaluate(j.ctx.model, test, device, precision)
+                j.ctx.history.append(record)
+                j.ctx.emit(event="epoch", stage="prune", iterations=schedules[i].total_iters,
+                           seconds=time.perf_counter() - t0, **record)
+            if result.diverged is None:
+                hooks[i].finish()  # every pruned unit zeroed, on the member's own model
+            j.result = result
+        keep = [p for p in range(len(active)) if p not in positions]
+        if keep and positions:
+            stack.select(keep, opt.buf)
+            opt.params = stack.params
+            penalty.select(keep)
+        active = [active[p] for p in keep]
+
+    while active:
+        t0 = time.perf_counter()
+        members = [cfgs[i] for i in active]
+        seeds = sorted({m.seed for m in members})
+        streams = {s: iter(jobs[active[0]].ctx.data.train_batches(
+            cfgs[0].reg_batch_size, epoch_generator(s, "prune", epoch), device)) for s in seeds}
+        total = torch.zeros(len(active), device=device)
+        n = 0
+        stack.train(True)
+        while active:
+            try:
+                drawn = {s: next(stream) for s, stream in streams.items()}
+            except StopIteration:
+                break
+            shared = len(seeds) == 1
+            x = drawn[seeds[0]][0] if shared else torch.stack([drawn[m.seed][0] for m in members])
+            y = torch.stack([drawn[m.seed][1] for m in members])
+            factor = tensor([schedules[i].factor(it) for i in active])
+            with precision.autocast(device):
+                logits = stack.forward(precision.prepare_input(x, device), shared)
+            k, b = y.shape
+            losses = F.cross_entropy(logits.reshape(k * b, -1).float(), y.reshape(-1), reduction="none")
+            losses = losses.view(k, b).mean(1) + penalty.loss(stack.params, factor)
+            opt.zero_grad()
+            losses.sum().backward()
+            penalty.add_l2_grads(stack.params, factor)
+            opt.step(tensor([m.reg_lr for m in members]), tensor([m.reg_momentum for m in members]),
+                     tensor([m.reg_weight_decay for m in members]))
+            it += 1
+            n += 1
+            penalty.after_step(stack.params, it)
+            total += losses.detach()
+            done = [p for p, i in enumerate(active) if it >= schedules[i].total_iters]
+            if done:  # their last iteration: the record of this (truncated) epoch, then the stage's end
+                loss = (total / n).cpu()
+                records = [{"epoch": epoch, "train_loss": float(loss[p]),
+                            "reg": schedules[active[p]].factor(it - 1), "iteration": it} for p in done]
+                why = [None if math.isfinite(r["train_loss"]) else _why(cfgs[active[p]], it)
+                       for p, r in zip(done, records, strict=True)]
+                results = [StageResult(it, w) for w in why]
+                total = total[[p for p in range(len(active)) if p not in done]]
+                members = [m for p, m in enumerate(members) if p not in done]
+                leave(done, results, records)
+                seeds = sorted({m.seed for m in members}) or seeds
+        if not active:
+            break
+        loss = (total / max(n, 1)).cpu()
+        test = jobs[active[0]].ctx.data.test_batches(cfgs[0].eval_batch_size, device)
+        acc = evaluate_stacked(stack, test, device, precision)
+        records = [{"epoch": epoch, "train_loss": float(loss[p]), "reg": schedules[i].factor(it - 1),
+                    "iteration": it, "test_acc": float(acc[p])} for p, i in enumerate(active)]
+        for p, i in enumerate(active):
+            j = jobs[i]
+            j.ctx.history.append(records[p])
+            j.ctx.emit(event="epoch", stage="prune", iterations=schedules[i].total_iters,
+                       seconds=time.perf_counter() - t0, **records[p])
+        diverged = [p for p, r in enumerate(records) if not math.isfinite(r["train_loss"])]
+        if diverged:
+            leave(diverged, [StageResult(it, _why(cfgs[active[p]], it)) for p in diverged],
+                  [None] * len(diverged))
+        epoch += 1
+
+
+def _why(cfg: Any, it: int) -> str:
+    return (f"the regularisation loss became NaN/inf at iteration {it} "
+            f"(reg_lr={cfg.reg_lr}, lw_opp={cfg.lw_opp}, growth={cfg.growth})")

@@ -184,15 +184,30 @@ def _select(method: Method, ctx: PruneContext) -> dict[str, torch.Tensor]:
     return {root: masks[root].cpu() for root in ctx.groups}
 
 
-def prune_stage(cfg: RunConfig, dense: DenseModel, data=None, on_event: EventFn | None = None) -> PrunedModel:
-    """Trace the channel groups, run the method's stages around the selection, remove physically.
+@dataclass
+class PruneJob:
+    """A prune stage between its selection and its regularisation: what `finish_prune` completes."""
 
-    The method's hooks (`tpp.methods`): an optional regularisation stage before or after the
-    selection (by default the run's criterion on the dense weights; its removal is verified exact on
-    copies right away: the zeroed and the removed model compute the same outputs), the removal,
-    then an optional post-removal step. A stage whose loss becomes NaN/inf gives a PrunedModel with
-    `diverged` set (and no weights).
-    """
+    cfg: RunConfig
+    dense: DenseModel
+    data: Any
+    method: Method
+    ctx: PruneContext
+    start: float
+    params_dense: int
+    flops_dense: int
+    result: StageResult = field(default_factory=lambda: StageResult(0))
+
+    @property
+    def needs_stage(self) -> bool:
+        """Whether the method's regularisation stage (after the selection) is still to run."""
+        return (self.method.stage is not None and not self.method.stage_before_selection
+                and self.result.diverged is None)
+
+
+def prepare_prune(cfg: RunConfig, dense: DenseModel, data=None, on_event: EventFn | None = None) -> PruneJob:
+    """Trace the channel groups and select (after a stage that runs before selection, if any); the
+    selection's removal is verified exact on copies right away, before any costly stage."""
     data = data if data is not None else load_run_data(cfg)
     train, _ = run_splits(cfg, data)
     device, precision = resolve_device(cfg.device), Precision(cfg.bf16, cfg.channels_last)
@@ -206,24 +221,30 @@ def prune_stage(cfg: RunConfig, dense: DenseModel, data=None, on_event: EventFn 
     model = precision.prepare_model(model, device)
     ctx = PruneContext(cfg, method.resolve_params(cfg.method_params), model, ratios, groups, coupling, train,
                        device, precision, on_event)
-    result = StageResult(0)
+    job = PruneJob(cfg, dense, data, method, ctx, start, params_dense, flops_dense)
     if method.stage is not None and method.stage_before_selection:
-        result = method.stage(ctx)
-    if result.diverged is None:
+        job.result = method.stage(ctx)
+    if job.result.diverged is None:
         ctx.masks = _select(method, ctx)
-        verify_removal(ctx.model, ctx.masks, groups, data.eval_inputs(8, device))  # before a costly stage
-        if method.stage is not None and not method.stage_before_selection:
-            result = method.stage(ctx)
-    iterations, diverged = result.iterations, result.diverged
-    base = {"prune_iterations": iterations, "iters_prune": iterations, "params_dense": params_dense,
-            "flops_dense": flops_dense,
-            "flops_train_prune": train_flops(flops_dense, iterations * cfg.reg_batch_size),
+        verify_removal(ctx.model, ctx.masks, groups, data.eval_inputs(8, device))
+    return job
+
+
+def finish_prune(job: PruneJob) -> PrunedModel:
+    """Zero, remove physically, run the post-removal step and measure: the PrunedModel of a job whose
+    stages ran (`job.result`); a diverged stage gives one with `diverged` set and no weights."""
+    cfg, ctx, method, dense, data = job.cfg, job.ctx, job.method, job.dense, job.data
+    device, precision, on_event = ctx.device, ctx.precision, ctx.on_event
+    iterations, diverged = job.result.iterations, job.result.diverged
+    base = {"prune_iterations": iterations, "iters_prune": iterations, "params_dense": job.params_dense,
+            "flops_dense": job.flops_dense,
+            "flops_train_prune": train_flops(job.flops_dense, iterations * cfg.reg_batch_size),
             "pruned_filters": int(sum(int(m.sum()) for m in (ctx.masks or {}).values()))}
     if diverged is not None:
-        metrics = {**base, "time_prune_s": time.perf_counter() - start}
+        metrics = {**base, "time_prune_s": time.perf_counter() - job.start}
         _emit(on_event, event="stage_end", stage="prune", diverged=diverged, **metrics)
         return PrunedModel(dense.spec, {}, {}, metrics, dense.schedule, diverged, ctx.history)
-    masks = ctx.masks
+    masks, groups = ctx.masks, ctx.groups
     if method.stage is not None:
         zero_pruned(ctx.model, masks, groups)
     ctx.model = remove_pruned(ctx.model.to("cpu").to(memory_format=torch.contiguous_format), masks, groups)
@@ -235,13 +256,28 @@ def prune_stage(cfg: RunConfig, dense: DenseModel, data=None, on_event: EventFn 
     jsv = measure_jsv(model, data, cfg, device)
     metrics = {
         **base, "acc_after_removal": acc, "loss_after_removal": loss, "params": params, "flops": flops,
-        "speedup": flops_dense / max(flops, 1), "param_ratio": params_dense / max(params, 1),
-        "time_prune_s": time.perf_counter() - start,
+        "speedup": job.flops_dense / max(flops, 1), "param_ratio": job.params_dense / max(params, 1),
+        "time_prune_s": time.perf_counter() - job.start,
         **{f"jsv_after_removal_{k}": v for k, v in jsv.items()},
     }
     _emit(on_event, event="stage_end", stage="prune", **metrics)
     return PrunedModel(dense.spec, kept_indices(masks), cpu_state_dict(model), metrics, dense.schedule,
                        None, ctx.history)
+
+
+def prune_stage(cfg: RunConfig, dense: DenseModel, data=None, on_event: EventFn | None = None) -> PrunedModel:
+    """Trace the channel groups, run the method's stages around the selection, remove physically.
+
+    The method's hooks (`tpp.methods`): an optional regularisation stage before or after the
+    selection (by default the run's criterion on the dense weights; its removal is verified exact on
+    copies right away: the zeroed and the removed model compute the same outputs), the removal,
+    then an optional post-removal step. A stage whose loss becomes NaN/inf gives a PrunedModel with
+    `diverged` set (and no weights). `tpp.lockstep.prune_lockstep` runs several jobs' stages at once.
+    """
+    job = prepare_prune(cfg, dense, data, on_event)
+    if job.needs_stage:
+        job.result = job.method.stage(job.ctx)
+    return finish_prune(job)
 
 
 # -------------------------------------------------------------------------------------------- finetune

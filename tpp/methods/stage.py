@@ -64,4 +64,5 @@ def penalty_stage(make_hooks: Callable[[PruneContext], PenaltyHooks]) -> StageFn
         return run_penalty_loop(ctx, make_hooks(ctx))
 
     stage.__doc__ = f"The library's penalty loop with {getattr(make_hooks, '__name__', 'hooks')}."
+    stage.make_hooks = make_hooks  # type: ignore[attr-defined]  # what tpp.lockstep stacks
     return stage

@@ -50,6 +50,20 @@ class MLP(nn.Module):
                 x = self.act(x)
         return x
 
+    def stacked_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor, shared: bool) -> torch.Tensor:
+        """The forward of K copies whose weights are stacked on dim 0 (`tpp.lockstep`): batched matrix
+        products instead of vmap, ~2x faster per step for these small layers. `x` is [B, ...] for every
+        copy (`shared`) or [K, B, ...]; the result is [K, B, classes]."""
+        x = x.flatten(1) if shared else x.flatten(2)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = torch.matmul(x, params[f"layers.{i}.weight"].transpose(1, 2))
+            if layer.bias is not None:
+                x = x + params[f"layers.{i}.bias"].unsqueeze(1)
+            if i < last:
+                x = self.act(x)
+        return x
+
 
 def mlp_preset(depth: int = 7, **_: object) -> dict[str, str | float]:
     """Every Linear but the last (the classifier's outputs are the classes)."""

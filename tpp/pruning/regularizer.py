@@ -103,6 +103,21 @@ class PruneRegularizer:
                                      gram_target(keep, self.target).to(device)))
         return groups
 
+    def named_plan(self) -> dict:
+        """The penalty by parameter name (what a vectorised trainer of K stacked models rebuilds it from):
+        {"gram": [(weight name, target [N, N])], "l2": {param name: full-shape mask}, "zero": {layer:
+        [(param name, dim, index)]}}, plus the flags gram, target and lw."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        modules = dict(self.model.named_modules())
+        gram = [(names[id(w)], g.target[i]) for g in self._groups for i, w in enumerate(g.weights)]
+        zero = {}
+        for layer, mask in self.masks.items():
+            slots = pruned_slots(self.model, layer, mask, self.followers[layer])
+            zero[layer] = [(names[id(getattr(modules[s.module], s.attr))], s.dim, s.index) for s in slots]
+        return {"gram": gram, "l2": {names[id(p)]: m for p, m in zip(self._l2_params, self._l2_masks,
+                                                                       strict=True)},
+                "zero": zero, "gram_on": self.gram, "target": self.target, "lw": self.lw}
+
     def loss(self, factor: float) -> torch.Tensor:
         """The differentiable gram term, weighted lw * factor (a zero tensor without the gram term)."""
         if not self.gram or factor == 0 or not self._groups:
