@@ -38,6 +38,7 @@ from study.mlflow_logging import (
     flatten,
     runs_page_url,
     start_parent,
+    study_note,
 )
 from study.progress import Progress, fmt_duration, rank
 from study.store import StudyBusy, StudyFolder, StudyMeta, disk_usage, find_study, human_bytes
@@ -614,9 +615,12 @@ def _execute(cfg: StudyConfig, folder: StudyFolder, gpu: float, restore: bool, e
             metrics = {f"runs_{k}": float(v) for k, v in result.counts.items()}
             if result.best:
                 metrics[f"best_{result.best['metric']}"] = result.best["value"]
-        box.batch("parent", metrics=[(k, v, 0) for k, v in metrics.items()],
-                  tags={"tpp.study_status": status, **({"tpp.best_run_id": result.best["run_id"]}
-                                                       if result and result.best else {})})
+        best = result.best if result else None
+        tags = {"tpp.study_status": status,
+                "mlflow.note.content": study_note(cfg.description, meta.experiment_id, cfg.name, best)}
+        if best:
+            tags["tpp.best_run_id"] = best["run_id"]
+        box.batch("parent", metrics=[(k, v, 0) for k, v in metrics.items()], tags=tags)
         box.status("parent", {"completed": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
         box.drain(5 if DiskGuard.last_stop else 30)
     result.wall_s = time.monotonic() - t0

@@ -7,9 +7,12 @@ while the study goes on, and saved to the study folder if it never comes back, t
 next `run`/`resume`. MLflow is the record of what finished: a member's run is found again by its tag
 `tpp.member_id`, so a resumed study continues unfinished runs and never re-runs a FINISHED one.
 
-Schema (read by analysis/): parent tags tpp.study, tpp.role=study; child tags mlflow.parentRunId,
-tpp.study, tpp.role=trial, tpp.member_id, tpp.trial_id, tpp.prune_key, tpp.method, tpp.status,
-tpp.reuse; per-epoch metrics `{stage}/{name}` with step = epoch; final metrics without a slash.
+Schema (read by analysis/): experiment tags mlflow.experimentKind, mlflow.sharedViewState.tpp-<study>
+(the study's saved view), mlflow.note.content, tpp.auto_note; parent tags tpp.study, tpp.role=study,
+tpp.best_run_id, tpp.dense_model_id, mlflow.note.content (description and best-run link); child tags
+mlflow.parentRunId, tpp.study, tpp.role=trial, tpp.member_id, tpp.trial_id, tpp.prune_key,
+tpp.dense_digest, tpp.method, tpp.status, tpp.reuse; per-epoch metrics `{stage}/{name}` with step =
+epoch; final metrics without a slash (6 significant digits).
 """
 
 from __future__ import annotations

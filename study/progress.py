@@ -64,6 +64,7 @@ class Progress(tune.Callback):
         self.prune_seen: dict[str, int] = {}  # trial id -> iterations it reported
         self.work_done = 0.0
         self.work_left = math.nan
+        self.work_since: float | None = None  # when the first work was reported (trials started up)
         self.status_at = time.monotonic()
         self.bar: Any = None
 
@@ -135,6 +136,8 @@ class Progress(tune.Callback):
     def _account(self, trial: Any, result: dict) -> None:
         """Work done (training iterations) from a report, and what the trial is doing now."""
         tid, before = trial.trial_id, self.work_done
+        if self.work_since is None:
+            self.work_since = time.monotonic()  # the rate is work / time since then: start-up is no work
         prune = result.get("tpp_prune_progress")
         if prune:
             self.work_done += max(prune["done"] - self.prune_seen.get(tid, 0), 0)
@@ -156,11 +159,12 @@ class Progress(tune.Callback):
         return f"{self.done + self.failed}/{self.meta.num_runs}"
 
     def _eta(self) -> str:
-        elapsed = time.monotonic() - self.t0
-        left = self.work_left - self.work_done
         if self.done + self.failed >= self.meta.num_runs:
             return "0s"
-        return fmt_duration(left / self.work_done * elapsed) if self.work_done > 0 else "?"
+        if not self.work_done or self.work_since is None:
+            return "?"
+        rate = self.work_done / max(time.monotonic() - self.work_since, 1e-3)
+        return fmt_duration(max(self.work_left - self.work_done, 0) / rate)
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         if self.bar is None and self.running and time.monotonic() - self.status_at >= self.STATUS_EVERY_S:

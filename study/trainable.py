@@ -139,7 +139,8 @@ class Reporter:
                               for k in EPOCH_KEYS if k in h]
 
     def finished(self, index: int, status: str, metrics: dict[str, Any]) -> None:
-        final = {k: float(v) for k, v in metrics.items() if _finite(v)}
+        # 6 significant digits: what the MLflow UI shows as text (93.0555555... otherwise), far below noise
+        final = {k: float(f"{float(v):.6g}") for k, v in metrics.items() if _finite(v)}
         self.done[self.runs.ids[index]] = {"status": status, "metrics": final}
         if _finite(final.get(self.objective)):
             self.best = max(self.best, final[self.objective])
@@ -162,13 +163,14 @@ class Reporter:
         elif kind == "epoch" and event.get("stage") == "finetune":
             state = event.pop("checkpoint", None)
             mid = self.runs.ids[event["member"]]
-            self.epoch += 1
+            first = self.epoch == 0
+            self.epoch = int(event["epoch"]) + 1  # the finetuning epochs done (of the member reporting)
             self.rows += [(mid, f"finetune/{k}", float(event[k]), int(event["epoch"])) for k in EPOCH_KEYS
                           if k in event]
             if _finite(event.get("test_acc")) and self.objective == "best_acc":
                 self.best = max(self.best, float(event["test_acc"]))
             last = event["epoch"] == event["epochs"] - 1  # goes with the member's end, reported next
-            if not last and (self.epoch == 1 or state is not None
+            if not last and (first or state is not None
                              or time.monotonic() - self.reported >= self.every_s):
                 self._report(state)
 
