@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from analysis.points import METRICS, PREDICTORS, Prepared
+from analysis.points import BUDGET, METRICS, PREDICTORS, SPEED, Prepared
 
 _TOL = 1e-9
 
@@ -163,7 +163,7 @@ def curve_table(prep: Prepared, *, lrs: tuple[float, float] = (1e-3, 1e-2),
                    window_edge_lo=w.lo, window_edge_hi=w.hi, stable_range=s_range, stable_std=s_std,
                    lr_a=lrs[0], lr_b=lrs[1], acc_a=a, acc_b=b, acc_a_how=how_a, acc_b_how=how_b,
                    acc_diff=a - b, acc_diff_how=_how(how_a, how_b))
-        for p in (*PREDICTORS, "iters_prune", "iters_finetune", "iters_total"):
+        for p in (*PREDICTORS, *BUDGET, *SPEED):
             row[p] = float(c[p].mean()) if c[p].notna().any() else np.nan
         ok = c[~c["diverged"]]
         for m in metrics:
@@ -173,6 +173,6 @@ def curve_table(prep: Prepared, *, lrs: tuple[float, float] = (1e-3, 1e-2),
             "diverged_share", "lr_stable_max", "lr_diverge_min", "best_acc", "best_lr", "window_decades",
             "window_lr_lo", "window_lr_hi", "window_n", "window_open", "window_edge_lo", "window_edge_hi",
             "stable_range", "stable_std", "lr_a", "lr_b", "acc_a", "acc_b", "acc_a_how", "acc_b_how",
-            "acc_diff", "acc_diff_how", *PREDICTORS, "iters_prune", "iters_finetune", "iters_total",
+            "acc_diff", "acc_diff_how", *PREDICTORS, *BUDGET, *SPEED,
             *[f"top_{m}" for m in metrics]]
     return pd.DataFrame(rows, columns=cols)

@@ -400,6 +400,31 @@ def fig_budget(t: Tables):
     return fig, "Best accuracy over the LR ladder against the iterations spent pruning and finetuning."
 
 
+def fig_speed(t: Tables):
+    c = t.curves
+    axes_of = [(k, label) for k, label in (("speedup", "FLOPs speed-up"),
+                                           ("speedup_measured_batch", "measured speed-up, training batch"),
+                                           ("speedup_measured_b1", "measured speed-up, batch 1"))
+               if k in c and c[k].notna().any()]
+    if not axes_of:
+        raise _Skip("the runs log no speed-up (FLOPs or measured latency)")
+    fig, axes = _grid(len(axes_of), max_cols=3, w=4.6, h=3.8)
+    prs = sorted(c["pr"].unique())
+    for ax, (key, label) in zip(axes, axes_of, strict=True):
+        for m, r in c.groupby("method", sort=False):
+            for pr, rr in r.groupby("pr"):
+                marker = _MARKERS[prs.index(pr) % len(_MARKERS)]
+                ax.scatter(rr[key], rr["best_acc"], color=color(m), marker=marker,
+                           label=f"{method_label(m)}, PR {fmt_pr(pr)}")
+        ax.set_xlabel(f"{label} (x)")
+        ax.set_ylabel(f"best {SHORT.get(t.prep.metric, t.prep.metric)} (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{t.name}: accuracy against what pruning saved (one point per curve)", fontsize=10)
+    return fig, ("Best accuracy over the LR ladder against the FLOPs speed-up and the speed-up measured on "
+                 "the runs' own device (dense / pruned latency; FLOPs overstate it for small layers).")
+
+
 FIGURES = {
     "acc_vs_lr": fig_acc_vs_lr,
     "heatmap_lr_pr": fig_heatmap,
@@ -407,5 +432,6 @@ FIGURES = {
     "trainability": fig_trainability,
     "recipe": fig_recipe,
     "budget": fig_budget,
+    "speed": fig_speed,
     "finetune_curves": fig_finetune_curves,
 }

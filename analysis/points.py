@@ -32,7 +32,9 @@ SHORT = {"best_acc": "max test acc over epochs (paper; test-selected)",
 BASE_KEYS = ("method", "pr", "growth")
 RECIPE_KEYS = ("schedule", "epochs", "weight_decay", "warmup_epochs", "momentum", "batch_size")
 PREDICTORS = ("jsv_after_removal_mean", "acc_after_removal", "loss_after_removal")
-CARRIED = (*PREDICTORS, "iters_prune", "iters_finetune", "iters_total", *METRICS)
+BUDGET = ("iters_prune", "iters_finetune", "iters_total")
+SPEED = ("speedup", "speedup_measured_b1", "speedup_measured_batch")  # FLOPs, and measured latency ratios
+CARRIED = (*PREDICTORS, *BUDGET, *SPEED, *METRICS)
 _NOT_PARAMS = {"lr", "log10_lr", "seed", "method", "growth", "pr", "has_penalty"}
 _LABEL = {"pr": "pr", "growth": "growth", "weight_decay": "wd", "warmup_epochs": "warmup"}
 

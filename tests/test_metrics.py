@@ -93,3 +93,27 @@ def test_resnet56_params_and_flops():
     print(f"ResNet56: {count_params(model)} params, {flops / 1e9:.4f} GFLOPs")
     assert flops == pytest.approx(0.25e9, rel=0.01)
     assert model.training  # restored after the eval-mode count
+
+
+def test_latency_is_the_median_of_timed_forward_passes():
+    """A module that sleeps 20 ms per call measures about 20 ms; warm-up calls are not counted."""
+    import time
+
+    from tpp.metrics import latency, latency_metrics
+
+    class Slow(nn.Module):
+        def __init__(self, seconds: float) -> None:
+            super().__init__()
+            self.seconds, self.calls, self.lin = seconds, 0, nn.Linear(4, 2)
+
+        def forward(self, x):
+            self.calls += 1
+            time.sleep(self.seconds)
+            return self.lin(x)
+
+    slow = Slow(0.02).train()
+    assert 0.019 <= latency(slow, (4,), 3, torch.device("cpu"), repeats=3, warmup=2) < 0.06
+    assert slow.calls == 5 and slow.training  # 2 warm-up + 3 timed calls; train mode restored
+    m = latency_metrics(Slow(0.03), Slow(0.01), (4,), 8, torch.device("cpu"))
+    assert 2.0 < m["speedup_measured_b1"] < 4.0 and 2.0 < m["speedup_measured_batch"] < 4.0
+    assert m["latency_dense_b1_ms"] == pytest.approx(30, rel=0.5)

@@ -27,7 +27,7 @@ from torch import nn
 from tpp.config import RunConfig
 from tpp.data import load_data
 from tpp.methods import Method, PruneContext, StageResult, get_method, select_by_criterion
-from tpp.metrics import count_flops, count_params, jacobian_singular_values, jsv_summary
+from tpp.metrics import count_flops, count_params, jacobian_singular_values, jsv_summary, latency_metrics
 from tpp.models import ModelSpec, build_model, model_prune_preset, resolve_coupling
 from tpp.pruning import (
     channel_groups,
@@ -421,9 +421,23 @@ def diverged_prune_result(pruned: PrunedModel, num_classes: int) -> RunResult:
                                   "diverged_stage_prune": 1.0}, [{"error": pruned.diverged}])
 
 
-def member_metrics(dense: DenseModel, pruned: PrunedModel, result: RunResult) -> dict[str, float]:
-    """Every stage's metrics of one member, merged, with its budget totals (prune + finetune)."""
-    merged = {**dense.metrics, **pruned.metrics, **result.metrics}
+def measured_speed(cfg: RunConfig, dense: DenseModel, pruned: PrunedModel) -> dict[str, float]:
+    """The pruned model's measured latency next to the dense one's, on the run's device, at batch 1 and
+    at the finetuning batch size (tpp.metrics.latency_metrics); nothing for a diverged prune stage."""
+    if pruned.diverged:
+        return {}
+    device, precision = resolve_device(cfg.device), Precision(cfg.bf16, cfg.channels_last)
+    with precision.autocast(device):
+        return latency_metrics(precision.prepare_model(dense.build(), device),
+                               precision.prepare_model(pruned.build(), device), dense.spec.input_shape,
+                               cfg.batch_size, device)
+
+
+def member_metrics(dense: DenseModel, pruned: PrunedModel, result: RunResult,
+                   speed: dict[str, float] | None = None) -> dict[str, float]:
+    """Every stage's metrics of one member, merged, with its budget totals (prune + finetune) and the
+    measured speed (`measured_speed`) of its pruned model."""
+    merged = {**dense.metrics, **pruned.metrics, **(speed or {}), **result.metrics}
     for what in ("iters", "flops_train"):
         merged[f"{what}_total"] = merged.get(f"{what}_prune", 0) + merged.get(f"{what}_finetune", 0)
     return merged
@@ -462,9 +476,10 @@ def run_pipeline(members: RunConfig | Sequence[RunConfig], *, dense: DenseModel 
     _emit(on_event, event="pruned", reuse=reuse, history=pruned.history, diverged=pruned.diverged)
     results: list[RunResult | None] = [None] * len(members)
     done = dict((resume_state or {}).get("done", {}))
+    speed = measured_speed(cfg, dense, pruned) if len(done) < len(members) - len(skip) else {}
 
     def finish(i: int, result: RunResult) -> None:
-        result.metrics = member_metrics(dense, pruned, result)
+        result.metrics = member_metrics(dense, pruned, result, speed)
         results[i] = result
         done[i] = {"status": result.status, "metrics": result.metrics}
         _emit(on_event, event="member_end", member=i, status=result.status, metrics=result.metrics)
