@@ -72,15 +72,18 @@ def has_penalty(cfg: StudyConfig, label: str) -> bool:
 # --------------------------------------------------------------------------------------------- members
 def members(cfg: StudyConfig, lrs: list[float] | None = None) -> list[dict[str, Any]]:
     """Finetune settings of every member: the LR ladder crossed with each finetune axis, warmup only
-    for the schedules that have one (tpp.schedules.WARMUP_SCHEDULES)."""
+    for the schedules that have one (tpp.schedules.WARMUP_SCHEDULES), onecycle only with one >= 1."""
     from tpp.schedules import WARMUP_SCHEDULES
 
     axes = {"lr": lrs if lrs is not None else levels(cfg.finetune.lr), **cfg.finetune.axes()}
+    warmups = axes.get("warmup_epochs", [0])
     out: list[dict[str, Any]] = []
     for combo in itertools.product(*axes.values()):
         m = dict(zip(axes, combo, strict=True))
         if m.get("schedule", "step") not in WARMUP_SCHEDULES and "warmup_epochs" in m:
             m["warmup_epochs"] = 0
+        if m.get("schedule") == "onecycle" and not m.get("warmup_epochs") and any(warmups):
+            continue  # onecycle is defined by its warmup: it takes the listed warmups >= 1 only
         if "milestones" in m:
             m["milestones"] = tuple(m["milestones"])
         if m not in out:
