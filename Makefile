@@ -21,12 +21,10 @@ venv: $(VENV)/.installed  ## create .venv and install the project with its test 
 
 demo: venv  ## run the embedded quick study end to end, then its report
 	RAY_AUTH_MODE=disabled $(VENV)/bin/tpp-study run $(STUDY) --storage $(STUDIES) --if-exists replace
-	$(VENV)/bin/tpp-analyze quick --tracking-uri sqlite:///$(abspath $(STUDIES))/quick/mlflow.db \
-		--out $(STUDIES)/quick/report
+	$(VENV)/bin/tpp-analyze quick --storage $(STUDIES)
 	@echo
-	@echo "Report:          $(abspath $(STUDIES))/quick/report/report.html"
-	@echo "MLflow UI:       $(abspath $(VENV))/bin/mlflow server --backend-store-uri sqlite:///$(abspath $(STUDIES))/quick/mlflow.db --host 127.0.0.1 --port 5000"
-	@echo "                 then open http://127.0.0.1:5000"
+	@echo "Report:    $(abspath $(STUDIES))/quick/report/report.html"
+	@$(VENV)/bin/tpp-study status quick --storage $(STUDIES) | grep -A1 "^MLflow UI"
 
 test: venv  ## lint and run the whole test suite
 	$(VENV)/bin/ruff check .

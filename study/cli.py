@@ -142,7 +142,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         try:
             res = collect(folder)
-            info.update(counts=res.counts, reuse=res.reuse, best=res.best or meta.best)
+            info.update(counts=res.counts, reuse=res.reuse, best=res.best or meta.best, ui=res.ui_lines())
         except Exception as e:  # noqa: BLE001 - status must still print what study.json knows
             info["mlflow_error"] = str(e).splitlines()[0]
     if args.json:
@@ -161,6 +161,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"best       {best.get('metric', '')} {best['value']:.2f}  {name}")
     print(f"MLflow     {meta.tracking_uri}  experiment {meta.experiment!r}, parent run {meta.parent_run_id}")
     print(f"updated    {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(meta.updated))}")
+    for line in info.get("ui", []):
+        print(line)
     if info["status"] in ("interrupted", "failed"):
         print(f"resume     tpp-study resume {folder.path}")
     return 0

@@ -86,6 +86,14 @@ class StudyResult:
         return (f"MLFLOW_DISABLE_TELEMETRY=true {exe} server --backend-store-uri {self.tracking_uri} "
                 "--host 127.0.0.1 --port 5000")
 
+    def ui_lines(self) -> list[str]:
+        """How to open the study in the MLflow UI: the server command and the runs page's URL."""
+        lines = [f"MLflow UI: {self.mlflow_ui_command}"]
+        if self.experiment_id:  # the runs page in the training workflow, on the study's saved view
+            base = "http://127.0.0.1:5000" if self.tracking_uri.startswith("sqlite:") else self.tracking_uri
+            lines.append(f"           then open {runs_page_url(base, self.experiment_id, self.name)}")
+        return lines
+
     def summary(self) -> str:
         c = self.counts
         finished = sum(c.get(k, 0) for k in ("completed", "diverged", "failed"))
@@ -102,10 +110,7 @@ class StudyResult:
         lines += [f"Results:   {self.path}  ({human_bytes(self.disk_bytes)} on disk)",
                   f"MLflow:    {self.tracking_uri}  experiment {self.experiment!r}, "
                   f"parent run {self.parent_run_id}",
-                  f"MLflow UI: {self.mlflow_ui_command}"]
-        if self.experiment_id:  # the runs page in the training workflow, on the study's saved view
-            base = "http://127.0.0.1:5000" if self.tracking_uri.startswith("sqlite:") else self.tracking_uri
-            lines.append(f"           then open {runs_page_url(base, self.experiment_id, self.name)}")
+                  *self.ui_lines()]
         storage = str(Path(self.path).parent)
         lines.append(f"Report:    tpp-analyze {self.name} --storage {storage}")
         if self.status != "completed":
@@ -230,8 +235,10 @@ def _preflight(cfg: StudyConfig) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- dense
-def _dense_task(run_cfg_dict: dict[str, Any], checkpoint: str | None) -> tuple[Any, list[dict[str, Any]]]:
-    """Train (or load) the dense model where the data is (a Ray task: a GPU node if there is one)."""
+def _dense_task(run_cfg_dict: dict[str, Any], checkpoint: str | None,
+                progress: Any = None) -> tuple[Any, list[dict[str, Any]]]:
+    """Train (or load) the dense model where the data is (a Ray task: a GPU node if there is one);
+    `progress(event)` sees each epoch (the embedded driver's progress line)."""
     from tpp.checkpoint import load_dense
     from tpp.config import RunConfig
     from tpp.run import load_run_data, model_spec, train_dense
@@ -241,8 +248,38 @@ def _dense_task(run_cfg_dict: dict[str, Any], checkpoint: str | None) -> tuple[A
     if checkpoint:
         return load_dense(checkpoint, expected=model_spec(run_cfg, data)), []
     history: list[dict[str, Any]] = []
-    dense = train_dense(run_cfg, data, lambda ev: history.append(ev) if ev.get("event") == "epoch" else None)
-    return dense, history
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event.get("event") == "epoch":
+            history.append(event)
+            if progress is not None:
+                progress(event)
+
+    return train_dense(run_cfg, data, on_event), history
+
+
+class DenseProgress:
+    """The dense training's progress: a tqdm bar on a terminal, else a line every tenth of the epochs."""
+
+    def __init__(self, name: str, epochs: int):
+        self.name, self.epochs, self.t0 = name, epochs, time.monotonic()
+        self.bar = None
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=epochs, desc=f"[{name}] dense", unit="epoch", leave=False)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        done = event["epoch"] + 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"acc {event['test_acc']:.1f}%")
+            if done == self.epochs:
+                self.bar.close()
+        elif done % max(self.epochs // 10, 1) == 0 or done == self.epochs:
+            rate = (time.monotonic() - self.t0) / done
+            print(f"[{self.name}] dense epoch {done}/{self.epochs}: test acc {event['test_acc']:.2f}% "
+                  f"({rate:.2f} s/epoch, ETA {fmt_duration(rate * (self.epochs - done))})", flush=True)
 
 
 def _dense(cfg: StudyConfig, folder: StudyFolder, meta: StudyMeta, gpu: float, embedded: bool) -> Any:
@@ -261,7 +298,8 @@ def _dense(cfg: StudyConfig, folder: StudyFolder, meta: StudyMeta, gpu: float, e
     t0 = time.monotonic()
     try:
         if embedded:  # this process already holds the data and the libraries: no cold worker to start
-            dense, history = _dense_task(run_cfg.to_dict(), cfg.dense.checkpoint)
+            dense, history = _dense_task(run_cfg.to_dict(), cfg.dense.checkpoint,
+                                         DenseProgress(cfg.name, run_cfg.dense_epochs))
         else:
             task = ray.remote(_dense_task).options(num_cpus=cfg.resources.cpus,
                                                    num_gpus=gpu and min(1.0, gpu), max_retries=1)
@@ -584,7 +622,7 @@ def _execute(cfg: StudyConfig, folder: StudyFolder, gpu: float, restore: bool, e
         ctx = TrialContext(cfg, str(folder.path), finished)
         trainable = tune.with_resources(tune.with_parameters(trial, dense=dense, ctx=ctx),
                                         {"cpu": cfg.resources.cpus, "gpu": gpu})
-        if restore and tune.Tuner.can_restore(str(folder.tune_path)):
+        if restore and _tune_state_readable(folder.tune_path):
             print(f"[{cfg.name}] resuming: {len(finished)} of {meta.num_runs} runs had finished", flush=True)
             tuner = tune.Tuner.restore(str(folder.tune_path), trainable, resume_unfinished=True,
                                        resume_errored=True)
@@ -602,6 +640,9 @@ def _execute(cfg: StudyConfig, folder: StudyFolder, gpu: float, restore: bool, e
                 raise
             DiskGuard.last_stop = f"no space left on the device of {folder.path}: {e}"
         result = collect(folder)
+        if result.status != "completed" and DiskGuard.last_stop is None:
+            # a write that hit the full disk between two checks ended the trials: the disk is the reason
+            DiskGuard.last_stop = DiskGuard(str(folder.path), cfg.min_free_mb).problem()
         status = result.status
     except KeyboardInterrupt:
         status = "interrupted"
@@ -632,6 +673,28 @@ def _execute(cfg: StudyConfig, folder: StudyFolder, gpu: float, restore: bool, e
     if result.stopped_because:
         print(f"tpp-study: stopped: {result.stopped_because}", file=sys.stderr, flush=True)
     return result
+
+
+def _tune_state_readable(tune_path: Path) -> bool:
+    """Whether Tune can restore its trial list from `tune_path`.
+
+    Tune copies its state into the study folder file by file; a disk that filled up (or a kill) during
+    the copy leaves a truncated `experiment_state-*.json` next to a complete searcher state, and a
+    restore from that pair silently drops the trials in flight. Such a study starts its unfinished runs
+    afresh instead: finished runs are skipped and prune stages come from the cache either way.
+    """
+    from ray import tune
+
+    if not tune.Tuner.can_restore(str(tune_path)):
+        return False
+    newest = max(tune_path.glob("experiment_state-*.json"), default=None)
+    try:
+        json.loads(newest.read_text()) if newest else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        print(f"[resume] Tune's saved trial list {newest.name} is damaged (a full disk or a kill while "
+              "it was written); the unfinished runs start afresh", flush=True)
+        return False
+    return True
 
 
 def _replay_pending(folder: StudyFolder, meta: StudyMeta) -> None:
