@@ -47,9 +47,8 @@ def _copy(overrides: dict[str, Any]) -> dict[str, Any]:
 def serial(cfg: Any) -> dict[str, Any]:
     """The study's work back to back in this process, no Ray/MLflow: each prune stage once, then its
     members one after another (what the study's trials do)."""
-    from study.design import dense_run_config, members, points, run_config
-    from tpp.methods import get_method
-    from tpp.run import load_run_data, prune_stage, run_pipeline, train_dense
+    from study.design import dense_run_config, members, plan, points, run_config
+    from tpp.run import load_run_data, prune_stages, run_pipeline, train_dense
 
     threads = torch.get_num_threads()
     first = dense_run_config(cfg)
@@ -59,17 +58,21 @@ def serial(cfg: Any) -> dict[str, Any]:
     dense_s = time.perf_counter() - t0
     torch.set_num_threads(int(cfg.resources.cpus))
     cpu0 = time.process_time()
-    prune_s = finetune_s = 0.0
     try:
-        for point in points(cfg):
+        pts, first_member = points(cfg), members(cfg)[0]
+        pruned: dict[int, Any] = {}
+        t0 = time.perf_counter()
+        for unit in plan(cfg, cfg.max_concurrent or 1).units:  # the study's prune units, as it runs them
+            if unit.kind == "prune":
+                cfgs = [run_config(cfg, pts[i], first_member) for i in unit.points]
+                pruned.update(zip(unit.points, prune_stages(cfgs, dense, data, cfg.lockstep), strict=True))
+        prune_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for i, point in enumerate(pts):  # then every point's members; methods without a penalty prune here
             configs = [run_config(cfg, point, m) for m in members(cfg)]
-            t0 = time.perf_counter()
-            pruned = prune_stage(configs[0], dense, data)
-            prune_s += time.perf_counter() - t0 if get_method(configs[0].method).regularize else 0.0
-            finetune_s += (0.0 if get_method(configs[0].method).regularize else time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            run_pipeline(configs, dense=dense, pruned=pruned, data=data, checkpoint_every=0)
-            finetune_s += time.perf_counter() - t0
+            run_pipeline(configs, dense=dense, pruned=pruned.get(i), data=data, checkpoint_every=0,
+                         lockstep=cfg.lockstep)
+        finetune_s = time.perf_counter() - t0
     finally:
         torch.set_num_threads(threads)
     return {"trials_cpu_s": time.process_time() - cpu0, "dense_s": dense_s, "prune_s": prune_s,

@@ -214,7 +214,7 @@ def _resume_state() -> dict[str, Any] | None:
 def _prune_unit(config: dict[str, Any], dense: Any, ctx: TrialContext) -> None:
     """Compute the unit's prune stages into the cache (skipping what is already there)."""
     from study.design import _prune_iterations, points
-    from tpp.run import load_run_data, prune_key
+    from tpp.run import load_run_data, prune_key, prune_stages
 
     cfg, cache, pts = ctx.config, ctx.cache, points(ctx.config)
     configs = [run_config(cfg, pts[i], members(cfg)[0]) for i in config["points"]]
@@ -228,28 +228,11 @@ def _prune_unit(config: dict[str, Any], dense: Any, ctx: TrialContext) -> None:
             todo = [(k, rc) for k, rc in todo if cache.load(k, rc.prune_inputs()) is None]
             for key, _ in todo:
                 cache.record(key, "start")
-            pruned = _prune_all([rc for _, rc in todo], dense, data, progress, cfg)
+            pruned = prune_stages([rc for _, rc in todo], dense, data, cfg.lockstep, progress.for_stage)
             for (key, rc), model in zip(todo, pruned, strict=True):
                 cache.save(key, rc.prune_inputs(), model)
                 cache.record(key, "done")
     tune.report({"epoch": 0, "tpp_prune_computed": len(todo), "tpp_node": _node()})
-
-
-def _prune_all(cfgs: list[Any], dense: Any, data: Any, progress: PruneProgress,
-               study: StudyConfig) -> list[Any]:
-    """The pruned models of `cfgs`: their stages in lockstep when the study has it on and the method's
-    stage is the library's filter penalty (tpp.lockstep), else one after another."""
-    from tpp.lockstep import lockstep_prune_supported, prune_lockstep
-    from tpp.run import finish_prune, prepare_prune
-
-    jobs = [prepare_prune(rc, dense, data, progress.for_stage(i)) for i, rc in enumerate(cfgs)]
-    if study.lockstep and len(jobs) > 1 and all(lockstep_prune_supported(j) for j in jobs):
-        prune_lockstep(jobs)
-    else:
-        for j in jobs:
-            if j.needs_stage:
-                j.result = j.method.stage(j.ctx)
-    return [finish_prune(j) for j in jobs]
 
 
 class PruneProgress:

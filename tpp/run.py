@@ -280,6 +280,24 @@ def prune_stage(cfg: RunConfig, dense: DenseModel, data=None, on_event: EventFn 
     return finish_prune(job)
 
 
+def prune_stages(cfgs: Sequence[RunConfig], dense: DenseModel, data=None, lockstep: bool = True,
+                 on_event: Callable[[int], EventFn | None] | None = None) -> list[PrunedModel]:
+    """The pruned models of several prune configs of one dense model: their regularisation stages in
+    lockstep (`tpp.lockstep.prune_lockstep`, one vectorised model) when `lockstep` and every stage is
+    the library's filter penalty, else one after another. `on_event(i)`: stage i's event callback."""
+    from tpp.lockstep import lockstep_prune_supported, prune_lockstep
+
+    data = data if data is not None else load_run_data(cfgs[0])
+    jobs = [prepare_prune(rc, dense, data, on_event(i) if on_event else None) for i, rc in enumerate(cfgs)]
+    if lockstep and len(jobs) > 1 and all(lockstep_prune_supported(j) for j in jobs):
+        prune_lockstep(jobs)
+    else:
+        for job in jobs:
+            if job.needs_stage:
+                job.result = job.method.stage(job.ctx)
+    return [finish_prune(job) for job in jobs]
+
+
 # -------------------------------------------------------------------------------------------- finetune
 def finetune_stage(cfg: RunConfig, pruned: PrunedModel, data=None, on_event: EventFn | None = None,
                    resume_state: dict[str, Any] | None = None, checkpoint_every: int = 1,
