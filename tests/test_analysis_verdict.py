@@ -163,7 +163,8 @@ def test_reverse_comparison_says_narrower(store, tmp_path):
 
 def test_report_shows_ladder_heatmap_without_holes(reports):
     page = (reports["robust"] / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 6 and "figure 'recipe' skipped" in page
+    assert page.count("data:image/png;base64,") == 7 and "figure 'recipe' skipped" in page  # speed drawn
+    assert (reports["robust"] / "figures" / "speed.png").stat().st_size > 10_000
     assert "<h2>Verdict</h2><div class='verdict'>" in page
     pts = pd.read_csv(reports["robust"] / "lr_points.csv")
     assert len(pts) == 4 * len(LADDER) and pts["n"].eq(6).all() and pts["acc"].notna().all()
