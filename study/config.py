@@ -380,7 +380,9 @@ class StudyConfig(_Strict):
     # ...but not more often than this: a checkpoint of a sub-second epoch costs more than redoing it
     checkpoint_min_interval_s: float = Field(default=10.0, ge=0)
     min_free_mb: float = Field(default=200.0, ge=0)  # stop cleanly (resumable) below this free disk space
-    lockstep: bool = True  # train same-shaped members (and prune stages) as one vectorised model
+    # train same-shaped members (and prune stages) as one vectorised model: true, false, or auto (decided
+    # when the study starts: with GPUs always, on CPUs for models measured faster so, tpp.lockstep)
+    lockstep: bool | Literal["auto"] = "auto"
     early_stopping: EarlyStoppingCfg = Field(default_factory=EarlyStoppingCfg)
     storage: str = "./studies"
     mlflow: MlflowCfg = Field(default_factory=MlflowCfg)

@@ -388,7 +388,8 @@ def describe(cfg: StudyConfig, slots: int = 1, train_samples: int | None = None)
     lines = [f"{cfg.name}: {cfg.sampler} design, {len(p.points)} prune points x {len(p.members)} members = "
              f"{p.num_runs} runs in {len(p.units)} trials "
              f"({sum(u.kind == 'prune' for u in p.units)} of them prune units, lockstep "
-             f"{'on' if cfg.lockstep else 'off'})", table_text(table),
+             + ("auto: decided at the start, on with GPUs, on CPUs for the models measured faster so)"
+                if cfg.lockstep == "auto" else f"{'on' if cfg.lockstep else 'off'})"), table_text(table),
              f"members: {len(lrs)} LRs ({short(lrs[0])} ... {short(lrs[-1])})"
              + (f" x {', '.join(varying(cfg))}" if varying(cfg) else "") + ", the same for every prune point",
              f"prune stages to compute: {len(penalty)} with a penalty stage "

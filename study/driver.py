@@ -619,6 +619,7 @@ def _execute(cfg: StudyConfig, folder: StudyFolder, gpu: float, restore: bool, e
         dense = _dense(cfg, folder, meta, gpu, embedded)
         if not meta.dense_digest:
             meta = folder.update_meta(dense_digest=dense.digest())
+        cfg = _resolve_lockstep(cfg, dense, gpu)
         ctx = TrialContext(cfg, str(folder.path), finished)
         trainable = tune.with_resources(tune.with_parameters(trial, dense=dense, ctx=ctx),
                                         {"cpu": cfg.resources.cpus, "gpu": gpu})
@@ -673,6 +674,19 @@ def _execute(cfg: StudyConfig, folder: StudyFolder, gpu: float, restore: bool, e
     if result.stopped_because:
         print(f"tpp-study: stopped: {result.stopped_because}", file=sys.stderr, flush=True)
     return result
+
+
+def _resolve_lockstep(cfg: StudyConfig, dense: Any, gpu: float) -> StudyConfig:
+    """The config with `lockstep: auto` decided for this run's model and trial device (printed)."""
+    if cfg.lockstep != "auto":
+        return cfg
+    from study.design import dense_run_config
+    from tpp.lockstep import lockstep_refusal
+
+    device = dense_run_config(cfg).device  # the trials' device: fixed.device, or auto (a GPU if given one)
+    why = lockstep_refusal(dense.build(), device if device != "auto" else ("cuda" if gpu else "cpu"))
+    print(f"[{cfg.name}] lockstep auto: " + (f"off ({why})" if why else "on"), flush=True)
+    return cfg.model_copy(update={"lockstep": why is None})
 
 
 def _tune_state_readable(tune_path: Path) -> bool:

@@ -144,10 +144,34 @@ def test_a_model_vmap_cannot_run_falls_back_with_one_notice():
     cfg = RunConfig(**{**BASE, "model": "noisy_test", "data_kwargs": {"n_train": 64, "n_test": 32}})
     events = []
     out = run_pipeline([cfg.replace(lr=0.01), cfg.replace(lr=0.03)], data=load_run_data(cfg),
-                       on_event=events.append)
+                       on_event=events.append, lockstep=True)  # forced: "auto" would not try on a CPU
     notices = [e for e in events if e["event"] == "notice"]
-    assert len(notices) == 1 and "one by one" in notices[0]["message"]
+    assert len(notices) == 1 and "cannot be vectorised" in notices[0]["message"]
     assert [m.status for m in out.members] == ["completed", "completed"]
+
+
+def test_auto_lockstep_follows_the_measured_rule():
+    """On a CPU, "auto" trains a model without a batched forward (a conv net) one by one, saying why, and
+    the MLPs in lockstep; both give the members their own results."""
+    from tpp.lockstep import lockstep_refusal
+
+    cfg, data, dense, pruned = setup("resnet20")
+    assert lockstep_refusal(pruned.build(), "cpu") and lockstep_refusal(pruned.build(), "cuda") is None
+    events = []
+    members = [cfg.replace(lr=0.01), cfg.replace(lr=0.03)]
+    auto = run_pipeline(members, dense=dense, pruned=pruned, data=data, on_event=events.append)
+    assert [e["message"] for e in events if e["event"] == "notice"] == [
+        f"lockstep: {lockstep_refusal(pruned.build(), 'cpu')}; 2 members train one by one"]
+    plain = run_pipeline(members, dense=dense, pruned=pruned, data=data, lockstep=False)
+    assert [m.metrics["best_acc"] for m in auto.members] == [m.metrics["best_acc"] for m in plain.members]
+    cfg, data, dense, pruned = setup("mlp")
+    assert lockstep_refusal(pruned.build(), "cpu") is None
+    events.clear()
+    run_pipeline([cfg.replace(lr=0.01), cfg.replace(lr=0.03)], dense=dense, pruned=pruned, data=data,
+                 on_event=events.append)
+    assert not [e for e in events if e["event"] == "notice"]
+    with pytest.raises(ValueError, match="lockstep must be"):
+        run_pipeline(members, dense=dense, pruned=pruned, data=data, lockstep="sometimes")
 
 
 # ---------------------------------------------------------------------------------------- prune stages

@@ -167,7 +167,7 @@ def test_defaults_and_overrides(tmp_path):
     cfg = load_config(cfg_with(), storage=str(tmp_path / "s"), tracking_uri=None,
                       set={"space.seeds": [3], "finetune.epochs": 4})
     assert cfg.sampler == "grid" and cfg.objective.metric == "best_acc" and cfg.objective.mode == "max"
-    assert cfg.early_stopping.asha is False and cfg.resources.gpu == "auto" and cfg.lockstep is True
+    assert cfg.early_stopping.asha is False and cfg.resources.gpu == "auto" and cfg.lockstep == "auto"
     assert cfg.space.seeds == [3] and cfg.finetune.axes() == {"epochs": [4]}
     assert cfg.study_dir() == (tmp_path / "s" / "t").absolute()
     assert cfg.tracking_uri() == f"sqlite:///{tmp_path / 's' / 't' / 'mlflow.db'}"
@@ -367,3 +367,10 @@ def test_cli_list_and_status_on_empty_storage(tmp_path, capsys):
     assert "no studies" in capsys.readouterr().out
     assert main(["status", "nope", "--storage", str(tmp_path)]) == 2
     assert "no study 'nope'" in capsys.readouterr().err
+
+
+def test_lockstep_accepts_true_false_auto_only(tmp_path):
+    for value in (True, False, "auto"):
+        assert load_config(cfg_with(lockstep=value)).lockstep == value
+    with pytest.raises(StudyConfigError, match="lockstep"):
+        load_config(cfg_with(lockstep="sometimes"))

@@ -107,7 +107,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     data = load_run_data(cfg)
     dense = load_dense(args.dense, expected=model_spec(cfg, data)) if args.dense else None
-    out = run_pipeline(members, dense=dense, data=data, lockstep=args.lockstep,
+    lockstep = {"on": True, "off": False}.get(args.lockstep, "auto")
+    out = run_pipeline(members, dense=dense, data=data, lockstep=lockstep,
                        on_event=None if args.quiet else lambda e: _progress(e, len(members)))
     if args.save_pruned and not out.pruned.diverged:
         save_pruned(args.save_pruned, out.pruned)
@@ -148,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(r, [f.name for f in dataclasses.fields(RunConfig)], multi=("lr",))
     r.add_argument("--dense", help="dense checkpoint from `tpp pretrain` (default: train one first)")
     r.add_argument("--save-pruned", metavar="PATH", help="also save the pruned model before finetuning")
-    r.add_argument("--lockstep", action=argparse.BooleanOptionalAction, default=True,
-                   help="train several --lr members as one vectorised model (default: on)")
+    r.add_argument("--lockstep", choices=("auto", "on", "off"), default="auto",
+                   help="train several --lr members as one vectorised model: on, off, or auto (default: "
+                        "on a GPU, and on a CPU for the models measured faster that way, the MLPs)")
     r.set_defaults(fn=cmd_run)
     for sp in (p, r):
         sp.add_argument("--json", action="store_true",

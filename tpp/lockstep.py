@@ -30,6 +30,32 @@ class LockstepUnsupported(RuntimeError):
     """The model cannot be run under vmap (e.g. it draws random numbers): train members one by one."""
 
 
+Lockstep = bool | str  # True (whenever the model vectorises), False, or "auto" (where it was measured faster)
+
+
+def lockstep_refusal(model: nn.Module, device: torch.device | str) -> str | None:
+    """Why members of `model` on `device` should train one by one under lockstep "auto" (None: they
+    should not). The rule is measured (BENCHMARKS.md, "lockstep"): on a CPU, a vmapped convolutional
+    net is no faster than its members one after another (ResNet20: 0.84-0.96x at K = 1-4), because one
+    member's convolutions already keep a core busy; models with a batched `stacked_forward` (the MLPs:
+    2.1-3.0x at K = 4-16) gain there. On a GPU, where one small model leaves the device idle, every model
+    runs in lockstep."""
+    if torch.device(device).type != "cpu" or getattr(model, "stacked_forward", None) is not None:
+        return None
+    return (f"on a CPU, vectorised {type(model).__name__} training was measured no faster than one by one "
+            "(BENCHMARKS.md, lockstep); lockstep true forces it")
+
+
+def use_lockstep(lockstep: Lockstep, model: nn.Module, device: torch.device | str) -> tuple[bool, str | None]:
+    """(whether to train in lockstep, the notice to give when "auto" decided against it)."""
+    if lockstep not in (True, False, "auto"):
+        raise ValueError(f"lockstep must be true, false or 'auto', got {lockstep!r}")
+    if lockstep != "auto":
+        return bool(lockstep), None
+    why = lockstep_refusal(model, device)
+    return why is None, why
+
+
 class StackedModel:
     """K copies of one architecture: stacked parameters and buffers, and a vmapped forward."""
 

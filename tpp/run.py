@@ -280,15 +280,20 @@ def prune_stage(cfg: RunConfig, dense: DenseModel, data=None, on_event: EventFn 
     return finish_prune(job)
 
 
-def prune_stages(cfgs: Sequence[RunConfig], dense: DenseModel, data=None, lockstep: bool = True,
+def prune_stages(cfgs: Sequence[RunConfig], dense: DenseModel, data=None, lockstep: bool | str = "auto",
                  on_event: Callable[[int], EventFn | None] | None = None) -> list[PrunedModel]:
     """The pruned models of several prune configs of one dense model: their regularisation stages in
-    lockstep (`tpp.lockstep.prune_lockstep`, one vectorised model) when `lockstep` and every stage is
-    the library's filter penalty, else one after another. `on_event(i)`: stage i's event callback."""
-    from tpp.lockstep import lockstep_prune_supported, prune_lockstep
+    lockstep (`tpp.lockstep.prune_lockstep`, one vectorised model) when `lockstep` (True, or "auto" and
+    `tpp.lockstep.lockstep_refusal` has no objection) and every stage is the library's filter penalty,
+    else one after another. `on_event(i)`: stage i's event callback."""
+    from tpp.lockstep import lockstep_prune_supported, prune_lockstep, use_lockstep
 
     data = data if data is not None else load_run_data(cfgs[0])
     jobs = [prepare_prune(rc, dense, data, on_event(i) if on_event else None) for i, rc in enumerate(cfgs)]
+    if len(jobs) > 1:
+        lockstep, why = use_lockstep(lockstep, jobs[0].ctx.model, jobs[0].ctx.device)
+        if why:
+            _emit(jobs[0].ctx.on_event, event="notice", message=f"lockstep: {why}")
     if lockstep and len(jobs) > 1 and all(lockstep_prune_supported(j) for j in jobs):
         prune_lockstep(jobs)
     else:
@@ -465,20 +470,22 @@ def run_pipeline(members: RunConfig | Sequence[RunConfig], *, dense: DenseModel 
                  pruned: PrunedModel | None = None, store: PrunedStore | None = None, data=None,
                  on_event: EventFn | None = None, skip: Sequence[int] = (),
                  resume_state: dict[str, Any] | None = None, checkpoint_every: int = 1,
-                 checkpoint_min_interval_s: float = 0.0, lockstep: bool = True,
+                 checkpoint_min_interval_s: float = 0.0, lockstep: bool | str = "auto",
                  lockstep_members: int = 16) -> PipelineResult:
     """Dense (trained unless given) -> prune stage (given, from `store`, or computed) -> finetuning of
     every member not in `skip`. Events of a member carry `member` (its index); a `pruned` event (with
     the prune stage's `history`) comes before the first member starts, a `member_end` after each.
 
-    With `lockstep`, members that share their mini-batches (`tpp.lockstep.lockstep_groups`, at most
-    `lockstep_members` at once) train as one vectorised model; a model vmap cannot run falls back to
-    one by one (a `notice` event says so). Checkpoint events carry {"group": member indices, "done":
-    {index: metrics}, "state": the group's state}; passing one back as `resume_state` skips the done
+    With `lockstep` (True; "auto": unless `tpp.lockstep.lockstep_refusal` objects, i.e. on a CPU only
+    models with a batched `stacked_forward`), members that share their mini-batches
+    (`tpp.lockstep.lockstep_groups`, at most `lockstep_members` at once) train as one vectorised model;
+    a model vmap cannot run falls back to one by one (a `notice` event says so, as does "auto").
+    Checkpoint events carry {"group": member indices, "done": {index: metrics}, "state": the group's
+    state}; passing one back as `resume_state` skips the done
     members and continues that group exactly. Each returned RunResult's metrics hold every stage's
     metrics (`member_metrics`).
     """
-    from tpp.lockstep import LockstepUnsupported, finetune_lockstep, lockstep_groups
+    from tpp.lockstep import LockstepUnsupported, finetune_lockstep, lockstep_groups, use_lockstep
 
     members = check_members([members] if isinstance(members, RunConfig) else members)
     cfg = members[0]
@@ -509,6 +516,10 @@ def run_pipeline(members: RunConfig | Sequence[RunConfig], *, dense: DenseModel 
         for i in todo:
             finish(i, diverged_prune_result(pruned, data.num_classes))
         return PipelineResult(dense, pruned, results, reuse)
+    if len(todo) > 1:
+        lockstep, why = use_lockstep(lockstep, pruned.build(), resolve_device(cfg.device))
+        if why:
+            _emit(on_event, event="notice", message=f"lockstep: {why}; {len(todo)} members train one by one")
     if lockstep and get_method(cfg.method).finetune_penalty is not None:
         lockstep = False  # its penalty is a function of one live model: members train one by one
         _emit(on_event, event="notice", message=f"lockstep: method {cfg.method!r} adds a finetuning penalty; "
