@@ -11,7 +11,11 @@ METHOD_LABELS = {"l1": "L1", "tpp": "TPP", "greg": "GReg-1", "tpp-nobn": "TPP w/
                  "tpp-korth": "TPP (kernel orth.)", "orthp": "L1+OrthP", "scratch": "Scratch"}
 COLORS = {"l1": "tab:red", "tpp": "tab:blue", "greg": "tab:orange", "scratch": "tab:gray",
           "orthp": "tab:green", "tpp-nobn": "tab:purple", "tpp-korth": "tab:brown"}
-_EXTRA = ["tab:olive", "tab:cyan", "tab:pink", "black"]
+# methods without a colour of their own (plug-ins, criterion variants) take these in the order a report
+# first draws them: no two methods of one report share a colour (up to 12 such methods)
+_EXTRA = ["tab:olive", "tab:cyan", "tab:pink", "black", "gold", "navy", "lime", "maroon", "teal", "violet",
+          "darkgoldenrod", "slategray"]
+_ASSIGNED: dict[str, str] = {}
 KEY_NAMES = {"pr": "PR", "growth": "growth", "schedule": "schedule", "epochs": "epochs",
              "weight_decay": "weight decay", "warmup_epochs": "warmup epochs", "momentum": "momentum",
              "batch_size": "batch size"}
@@ -26,7 +30,9 @@ def method_sort_key(method: str) -> tuple[int, str]:
 
 
 def color(method: str) -> str:
-    return COLORS[method] if method in COLORS else _EXTRA[sum(map(ord, method)) % len(_EXTRA)]
+    if method in COLORS:
+        return COLORS[method]
+    return _ASSIGNED.setdefault(method, _EXTRA[len(_ASSIGNED) % len(_EXTRA)])
 
 
 def levels_text(row, keys: Sequence[str], *, skip: Sequence[str] = ("method",)) -> str:

@@ -382,3 +382,12 @@ def test_definitions_match_the_readme():
     readme = (Path(__file__).parents[1] / "analysis" / "README.md").read_text()
     for name, text in DEFINITIONS:
         assert f"**{name}**: {text}" in readme, name
+
+
+def test_every_method_of_a_report_gets_its_own_colour():
+    from analysis.labels import COLORS, color
+
+    methods = ["l1", "tpp", "l1-l2", "l1-fpgm", "l1-taylor", "l1-random", "l1-lamp", "tpp-fpgm", "tpp-random"]
+    colours = [color(m) for m in methods]
+    assert len(set(colours)) == len(methods) and colours[:2] == [COLORS["l1"], COLORS["tpp"]]
+    assert [color(m) for m in methods] == colours  # stable once drawn
