@@ -78,6 +78,16 @@ def test_a_diverging_member_leaves_and_the_others_go_on_unaffected():
             [h["train_loss"] for h in alone.history], rel=1e-4)
 
 
+def test_when_the_longest_member_diverges_the_stack_ends_with_the_others():
+    """The stack trains until its longest member's last epoch; when that member diverges first and the
+    rest finish, nothing is left to train (a recipe study found this: one step on an empty stack)."""
+    cfg, data, dense, pruned = setup("mlp")
+    members = [cfg.replace(lr=1e5, epochs=6), cfg.replace(lr=0.01, epochs=2), cfg.replace(lr=0.03, epochs=2)]
+    together = finetune_lockstep(members, pruned, data)
+    assert [r.status for r in together] == ["diverged", "completed", "completed"]
+    assert [r.metrics["epochs_run"] for r in together[1:]] == [2, 2]
+
+
 def test_lockstep_checkpoint_resumes_bit_exactly():
     cfg, data, dense, pruned = setup("resnet20")
     members = [cfg.replace(lr=0.01, epochs=4), cfg.replace(lr=0.03, epochs=4), cfg.replace(lr=0.02, epochs=2)]

@@ -303,7 +303,9 @@ def finetune_lockstep(cfgs: list[Any], pruned: Any, data: Any, on_event: Callabl
             last_checkpoint = time.perf_counter()  # after the leaving members are done: they are not in it
             on_event({"event": "checkpoint", "stage": "finetune", "checkpoint": _checkpoint(
                 stack, opt, active, staying, epoch, histories, iterations, time.perf_counter() - t0)})
-        if leaving and staying:
+        if not staying:  # every member left early (e.g. the longest one diverged): nothing to train
+            break
+        if leaving:
             stack.select([p for p in range(len(active)) if p not in leaving], opt.buf)
             opt.params = stack.params
         active = staying
