@@ -57,7 +57,8 @@ class Progress(tune.Callback):
         self.t0 = time.monotonic()
         self.done = self.failed = 0
         self.best: tuple | None = None
-        self.names: dict[str, tuple[str, float]] = {}  # member id -> (run name, lr)
+        self.names: dict[str, tuple[str, float]] = {}  # member id -> (run name, lr), until it is counted
+        self.counted: set[str] = set()  # member ids counted done or failed (a retried trial restarts)
         self.members: dict[str, list[str]] = {}
         self.notices: set[str] = set()
         self.running: dict[str, str] = {}  # trial id -> what it is doing
@@ -111,7 +112,8 @@ class Progress(tune.Callback):
         runs = resolve(self.config, trial.config, trial.trial_id)
         self.members[trial.trial_id] = runs.ids
         for rc, mid in zip(runs.configs, runs.ids, strict=True):
-            self.names[mid] = (run_name(runs.point, rc, varying(self.config)), rc.lr)
+            if mid not in self.counted:
+                self.names[mid] = (run_name(runs.point, rc, varying(self.config)), rc.lr)
         p = runs.point
         self.running[trial.trial_id] = f"{p.method} pr={p.pr:.3g} s{p.seed}: {len(runs.ids)} members"
 
@@ -126,6 +128,7 @@ class Progress(tune.Callback):
             if mid not in self.names:
                 continue
             name, lr = self.names.pop(mid)
+            self.counted.add(mid)
             value = rec["metrics"].get(metric, math.nan)
             if math.isfinite(value):
                 key = rank(value, lr, name, mode)
@@ -180,6 +183,7 @@ class Progress(tune.Callback):
         for mid in self.members.get(trial.trial_id, []):
             if mid in self.names:
                 name, _ = self.names.pop(mid)
+                self.counted.add(mid)
                 self._line(f"{name}: FAILED: {last_error_line(trial)} (tag tpp.error has the traceback)",
                            failed=True)
 

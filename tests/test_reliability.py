@@ -207,13 +207,16 @@ def local_ray():
 
 
 @pytest.mark.slow
-def test_killed_trial_worker_is_retried_from_its_checkpoint(local_ray, tmp_path):
+def test_killed_trial_worker_is_retried_from_its_checkpoint(local_ray, tmp_path, capsys):
     cfg = tiny("workerkill", space={"pr": [0.5], "growth": [0.2], "seeds": [0]}, finetune__lr=[1e-2, 3e-2],
                finetune__epochs=5, max_failures=2, checkpoint_min_interval_s=0)
     killer = KillWorker()
     res = study.run(cfg, storage=str(tmp_path), callbacks=[killer])
     assert killer.killed is not None
     assert res.status == "completed"
+    # the progress counts each run once, also the runs the retried trial had finished before the kill
+    counts = [int(n) for n in re.findall(r"\] (\d+)/4 runs done", capsys.readouterr().out)]
+    assert counts == list(range(1, 5)), counts
     by_member = _runs_by_member(res)
     assert all(len(v) == 1 for v in by_member.values()) and len(by_member) == 4  # continued, not duplicated
     runs = [v[0] for v in by_member.values()]
