@@ -128,25 +128,6 @@ def pair_efficiency(cfg: Any, dense: Any, reps: int = 3) -> tuple[float, float]:
     return statistics.median(times[1]), statistics.median(times[2])
 
 
-def member_stats(res: Any) -> dict[str, Any]:
-    """From MLflow: the members' own compute (each prune stage once, on the run that carries it, and
-    every finetuning), the dense model's time, and the span from the first run start to the last end."""
-    from study.mlflow_logging import children, client
-
-    compute, starts, ends = 0.0, [], []
-    for run in children(res.tracking_uri, res.experiment_id, res.parent_run_id):
-        m, tags = run.data.metrics, run.data.tags
-        if run.info.end_time is None or "time_finetune_s" not in m:
-            continue
-        compute += m["time_finetune_s"] + (m.get("time_prune_s", 0.0) if tags.get("tpp.reuse") != "reused"
-                                           else 0.0)
-        starts.append(run.info.start_time / 1000)
-        ends.append(run.info.end_time / 1000)
-    parent = client(res.tracking_uri).get_run(res.parent_run_id).data.metrics
-    return {"compute_s": compute, "span_s": max(ends) - min(starts),
-            "dense_s": parent.get("time_dense_s", float("nan"))}
-
-
 class CpuTimes(tune.Callback):
     """CPU seconds used during the study by the driver, the Ray worker processes and Ray's own processes.
 
@@ -199,9 +180,7 @@ def run_study(raw: dict[str, Any], storage: str, name: str,
     res = study.run(raw, storage=storage, if_exists="replace", name=name, callbacks=[CpuTimes(cpu_file)],
                     **_copy(overrides))
     total = time.perf_counter() - t0
-    stats = member_stats(res)
-    stats["cpu"] = json.loads(Path(cpu_file).read_text())
-    return res, total, stats
+    return res, total, {"cpu": json.loads(Path(cpu_file).read_text())}
 
 
 def main() -> None:
@@ -246,7 +225,6 @@ def main() -> None:
             "in-process prune s": t["prune_s"], "in-process finetune s": t["finetune_s"],
             f"ideal s (dense + rest / {par})": ideal, "study wall s": res.wall_s, "study.run() s": total,
             "overhead (goal <= 1.15)": res.wall_s / ideal, "study.run() / ideal": total / ideal,
-            "in-study / in-process compute": st["compute_s"] / (t["prune_s"] + t["finetune_s"]),
             "CPU s: workers / driver / Ray": f"{st['cpu']['workers']:.3g} / {st['cpu']['driver']:.3g} / "
                                              f"{st['cpu']['ray_system']:.3g}",
             "CPU s in-process": t["trials_cpu_s"],
