@@ -1,6 +1,6 @@
 """The quick study end to end, lockstep on vs off: the same design (study/configs/quick.yaml), one study
-each, interleaved on, off (`--repeats` pairs). Members per hour from each study's wall time
-(StudyResult.wall_s: dense model + Tune) and from study.run() end to end.
+each, interleaved on, off (`--repeats` pairs), on one embedded Ray. Members per hour from each study's
+wall time (StudyResult.wall_s: dense model + Tune) and from study.run() end to end.
 
     python -m benchmarks.lockstep_study [--config study/configs/quick.yaml] [--repeats 1] [--quick]
 """
@@ -23,10 +23,14 @@ def main() -> None:
     p.add_argument("--config", default="study/configs/quick.yaml")
     p.add_argument("--repeats", type=int, default=1, help="on/off pairs (ratios are their medians)")
     args = p.parse_args()
+    import ray
+
     import study
+    from study.driver import _start_ray
 
     storage = tempfile.mkdtemp(prefix="tpp-lockstep-study-")
     rows, ratios = [], []
+    started = _start_ray(None, None)  # one embedded Ray for all: each wall_s excludes its start anyway
     try:
         for i in range(1 if args.quick else args.repeats):
             walls = {}
@@ -42,6 +46,8 @@ def main() -> None:
             ratios.append(walls[False] / walls[True])
     finally:
         shutil.rmtree(storage, ignore_errors=True)
+        if started:
+            ray.shutdown()
     print(table(rows))
     print(f"\nlockstep on vs off, members per hour: {statistics.median(ratios):.3g}x "
           f"(median of {len(ratios)}; goal >= 1.5)")
