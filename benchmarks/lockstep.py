@@ -5,8 +5,8 @@ Finetuning: for each model and K, the same K members (LRs spread over a decade) 
 `tpp.run.finetune_stage` (the plain path), interleaved, median of `--repeats`; both include the
 per-epoch evaluation and the final Jacobian measurement each member gets in a study. Prune stage: K
 TPP regularisation stages of one dense model (PRs and seeds differ, so masks and mini-batches do) by
-`tpp.lockstep.prune_lockstep` vs K `prune_stage` runs. Also printed: the achieved training GFLOP/s
-(3 x forward FLOPs x samples, `tpp.run.train_flops`) of each.
+`tpp.run.prune_stages` with lockstep forced on vs off (the call a study's prune unit makes). Also
+printed: the achieved training GFLOP/s (3 x forward FLOPs x samples, `tpp.run.train_flops`) of each.
 Models: the 7-layer linear MLP on digits, ResNet20 and ResNet56 on CIFAR-10 (the shared copy when
 extracted under data/cifar10-jpeg, else synthetic images of the same shape: the cost is the same).
 
@@ -44,8 +44,7 @@ def _data_args(name: str, kwargs: dict, quick: bool) -> dict:
 def prune_case(model: str, ks: list[int], iterations: int, repeats: int,
                quick: bool) -> list[dict[str, object]]:
     from tpp.config import RunConfig
-    from tpp.lockstep import prune_lockstep
-    from tpp.run import finish_prune, load_run_data, prepare_prune, prune_stage, train_dense, train_flops
+    from tpp.run import load_run_data, prune_stages, train_dense, train_flops
 
     data_name, kwargs, batch = MODELS[model]
     cfg = RunConfig(model=model, method="tpp", dense_epochs=0, reg_batch_size=batch, growth=1.0 / iterations,
@@ -57,22 +56,23 @@ def prune_case(model: str, ks: list[int], iterations: int, repeats: int,
     for k in ks:
         cfgs = [cfg.replace(pr=0.3 + 0.6 * i / max(k - 1, 1), seed=i % 2) for i in range(k)]
 
-        def lockstep(cfgs=cfgs) -> None:
-            jobs = [prepare_prune(c, dense, data) for c in cfgs]
-            prune_lockstep(jobs)
-            [finish_prune(j) for j in jobs]
-
-        t = interleaved({"lockstep": lockstep,
-                         "one by one": lambda cfgs=cfgs: [prune_stage(c, dense, data) for c in cfgs]},
-                        repeats=repeats, warmup=1)
-        flops = train_flops(_flops(dense), iterations * batch) * k
-        rows.append({"stage": "prune (TPP)", "model": model, "data": cfg.data, "K": k,
-                     "member-iterations/s lockstep": k * iterations / t["lockstep"],
-                     "member-iterations/s one by one": k * iterations / t["one by one"],
-                     "speed-up": t["one by one"] / t["lockstep"],
-                     "GFLOP/s lockstep": flops / t["lockstep"] / 1e9,
-                     "GFLOP/s one by one": flops / t["one by one"] / 1e9})
+        t = interleaved({  # the study's prune units call this, forced on and off
+            "lockstep": lambda cfgs=cfgs: prune_stages(cfgs, dense, data, lockstep=True),
+            "one by one": lambda cfgs=cfgs: prune_stages(cfgs, dense, data, lockstep=False),
+        }, repeats=repeats, warmup=1)
+        rows.append(_row("prune (TPP)", model, cfg.data, k, "member-iterations/s", k * iterations, t,
+                         train_flops(_flops(dense), iterations * batch) * k))
     return rows
+
+
+def _row(stage: str, model: str, data: str, k: int, unit: str, work: float, t: dict[str, float],
+         flops: float) -> dict[str, object]:
+    """One table row: `work` (member-epochs or member-iterations) per second each way, and GFLOP/s."""
+    return {"stage": stage, "model": model, "data": data, "K": k,
+            f"{unit} lockstep": work / t["lockstep"], f"{unit} one by one": work / t["one by one"],
+            "speed-up": t["one by one"] / t["lockstep"],
+            "GFLOP/s lockstep": flops / t["lockstep"] / 1e9,
+            "GFLOP/s one by one": flops / t["one by one"] / 1e9}
 
 
 def _flops(dense) -> int:
@@ -99,13 +99,8 @@ def case(model: str, ks: list[int], epochs: int, repeats: int, quick: bool) -> l
             "lockstep": lambda members=members: finetune_lockstep(members, pruned, data),
             "one by one": lambda members=members: [finetune_stage(m, pruned, data) for m in members],
         }, repeats=repeats, warmup=1)
-        flops = train_flops(pruned.metrics["flops"], samples) * k
-        rows.append({"stage": "finetune", "model": model, "data": cfg.data, "K": k,
-                     "member-epochs/s lockstep": k * epochs / t["lockstep"],
-                     "member-epochs/s one by one": k * epochs / t["one by one"],
-                     "speed-up": t["one by one"] / t["lockstep"],
-                     "GFLOP/s lockstep": flops / t["lockstep"] / 1e9,
-                     "GFLOP/s one by one": flops / t["one by one"] / 1e9})
+        rows.append(_row("finetune", model, cfg.data, k, "member-epochs/s", k * epochs, t,
+                         train_flops(pruned.metrics["flops"], samples) * k))
     return rows
 
 
