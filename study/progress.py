@@ -78,12 +78,16 @@ class Progress(tune.Callback):
     def setup(self, **info: Any) -> None:
         from study.config import load_config
         from study.design import work
+        from study.mlflow_logging import children, finished_members
         from study.store import StudyFolder
 
         self._reset()
         folder = StudyFolder(self.study_dir)
         self.meta, self.config = folder.read_meta(), load_config(folder.config_path)
         self.done, self.failed = self.meta.done, self.meta.failed
+        # a resumed trial reports again the members it finished before the stop: they are counted already
+        self.counted = set(finished_members(children(self.meta.tracking_uri, self.meta.experiment_id,
+                                                     self.meta.parent_run_id)))
         self.per_epoch, self.work_left = work(self.config, self.meta.train_samples, folder.prune_cache,
                                               self.meta.dense_digest, self.meta.num_runs - self.done)
         if self.meta.best:

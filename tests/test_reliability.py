@@ -64,14 +64,17 @@ def _wait_for(what, lines: list[str], timeout: float = 300) -> None:
         time.sleep(0.2)
 
 
-INTERRUPTED = dict(finetune__lr=[1e-3, 3e-3, 1e-2, 3e-2], finetune__epochs=3, finetune__per_trial=1,
-                   max_concurrent=1)
+# two members per trial, one after the other: a stop after an odd count cuts a trial between its members
+INTERRUPTED = dict(finetune__lr=[1e-3, 3e-3, 1e-2, 3e-2], finetune__epochs=3, finetune__per_trial=2,
+                   max_concurrent=1, lockstep=False, data={"name": "synthetic", "kwargs": {"n_train": 2048,
+                                                                                          "n_test": 128}})
 
 
 def _interrupt_cli(tmp_path: Path, name: str, sig: int) -> tuple[Path, dict[str, str], str]:
-    """Start `tpp-study run`, send `sig` once 2 runs finished; returns (storage, finished, output)."""
+    """Start `tpp-study run`, send `sig` once 3 runs finished; returns (storage, finished, output)."""
     proc, lines, storage = _start_cli(tmp_path, name, tiny(name, **INTERRUPTED))
-    _wait_for(lambda: any(re.search(rf"\[{name}\] [2-9]/16 runs done", line) for line in lines), lines)
+    stop_at = re.compile(rf"\[{name}\] ([3-9]|1[0-5])/16 runs done")
+    _wait_for(lambda: any(stop_at.search(line) for line in lines), lines)
     if sig == signal.SIGKILL:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started: a crash, no clean-up
     else:
@@ -97,6 +100,10 @@ def _resume_and_check(storage: Path, name: str, finished_before: dict[str, str],
     proc = subprocess.run([TPP_STUDY, "resume", name, "--storage", str(storage)], cwd=storage.parent,
                           env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the progress counts on from the runs finished before, each run once (also those a resumed trial
+    # had finished before the stop)
+    counts = [int(n) for n in re.findall(rf"\[{name}\] (\d+)/16 runs done \(", proc.stdout)]
+    assert counts == list(range(17 - len(counts), 17)) and len(counts) <= 16 - len(finished_before), counts
     res = collect(StudyFolder(storage / name))
     assert res.status == "completed" and res.num_runs == 16
     by_member = _runs_by_member(res)
