@@ -37,6 +37,7 @@ from study.mlflow_logging import (
     finished_members,
     flatten,
     runs_page_url,
+    sqlite_checkpoint,
     start_parent,
     study_note,
 )
@@ -665,6 +666,7 @@ def _execute(cfg: StudyConfig, folder: StudyFolder, gpu: float, restore: bool, e
         box.batch("parent", metrics=[(k, v, 0) for k, v in metrics.items()], tags=tags)
         box.status("parent", {"completed": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
         box.drain(5 if DiskGuard.last_stop else 30)
+        sqlite_checkpoint(meta.tracking_uri)
     result.wall_s = time.monotonic() - t0
     result.stopped_because = DiskGuard.last_stop
     summary = {k: v for k, v in asdict(result).items() if k != "runs"}

@@ -9,12 +9,14 @@ tracking server may go away for a while without losing a metric.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -181,6 +183,11 @@ def test_study_end_to_end_sqlite(local_ray, tmp_path, capsys):
     assert len(progress) == 8 and progress[-1].startswith("[e2e] 8/8 runs done")
     assert f"--backend-store-uri sqlite:///{db} --host 127.0.0.1 --port 5000" in out
     assert f"tpp-analyze e2e --storage {tmp_path}" in out
+    # the store was written in WAL mode (commits without an fsync each) and its log folded back at the end
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    wal = db.with_name("mlflow.db-wal")
+    assert not wal.exists() or wal.stat().st_size == 0
 
     # the parent run: config params, planned runs, artifacts, dense metrics, description, best run
     c = client(res.tracking_uri)
