@@ -21,6 +21,7 @@ from analysis.labels import KEY_NAMES, color, group_title, levels_text, method_l
 from analysis.points import SHORT, Prepared
 from analysis.trainability import NAMES, OUTCOMES
 
+_LINESTYLES = ("-", "--", ":", "-.")
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 _STYLES = ["-", "--", ":", "-."]
 
@@ -360,14 +361,20 @@ def fig_recipe(t: Tables):
         levels = sorted(g[dim].dropna().unique(), key=lambda v: (isinstance(v, str), v))
         for ax, col, ylabel in ((axes[2 * k], "window_decades", "robust window (decades)"),
                                 (axes[2 * k + 1], "acc_diff", "Acc. diff (points)")):
-            for (m, pr), r in g.dropna(subset=[dim]).groupby(["method", "pr"], sort=False):
+            # one line per level of every other varied dimension: a line joins only groups that
+            # differ in `dim` alone; those levels tell the lines apart by their style and legend
+            others = [o for o in dims if o != dim]
+            combos = sorted({tuple(map(str, row)) for row in g[others].itertuples(index=False)})
+            for key, r in g.dropna(subset=[dim]).groupby(["method", "pr", *others], sort=False, dropna=False):
+                m, pr, rest = key[0], key[1], key[2:]
                 if r[dim].nunique() < 2:
                     continue
                 r = r.assign(_x=[levels.index(v) for v in r[dim]]).sort_values("_x")
                 err = np.vstack([r[col] - r[f"{col}_lo"], r[f"{col}_hi"] - r[col]]).clip(min=0)
                 ax.errorbar(r["_x"], r[col], yerr=err, color=color(m), capsize=3,
                             marker=_MARKERS[sorted(g["pr"].unique()).index(pr) % len(_MARKERS)],
-                            label=f"{method_label(m)}, PR {fmt_pr(pr)}")
+                            linestyle=_LINESTYLES[combos.index(tuple(map(str, rest))) % len(_LINESTYLES)],
+                            label=f"{method_label(m)}, " + levels_text(r.iloc[0], ["pr", *others]))
             ax.set_xticks(range(len(levels)), [fmt_level(dim, v) for v in levels])
             ax.set_xlabel(KEY_NAMES.get(dim, dim))
             ax.set_ylabel(ylabel)

@@ -391,3 +391,33 @@ def test_every_method_of_a_report_gets_its_own_colour():
     colours = [color(m) for m in methods]
     assert len(set(colours)) == len(methods) and colours[:2] == [COLORS["l1"], COLORS["tpp"]]
     assert [color(m) for m in methods] == colours  # stable once drawn
+
+
+def test_recipe_figure_joins_only_groups_that_differ_in_its_dimension(tmp_path):
+    """Two recipe dimensions vary (epochs x weight decay): a line of the epochs panel keeps the weight
+    decay fixed, so no line visits an x twice, and each (method, weight decay) has its own line."""
+    from analysis import analyze, load_study
+    from analysis.figures import Tables, fig_recipe
+
+    members = [Member(method, 0.5, lr, seed, 80.0 + epochs - 3 * (lr > 1e-2) + 1e3 * wd,
+                      growth=1e-3 if method == "tpp" else None, epochs=epochs, weight_decay=wd)
+               for epochs in (3, 6) for wd in (5e-4, 1e-4) for method in ("l1", "tpp") for seed in (0, 1)
+               for lr in LRS]
+    uri, client = new_store(tmp_path)
+    write_study(client, "recipe2", members, root=tmp_path)
+    data = load_study("recipe2", uri, histories=None)
+    res = analyze(data, baseline="l1")
+    assert res.prep.recipe == ["epochs", "weight_decay"]
+    fig, _ = fig_recipe(Tables(data.name, res.prep, res.curves, res.groups, res.lr_points, res.comparison,
+                               res.tau, data.epochs, 0.5))
+    panels = [ax for ax in fig.axes if ax.lines]
+    assert len(panels) == 4  # (window, Acc. diff) x (epochs, weight decay)
+    for ax in panels:
+        lines = [c.lines[0] for c in ax.containers]  # each errorbar's data line (not its caps)
+        assert len(lines) == 4, [c.get_label() for c in ax.containers]  # 2 methods x 2 levels of the other
+        for ln in lines:
+            x = list(ln.get_xdata())
+            assert len(x) == len(set(x)) == 2, x
+        labels = [c.get_label() for c in ax.containers]
+        assert len(set(labels)) == 4, labels  # the other dimension's level is named in the legend
+        assert all(("weight decay" in lab) != ("epochs" in lab) for lab in labels), labels
