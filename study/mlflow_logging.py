@@ -718,9 +718,9 @@ class StudyLogger(tune.Callback):
                 elif rec["status"] == "diverged":
                     tags["tpp.diverged_stage"] = "finetune"
                 self.box.batch(mid, metrics=[(k, v, 0) for k, v in rec["metrics"].items()], tags=tags)
-                self._end(mid, rec["status"])
-        if time.monotonic() - self.flushed >= FLUSH_EVERY_S:
-            self._flush()
+                self._end(mid, rec["status"], flush=False)
+        if result.get("tpp_done") or time.monotonic() - self.flushed >= FLUSH_EVERY_S:
+            self._flush(force=bool(result.get("tpp_done")))  # ends at once: one write per ended run
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         if self.box is not None and time.monotonic() - self.flushed >= FLUSH_EVERY_S:
@@ -730,13 +730,15 @@ class StudyLogger(tune.Callback):
         """A trial resumes from its last checkpoint: every epoch before it must be in MLflow by then."""
         self._flush(force=True)
 
-    def _end(self, mid: str, status: str, extra_tags: dict[str, str] | None = None) -> None:
+    def _end(self, mid: str, status: str, extra_tags: dict[str, str] | None = None,
+             flush: bool = True) -> None:
         assert self.box is not None
         if extra_tags:
             self.box.batch(mid, tags=extra_tags)
         self.box.status(mid, _RUN_STATUS.get(status, "FINISHED"))
         self.status[mid] = _RUN_STATUS.get(status, "FINISHED")
-        self._flush(force=True)
+        if flush:
+            self._flush(force=True)
 
     def _open(self, trial_id: str) -> list[str]:
         return [m for m in self.members.get(trial_id, []) if self.status.get(m) == "RUNNING"]
