@@ -25,7 +25,7 @@ from ray import tune
 from test_study_run import check_member_runs, tiny
 
 import study
-from study.driver import collect
+from study.driver import DiskGuard, collect
 from study.mlflow_logging import children
 from study.prune_cache import PruneCache
 from study.store import StudyFolder, live_status
@@ -321,7 +321,10 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_full_disk_stops_the_study_cleanly_and_resume_finishes_it(local_ray, small_disk, capsys):
+def test_a_full_disk_stops_the_study_cleanly_and_resume_finishes_it(local_ray, small_disk, capsys,
+                                                                    monkeypatch):
+    # the guard looks at every step, not every 2 s: the 7 runs left after the fill may take less than that
+    monkeypatch.setattr(DiskGuard, "EVERY_S", 0.0)
     cfg = tiny("full", finetune__per_trial=1, finetune__epochs=3, max_concurrent=1, min_free_mb=1)
     res = study.run(cfg, storage=str(small_disk), callbacks=[FillDisk(str(small_disk), 300_000)])
     err = capsys.readouterr().err
@@ -346,15 +349,21 @@ def test_one_study_one_writer(tmp_path):
     cfg = tiny("busy", finetune__epochs=4)
     proc, lines, storage = _start_cli(tmp_path, "busy", cfg)
     folder = StudyFolder(storage / "busy")
-    _wait_for(lambda: folder.lock_path.is_file() and folder.holder(), lines)
+    _wait_for(lambda: folder.lock_path.is_file() and folder.holder() and folder.meta_path.is_file(), lines)
     config = str(tmp_path / "busy.yaml")
-    for argv in (["run", config], ["run", config, "--if-exists", "replace"],
-                 ["run", config, "--if-exists", "resume"], ["resume", "busy"]):
-        other = subprocess.run([TPP_STUDY, *argv, "--storage", str(storage)], cwd=tmp_path, env=_env(),
-                               capture_output=True, text=True, timeout=120)
-        assert other.returncode == 2, (argv, other.stdout[-2000:], other.stderr[-2000:])
-        err = other.stderr.strip().splitlines()
-        assert len(err) == 1 and "is being run by pid" in err[0] and str(proc.pid) in err[0], (argv, err)
+    # the driver is paused (as a suspended laptop would be) while the others try: a study this small
+    # could otherwise end before the fourth attempt has started; it holds its lock all the same
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        for argv in (["run", config], ["run", config, "--if-exists", "replace"],
+                     ["run", config, "--if-exists", "resume"], ["resume", "busy"]):
+            other = subprocess.run([TPP_STUDY, *argv, "--storage", str(storage)], cwd=tmp_path, env=_env(),
+                                   capture_output=True, text=True, timeout=120)
+            assert other.returncode == 2, (argv, other.stdout[-2000:], other.stderr[-2000:])
+            err = other.stderr.strip().splitlines()
+            assert len(err) == 1 and "is being run by pid" in err[0] and str(proc.pid) in err[0], (argv, err)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
     assert proc.wait(300) == 0, "".join(lines[-40:])
     res = collect(folder)
     by_member = _runs_by_member(res)
