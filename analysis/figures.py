@@ -21,7 +21,6 @@ from analysis.labels import KEY_NAMES, color, group_title, levels_text, method_l
 from analysis.points import SHORT, Prepared
 from analysis.trainability import NAMES, OUTCOMES
 
-_LINESTYLES = ("-", "--", ":", "-.")
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 _STYLES = ["-", "--", ":", "-."]
 
@@ -359,12 +358,12 @@ def fig_recipe(t: Tables):
     fig, axes = _grid(2 * len(dims), max_cols=2, w=5.2)
     for k, dim in enumerate(dims):
         levels = sorted(g[dim].dropna().unique(), key=lambda v: (isinstance(v, str), v))
+        # one line per level of every other varied dimension: a line joins only groups that differ
+        # in `dim` alone; those levels tell the lines apart by their style and legend
+        others = [o for o in dims if o != dim]
+        combos = sorted({tuple(map(str, row)) for row in g[others].itertuples(index=False)})
         for ax, col, ylabel in ((axes[2 * k], "window_decades", "robust window (decades)"),
                                 (axes[2 * k + 1], "acc_diff", "Acc. diff (points)")):
-            # one line per level of every other varied dimension: a line joins only groups that
-            # differ in `dim` alone; those levels tell the lines apart by their style and legend
-            others = [o for o in dims if o != dim]
-            combos = sorted({tuple(map(str, row)) for row in g[others].itertuples(index=False)})
             for key, r in g.dropna(subset=[dim]).groupby(["method", "pr", *others], sort=False, dropna=False):
                 m, pr, rest = key[0], key[1], key[2:]
                 if r[dim].nunique() < 2:
@@ -373,7 +372,7 @@ def fig_recipe(t: Tables):
                 err = np.vstack([r[col] - r[f"{col}_lo"], r[f"{col}_hi"] - r[col]]).clip(min=0)
                 ax.errorbar(r["_x"], r[col], yerr=err, color=color(m), capsize=3,
                             marker=_MARKERS[sorted(g["pr"].unique()).index(pr) % len(_MARKERS)],
-                            linestyle=_LINESTYLES[combos.index(tuple(map(str, rest))) % len(_LINESTYLES)],
+                            linestyle=_STYLES[combos.index(tuple(map(str, rest))) % len(_STYLES)],
                             label=f"{method_label(m)}, " + levels_text(r.iloc[0], ["pr", *others]))
             ax.set_xticks(range(len(levels)), [fmt_level(dim, v) for v in levels])
             ax.set_xlabel(KEY_NAMES.get(dim, dim))

@@ -672,6 +672,11 @@ class StudyLogger(tune.Callback):
         assert self.box is not None
         self.box.flush(force)
         self.flushed = time.monotonic()
+        self._log_due_inputs()
+
+    def _log_due_inputs(self) -> None:
+        """The inputs of the runs created since the last delivery."""
+        assert self.box is not None
         due = [m for m in self.inputs_due if m in self.box.run_ids]
         if due:
             self.inputs_due = [m for m in self.inputs_due if m not in self.box.run_ids]
@@ -776,7 +781,7 @@ class StudyLogger(tune.Callback):
                 self._end(mid, "interrupted", {"tpp.status": "interrupted"})
         full = any(s in (self.box.problem or "") for s in NO_SPACE)
         delivered = self.box.drain(5 if full else 60)
-        self._log_inputs([m for m in self.inputs_due if m in self.box.run_ids])
+        self._log_due_inputs()
         if not delivered:
             from study.store import StudyFolder
 
