@@ -15,6 +15,7 @@ import pandas as pd
 from analysis.points import BUDGET, METRICS, PREDICTORS, SPEED, Prepared
 
 _TOL = 1e-9
+PROFILE_DELTAS = (1.0, 2.0, 5.0)  # the robust window at these tolerances is tabulated (points)
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,29 @@ def robust_window(lrs: np.ndarray, accs: np.ndarray, diverged: np.ndarray, delta
     return next((w for has_best, w in ties if has_best), ties[0][1])
 
 
+def lr_regret(lrs: np.ndarray, accs: np.ndarray, diverged: np.ndarray) -> float:
+    """The mean, over the LR range in log10 LR, of (best accuracy − accuracy), in accuracy points: what
+    picking the LR blindly from the range loses on average. Trapezoid between the non-diverged points
+    (sorted by LR), divided by the width of their range; NaN with fewer than two such points.
+
+    For a curve with one peak this is the area above its robustness profile (the window width as a
+    function of δ), divided by the range: it summarises every δ at once."""
+    ok = ~diverged
+    if ok.sum() < 2:
+        return np.nan
+    x, y = np.log10(lrs[ok]), accs[ok]
+    width = float(x[-1] - x[0])
+    if width <= 0:
+        return np.nan
+    gap = float(y.max()) - y
+    return float(np.sum((gap[1:] + gap[:-1]) * np.diff(x)) / 2.0 / width)
+
+
+def profile(lrs: np.ndarray, accs: np.ndarray, diverged: np.ndarray, deltas: np.ndarray) -> np.ndarray:
+    """The robustness profile: the robust-window width (decades) at each tolerance in `deltas`."""
+    return np.array([robust_window(lrs, accs, diverged, float(d)).decades for d in deltas], dtype=float)
+
+
 def acc_at(lrs: np.ndarray, accs: np.ndarray, diverged: np.ndarray, target: float,
            rel_tol: float) -> tuple[float, str]:
     """Accuracy at LR `target` and how it was obtained: "exact" (a point within `rel_tol`),
@@ -151,6 +175,7 @@ def curve_table(prep: Prepared, *, lrs: tuple[float, float] = (1e-3, 1e-2),
         s_max, d_min = stable_range(x, div)
         s_range, s_std = stable_spread(x, y, s_max)
         w = robust_window(x, y, div, delta)
+        fixed = {d: robust_window(x, y, div, d) for d in PROFILE_DELTAS}
         a, how_a = acc_at(x, y, div, lrs[0], prep.lr_axis.rel_tol)
         b, how_b = acc_at(x, y, div, lrs[1], prep.lr_axis.rel_tol)
         first = c.iloc[0]
@@ -162,10 +187,15 @@ def curve_table(prep: Prepared, *, lrs: tuple[float, float] = (1e-3, 1e-2),
                    window_lr_lo=w.lr_lo, window_lr_hi=w.lr_hi, window_n=w.n, window_open=w.open,
                    window_edge_lo=w.lo, window_edge_hi=w.hi, stable_range=s_range, stable_std=s_std,
                    lr_a=lrs[0], lr_b=lrs[1], acc_a=a, acc_b=b, acc_a_how=how_a, acc_b_how=how_b,
-                   acc_diff=a - b, acc_diff_how=_how(how_a, how_b))
-        for p in (*PREDICTORS, *BUDGET, *SPEED):
-            row[p] = float(c[p].mean()) if c[p].notna().any() else np.nan
+                   acc_diff=a - b, acc_diff_how=_how(how_a, how_b), lr_regret=lr_regret(x, y, div))
+        for d, wd in fixed.items():
+            row[window_col(d)] = wd.decades
+            row[window_col(d) + "_open"] = wd.open
         ok = c[~c["diverged"]]
+        for p in (*PREDICTORS, *SPEED):
+            row[p] = float(c[p].mean()) if c[p].notna().any() else np.nan
+        for p in BUDGET:  # the budget of the members that ran to the end (a diverged one stopped early)
+            row[p] = float(ok[p].mean()) if ok[p].notna().any() else np.nan
         for m in metrics:
             row[f"top_{m}"] = float(ok[m].max()) if ok[m].notna().any() else np.nan
         rows.append(row)
@@ -173,6 +203,13 @@ def curve_table(prep: Prepared, *, lrs: tuple[float, float] = (1e-3, 1e-2),
             "diverged_share", "lr_stable_max", "lr_diverge_min", "best_acc", "best_lr", "window_decades",
             "window_lr_lo", "window_lr_hi", "window_n", "window_open", "window_edge_lo", "window_edge_hi",
             "stable_range", "stable_std", "lr_a", "lr_b", "acc_a", "acc_b", "acc_a_how", "acc_b_how",
-            "acc_diff", "acc_diff_how", *PREDICTORS, *BUDGET, *SPEED,
+            "acc_diff", "acc_diff_how", "lr_regret",
+            *[c for d in PROFILE_DELTAS for c in (window_col(d), window_col(d) + "_open")],
+            *PREDICTORS, *BUDGET, *SPEED,
             *[f"top_{m}" for m in metrics]]
     return pd.DataFrame(rows, columns=cols)
+
+
+def window_col(delta: float) -> str:
+    """The column of the robust window at a fixed tolerance, e.g. ``window_at_2``."""
+    return f"window_at_{delta:g}"

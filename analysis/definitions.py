@@ -20,6 +20,20 @@ DEFINITIONS: list[tuple[str, str]] = [
      "interpolated linearly in log10 LR to where the accuracy crosses best − δ (never past the "
      "ladder's ends or towards a diverged LR; a window reaching an end is marked ≥, a lower bound; a "
      "lone point without a crossing is 0 decades)."),
+    ("LR regret",
+     "the mean, over the curve's LR range in log10 LR (trapezoid between ladder points), of (the curve's "
+     "best accuracy − its accuracy at that LR), in accuracy points: what picking the LR blindly from the "
+     "range loses on average; it needs no tolerance (it is the area above the robustness profile, per "
+     "decade), is computed over the non-diverged LRs, and in a paired comparison both curves of a seed "
+     "are scored over the same LRs, those where neither member diverged; its interval over seeds is the "
+     "one below."),
+    ("robustness profile",
+     "the robust-window width as a function of δ, from 0 to the group's accuracy span (seed mean with its"
+     " interval); the tables give it at δ = 1, 2 and 5 points."),
+    ("primary sensitivity measure",
+     "the one measure the verdict's sensitivity sentence rests on, chosen before looking with "
+     "`--sensitivity` (regret by default, or window at δ, or range); the other measures stay in the "
+     "comparison table as descriptive, each with its interval and p."),
     ("sensitivity in the stable range",
      "max − min (range) and population std of the accuracy over the curve's stable LRs, reported apart"
      " from divergence."),

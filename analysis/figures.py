@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from analysis.fmt import finite, fmt_level, fmt_lr, fmt_pr
 from analysis.labels import KEY_NAMES, color, group_title, levels_text, method_label
@@ -23,6 +24,18 @@ from analysis.trainability import NAMES, OUTCOMES
 
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 _STYLES = ["-", "--", ":", "-."]
+# A method's series (its growth rates, recipe levels) take shades of the method's colour: mixed with black
+# or white by these amounts, so every (method, growth) has a colour of its own and its method's hue.
+_SHADES = [(None, 0.0), ("black", 0.45), ("white", 0.45), ("black", 0.7), ("white", 0.7)]
+LR_TICKS = FuncFormatter(lambda v, _pos: fmt_lr(v))  # 1e-3, 2.2e-2: never 6x10^-2
+
+
+def _shade(base: str, k: int) -> tuple[float, float, float]:
+    to, amount = _SHADES[k % len(_SHADES)]
+    rgb = np.array(to_rgb(base))
+    if to is None:
+        return tuple(rgb)
+    return tuple(rgb + (np.array(to_rgb(to)) - rgb) * amount)
 
 
 class _Skip(Exception):
@@ -47,6 +60,7 @@ class Tables:
     curves: pd.DataFrame
     groups: pd.DataFrame
     lr_points: pd.DataFrame
+    profile: pd.DataFrame
     comparison: pd.DataFrame
     tau: pd.DataFrame
     epochs: pd.DataFrame | None
@@ -66,11 +80,20 @@ class Tables:
                          dtype=object)
 
     def style(self, title: str, method: str) -> dict:
-        """Colour by method; line style and marker by the series' position within its method."""
+        """The series' look in every figure: its method's hue, a shade, a line style and a marker of its
+        own by its position among the method's series (TPP growth 1e-3 and 1e-2 never share a colour)."""
         mine = [t for t in dict.fromkeys(self.series_of(self.groups)) if t.startswith(method_label(method))]
         k = mine.index(title) if title in mine else 0
-        return {"color": color(method), "ls": _STYLES[k % len(_STYLES)],
+        return {"color": _shade(color(method), k), "ls": _STYLES[k % len(_STYLES)],
                 "marker": _MARKERS[k % len(_MARKERS)]}
+
+    def series_handles(self, frame: pd.DataFrame) -> list[Line2D]:
+        """One legend entry per series present in `frame`, in its look."""
+        out = []
+        for s, r in frame.assign(_s=self.series_of(frame)).groupby("_s", sort=False):
+            st = self.style(s, r["method"].iloc[0])
+            out.append(Line2D([], [], color=st["color"], ls=st["ls"], marker=st["marker"], label=s))
+        return out
 
     def band_note(self) -> str:
         n = self.prep.n_seeds
@@ -140,7 +163,7 @@ def fig_acc_vs_lr(t: Tables):
         bars = fig.add_subplot(grid[2 * (k // ncols) + 1, k % ncols], sharex=ax)
         first = first or ax
         rows = rows.assign(_s=t.series_of(rows))
-        y = 0
+        y, ticks = 0, []
         for s, r in rows.groupby("_s", sort=False):
             r = r.sort_values("lr")
             st = t.style(s, r["method"].iloc[0])
@@ -155,6 +178,7 @@ def fig_acc_vs_lr(t: Tables):
                 if finite(c["window_edge_lo"]):
                     bars.plot([10 ** c["window_edge_lo"], 10 ** c["window_edge_hi"]], [y, y],
                               color=st["color"], lw=3, solid_capstyle="butt")
+                ticks.append((y, f"s{c['seed']}"))
                 y -= 1
         ax.set_xscale("log")
         ax.set_title(title)
@@ -162,19 +186,24 @@ def fig_acc_vs_lr(t: Tables):
         ax.grid(alpha=0.3, which="both")
         ax.tick_params(labelbottom=False)
         bars.set_ylim(y - 0.5, 0.5)
-        bars.set_yticks([])
-        bars.set_ylabel("windows", fontsize=8)
+        bars.set_yticks([v for v, _ in ticks], [lab for _, lab in ticks], fontsize=5)
+        bars.set_ylabel("window\nper seed", fontsize=7)
+        ax.xaxis.set_major_formatter(LR_TICKS)
+        ax.xaxis.set_minor_formatter(NullFormatter())
         bars.grid(alpha=0.3, which="both", axis="x")
         bars.set_xlabel("finetuning LR (log scale)" + ("; markers: the ladder" if ladder else ""))
     handles, labels = first.get_legend_handles_labels()
     handles += [Line2D([], [], color="k", marker="x", ls="none"), Line2D([], [], color="k", lw=3)]
-    labels += ["diverged (that seed)", f"robust window of one seed (within {t.delta:g} of its best)"]
+    labels += ["diverged (that seed)", f"robust window of one seed (accuracy within {t.delta:g} points of "
+               "that seed's best; one row per seed, s0, s1, ...)"]
     fig.legend(handles, labels, fontsize=8, loc="outside lower center", ncols=min(4, len(labels)))
     fig.suptitle(f"{t.name}: accuracy vs finetuning LR ({t.band_note()})")
     return fig, ("Accuracy after finetuning against the finetuning LR, one panel per pruning ratio: the seed "
                  "mean at each LR that ran, the band over seeds, × where a seed diverged; below each panel, "
-                 f"one bar per seed spanning its robust window (accuracy within {t.delta:g} point of that "
-                 "seed's best).")
+                 f"one bar per seed (labelled s0, s1, ...) spanning its robust window (accuracy within "
+                 f"{t.delta:g} points of that seed's best). Each (method, growth) has its own colour and "
+                 "line "
+                 "style in every figure.")
 
 
 def fig_heatmap(t: Tables):
@@ -205,6 +234,9 @@ def fig_heatmap(t: Tables):
     fig, axes = _grid(len(panels), w=max(3.2, 0.9 * len(prs) + 2.4), h=max(3.4, 0.32 * len(lrs) + 1.6))
     vals = pts["acc"].to_numpy(float)
     vmin, vmax = np.nanmin(vals), np.nanmax(vals)
+    diff_mats = [matrix(p[0]) - matrix(p[1]) for _, p in panels if isinstance(p, tuple)]
+    finite_diffs = [np.abs(m[np.isfinite(m)]) for m in diff_mats if np.isfinite(m).any()]
+    lim = float(max(x.max() for x in finite_diffs)) if finite_diffs else 1.0  # one range for every diff
     for ax, (kind, p) in zip(axes, panels, strict=True):
         if kind == "acc":
             mat, div = matrix(p), matrix(p, "n_diverged")
@@ -214,7 +246,6 @@ def fig_heatmap(t: Tables):
         else:
             mat = matrix(p[0]) - matrix(p[1])
             div = matrix(p[0], "n_diverged") + matrix(p[1], "n_diverged")
-            lim = float(np.nanmax(np.abs(mat))) if np.isfinite(mat).any() else 1.0
             im = ax.imshow(mat, origin="lower", aspect="auto", cmap="RdBu", vmin=-(lim or 1), vmax=lim or 1)
             ax.set_title(f"{p[0]} − {p[1]}\n(blue: {p[0].split(' (')[0]} higher)", fontsize=9)
             label = "difference (points)"
@@ -235,16 +266,18 @@ def fig_heatmap(t: Tables):
     fig.suptitle(f"{t.name}: seed-mean {SHORT.get(t.prep.metric, t.prep.metric)} over LR × PR (†: a seed "
                  "diverged there)")
     return fig, ("Seed-mean accuracy at every LR of the ladder and every pruning ratio, per method, and the "
-                 "paired difference to the baseline (same LR, same seeds). † marks cells where a seed "
-                 "diverged.")
+                 "paired difference to the baseline (same LR, same seeds; every difference panel shares one "
+                 "symmetric colour range). † marks cells where a seed diverged.")
 
 
 def fig_window_vs_pr(t: Tables):
     g = t.groups.assign(_s=t.series_of(t.groups))
-    fig, axes = _grid(3, w=4.6)
-    panels = [("window_decades", f"robust window (decades within {t.delta:g} of the best)"),
+    fig, axes = _grid(4, max_cols=4, w=4.3)
+    panels = [("lr_regret", "LR regret (points lost to a blind LR pick)"),
+              ("window_decades", f"robust window (decades within {t.delta:g} points of the best)"),
               ("stable_range", "accuracy range in the stable LRs (points)"),
               ("lr_stable_max", "largest stable LR (each seed; line: every seed)")]
+    censored = False
     for ax, (col, ylabel) in zip(axes, panels, strict=True):
         for s, r in g.groupby("_s", sort=False):
             r = r.sort_values("pr")
@@ -255,21 +288,63 @@ def fig_window_vs_pr(t: Tables):
                     vals = [float(v) for v in str(seeds).split(";") if v != "none"]
                     ax.scatter([pr] * len(vals), vals, color=st["color"], s=12, alpha=0.5)
                 ax.set_yscale("log")
+                shown = sorted({float(v) for x in g["lr_stable_max_seeds"] for v in str(x).split(";")
+                                if v != "none"})
+                ax.set_yticks(shown, [fmt_lr(v) for v in shown])
+                ax.yaxis.set_minor_formatter(NullFormatter())
                 continue
             err = np.vstack([r[col] - r[f"{col}_lo"], r[f"{col}_hi"] - r[col]]).clip(min=0)
             ax.errorbar(r["pr"], r[col], yerr=err, color=st["color"], ls=st["ls"], marker=st["marker"],
                         capsize=3, label=s)
+            if col == "window_decades":  # a window reaching the ladder's end is a lower bound: open, ↑
+                low = r[r["window_open_n"] > 0]
+                censored |= len(low) > 0
+                ax.scatter(low["pr"], low[col], marker=st["marker"], s=70, facecolors="white",
+                           edgecolors=st["color"], zorder=5)
+                for pr, v in zip(low["pr"], low[col], strict=True):
+                    ax.annotate("", (pr, v + 0.15), (pr, v), arrowprops={"arrowstyle": "->",
+                                                                         "color": st["color"]})
         ax.set_xticks(sorted(g["pr"].unique()))
         ax.set_xlabel("pruning ratio")
         ax.set_ylabel(ylabel, fontsize=9)
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=7)
     iv = "95% bootstrap CI" if t.prep.n_seeds >= 5 else f"min–max over {t.prep.n_seeds} seeds"
-    fig.suptitle(f"{t.name}: LR robustness vs pruning ratio (error bars: {iv}; wider window = less "
-                 "sensitive)")
-    return fig, ("Left: the width of the robust LR window (wider = less sensitive to the LR). Middle: how "
-                 "much the accuracy moves inside the stable LR range. Right: the largest LR that did not "
-                 "diverge.")
+    fig.suptitle(f"{t.name}: LR sensitivity vs pruning ratio (error bars: {iv}; lower regret, wider window = "
+                 "less sensitive)")
+    return fig, ("From the left: the LR regret (the mean accuracy lost by picking the LR blindly from the "
+                 "ladder; lower = less sensitive, no tolerance), the robust LR window (wider = less "
+                 "sensitive" + ("; open markers with an arrow: some seed's window reaches an end of the "
+                                "ladder, so the value is a lower bound" if censored else "") + "), how much "
+                 "the accuracy moves inside the stable LR range, and the largest LR that did not diverge.")
+
+
+def fig_profile(t: Tables):
+    prof = t.profile
+    if prof.empty or prof["delta"].nunique() < 2:
+        raise _Skip("no curve spans more than one accuracy level")
+    strata = _strata(t, prof)
+    fig, axes = _grid(len(strata), w=4.8, h=3.6)
+    for ax, (title, rows) in zip(axes, strata, strict=True):
+        for s, r in rows.assign(_s=t.series_of(rows)).groupby("_s", sort=False):
+            r = r.sort_values("delta")
+            st = t.style(s, r["method"].iloc[0])
+            ax.plot(r["delta"], r["window"], color=st["color"], ls=st["ls"], lw=1.6, label=s)
+            if (r["hi"] > r["lo"]).any():
+                ax.fill_between(r["delta"], r["lo"], r["hi"], color=st["color"], alpha=0.15, lw=0)
+        for d in (1, 2, 5):
+            ax.axvline(d, color="gray", lw=0.6, ls=":")
+        ax.set_title(title)
+        ax.set_xlabel("tolerance δ (accuracy points below each seed's best)")
+        ax.set_ylabel("robust LR window (decades)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{t.name}: robustness profile, the robust window at every tolerance ({t.band_note()})")
+    return fig, ("The robust LR window as a function of the tolerance δ, from 0 to the group's accuracy "
+                 "span: "
+                 "higher and further left is less sensitive to the LR. The LR regret is the area above a "
+                 "curve (up to the ladder's width), so it summarises every δ at once; dotted lines: the δ = "
+                 "1, 2, 5 points of the tables.")
 
 
 def fig_trainability(t: Tables):
@@ -283,9 +358,11 @@ def fig_trainability(t: Tables):
     for i, y in enumerate(OUTCOMES):
         for j, x in enumerate(preds):
             ax = axes[i, j]
-            for m, c in t.curves.groupby("method", sort=False):
+            for ser, c in t.curves.assign(_s=t.series_of(t.curves)).groupby("_s", sort=False):
+                st = t.style(ser, c["method"].iloc[0])
                 for pr, cc in c.groupby("pr"):
-                    ax.scatter(cc[x], cc[y], color=color(m), marker=_MARKERS[prs.index(pr) % len(_MARKERS)],
+                    ax.scatter(cc[x], cc[y], color=st["color"],
+                               marker=_MARKERS[prs.index(pr) % len(_MARKERS)],
                                s=22, alpha=0.8)
             r = tau[(tau["predictor"] == x) & (tau["outcome"] == y)].iloc[0]
             txt = (f"τ = {r['tau']:+.2f} [{r['lo']:+.2f}, {r['hi']:+.2f}], n = {int(r['n'])}"
@@ -293,11 +370,11 @@ def fig_trainability(t: Tables):
             ax.set_title(txt, fontsize=9)
             if x == "jsv_after_removal_mean" and (t.curves[x] > 0).all():
                 ax.set_xscale("log")
-            ax.set_xlabel(NAMES[x])
-            ax.set_ylabel(NAMES[y])
+            ax.set_xlabel(NAMES[x] + (" (%)" if x == "acc_after_removal" else ""))
+            ax.set_ylabel(NAMES[y] + (" (%)" if y == "best_acc" else ""))
             ax.grid(alpha=0.3, which="both")
-    handles = [Line2D([], [], color=color(m), marker="o", ls="none", label=method_label(m))
-               for m in dict.fromkeys(t.curves["method"])]
+    handles = [Line2D([], [], color=h.get_color(), marker="o", ls="none", label=h.get_label())
+               for h in t.series_handles(t.curves)]
     handles += [Line2D([], [], color="gray", marker=_MARKERS[k % len(_MARKERS)], ls="none",
                        label=f"PR {fmt_pr(p)}") for k, p in enumerate(prs)]
     axes[0, 0].legend(handles=handles, fontsize=7)
@@ -370,7 +447,8 @@ def fig_recipe(t: Tables):
                     continue
                 r = r.assign(_x=[levels.index(v) for v in r[dim]]).sort_values("_x")
                 err = np.vstack([r[col] - r[f"{col}_lo"], r[f"{col}_hi"] - r[col]]).clip(min=0)
-                ax.errorbar(r["_x"], r[col], yerr=err, color=color(m), capsize=3,
+                st = t.style(group_title(r.iloc[0], t.prep.keys), m)
+                ax.errorbar(r["_x"], r[col], yerr=err, color=st["color"], capsize=3,
                             marker=_MARKERS[sorted(g["pr"].unique()).index(pr) % len(_MARKERS)],
                             linestyle=_STYLES[combos.index(tuple(map(str, rest))) % len(_STYLES)],
                             label=f"{method_label(m)}, " + levels_text(r.iloc[0], ["pr", *others]))
@@ -380,9 +458,11 @@ def fig_recipe(t: Tables):
             ax.grid(alpha=0.3)
             if ax.lines:
                 ax.legend(fontsize=7)
-    fig.suptitle(f"{t.name}: robust window and Acc. diff against the penalty growth and the finetuning "
-                 "recipe")
-    return fig, "How the robust LR window and the paper's Acc. diff change with each varied dimension."
+    names = " and ".join(["the penalty growth"] * ("growth" in dims)
+                         + ["the finetuning recipe"] * any(d != "growth" for d in dims))
+    fig.suptitle(f"{t.name}: robust window and Acc. diff against {names}")
+    return fig, (f"How the robust LR window and the paper's Acc. diff change with {names}; a line joins "
+                 "groups that differ in that dimension alone.")
 
 
 def fig_budget(t: Tables):
@@ -392,18 +472,20 @@ def fig_budget(t: Tables):
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.subplots()
     prs = sorted(c["pr"].unique())
-    for m, r in c.groupby("method", sort=False):
+    for ser, r in c.assign(_s=t.series_of(c)).groupby("_s", sort=False):
+        st = t.style(ser, r["method"].iloc[0])
         for pr, rr in r.groupby("pr"):
-            ax.scatter(rr["iters_total"], rr["best_acc"], color=color(m),
-                       marker=_MARKERS[prs.index(pr) % len(_MARKERS)],
-                       label=f"{method_label(m)}, PR {fmt_pr(pr)}")
+            ax.scatter(rr["iters_total"], rr["best_acc"], color=st["color"],
+                       marker=_MARKERS[prs.index(pr) % len(_MARKERS)], label=f"{ser}, PR {fmt_pr(pr)}")
     ax.set_xscale("log")
-    ax.set_xlabel("total iterations of the member (prune + finetune, log scale)")
+    ax.set_xlabel("total iterations of its members that ran to the end (prune + finetune, log scale)")
     ax.set_ylabel(f"best {SHORT.get(t.prep.metric, t.prep.metric)} over the ladder (%)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     ax.set_title(f"{t.name}: accuracy vs compute budget (one point per curve)", fontsize=10)
-    return fig, "Best accuracy over the LR ladder against the iterations spent pruning and finetuning."
+    return fig, ("Best accuracy over the LR ladder against the iterations spent pruning and finetuning, "
+                 "counted over each curve's members that ran to the end (a diverged member stops early and "
+                 "would pull the mean below the budget every completed run had).")
 
 
 def fig_speed(t: Tables):
@@ -417,11 +499,12 @@ def fig_speed(t: Tables):
     fig, axes = _grid(len(axes_of), max_cols=3, w=4.6, h=3.8)
     prs = sorted(c["pr"].unique())
     for ax, (key, label) in zip(axes, axes_of, strict=True):
-        for m, r in c.groupby("method", sort=False):
+        for ser, r in c.assign(_s=t.series_of(c)).groupby("_s", sort=False):
+            st = t.style(ser, r["method"].iloc[0])
             for pr, rr in r.groupby("pr"):
                 marker = _MARKERS[prs.index(pr) % len(_MARKERS)]
-                ax.scatter(rr[key], rr["best_acc"], color=color(m), marker=marker,
-                           label=f"{method_label(m)}, PR {fmt_pr(pr)}")
+                ax.scatter(rr[key], rr["best_acc"], color=st["color"], marker=marker,
+                           label=f"{ser}, PR {fmt_pr(pr)}")
         ax.set_xlabel(f"{label} (x)")
         ax.set_ylabel(f"best {SHORT.get(t.prep.metric, t.prep.metric)} (%)")
         ax.grid(alpha=0.3)
@@ -433,6 +516,7 @@ def fig_speed(t: Tables):
 
 FIGURES = {
     "acc_vs_lr": fig_acc_vs_lr,
+    "robustness_profile": fig_profile,
     "heatmap_lr_pr": fig_heatmap,
     "window_vs_pr": fig_window_vs_pr,
     "trainability": fig_trainability,

@@ -13,11 +13,13 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
-from analysis.curves import curve_table
+from analysis.curves import PROFILE_DELTAS, curve_table, profile, robust_window, window_col
 from analysis.points import PREDICTORS, Prepared, sort_groups
 from analysis.stats import interval
 
-SEED_MEASURES = ("best_acc", "window_decades", "stable_range", "stable_std", "acc_diff", "diverged_share")
+SEED_MEASURES = ("best_acc", "lr_regret", "window_decades", *(window_col(d) for d in PROFILE_DELTAS),
+                 "stable_range", "stable_std", "acc_diff", "diverged_share")
+PROFILE_POINTS = 41  # tolerances per group in the robustness profile
 
 
 def lr_list(values) -> str:
@@ -50,7 +52,8 @@ def group_table(prep: Prepared, curves: pd.DataFrame | None = None, *,
     ``stable_std``, ``acc_diff``, ``diverged_share``) the mean over seeds and ``_lo``/``_hi``/``_n``;
     ``interval`` (bootstrap95 | range | single); ``lr_stable_max`` (the largest LR stable in every seed,
     NaN when some seed has none) with ``lr_stable_max_seeds``; ``best_lr_mode`` and ``best_lr_seeds``;
-    ``window_open_n`` (seeds whose window reaches an end of the ladder: a lower bound);
+    ``window_open_n`` (seeds whose window reaches an end of the ladder: a lower bound; likewise
+    ``window_at_<δ>_open_n`` for the windows at δ = 1, 2, 5 points);
     ``acc_diff_how``; ``lr_effect_sd`` / ``lr_effect_n``; ``lr_min``/``lr_max``/``n_lrs`` (LRs that ran)."""
     curves = curve_table(prep, lrs=lrs, delta=delta) if curves is None else curves
     rows = []
@@ -75,6 +78,8 @@ def group_table(prep: Prepared, curves: pd.DataFrame | None = None, *,
         row["best_lr_mode"] = _mode_lr(list(c["best_lr"]))
         row["best_lr_seeds"] = lr_list(c["best_lr"])
         row["window_open_n"] = int((c["window_open"].fillna("") != "").sum())
+        for d in PROFILE_DELTAS:
+            row[window_col(d) + "_open_n"] = int((c[window_col(d) + "_open"].fillna("") != "").sum())
         hows = set(c["acc_diff_how"])
         row["acc_diff_how"] = hows.pop() if len(hows) == 1 else "mixed"
         pts = prep.points[prep.points["group"] == group]
@@ -124,4 +129,32 @@ def lr_points(prep: Prepared, *, n_grid: int = 25) -> pd.DataFrame:
                 rows.append({**base, "group": group, "lr": float(lr), "how": "interpolated", "n": iv.n,
                              "n_diverged": np.nan, "acc": iv.mean, "lo": iv.lo, "hi": iv.hi,
                              "interval": iv.kind, "acc_stable": iv.mean, "metric": prep.metric})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def profile_table(prep: Prepared, *, n: int = PROFILE_POINTS) -> pd.DataFrame:
+    """The robustness profile per group: the robust-window width (decades) at `n` tolerances δ from 0 to
+    the group's accuracy span (its largest best − worst over seeds, non-diverged LRs), one row per
+    (group, δ) with the seed mean, its interval (``lo``/``hi``, ``interval``) and ``n_open`` (seeds whose
+    window at that δ reaches an end of the ladder: a lower bound)."""
+    cols = [*prep.keys, "group", "delta", "window", "lo", "hi", "n", "interval", "n_open"]
+    rows = []
+    for group in prep.groups()["group"]:
+        g = prep.points[prep.points["group"] == group]
+        curves = []
+        for _, c in g.groupby("seed"):
+            c = c.sort_values("lr")
+            curves.append((c["lr"].to_numpy(float), c["acc"].to_numpy(float), c["diverged"].to_numpy(bool)))
+        spans = [float(np.ptp(a[~d])) for _, a, d in curves if (~d).any()]
+        span = max(spans, default=0.0)
+        deltas = np.linspace(0.0, span, n) if span > 0 else np.array([0.0])
+        widths = np.array([profile(x, a, d, deltas) for x, a, d in curves])
+        opens = np.array([[robust_window(x, a, d, float(t)).open != "" for t in deltas]
+                          for x, a, d in curves])
+        first = g.iloc[0]
+        for j, t in enumerate(deltas):
+            iv = interval(widths[:, j])
+            rows.append({**{k: first[k] for k in prep.keys}, "group": group, "delta": float(t),
+                         "window": iv.mean, "lo": iv.lo, "hi": iv.hi, "n": iv.n, "interval": iv.kind,
+                         "n_open": int(opens[:, j].sum())})
     return pd.DataFrame(rows, columns=cols)

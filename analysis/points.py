@@ -208,6 +208,10 @@ def prepare(data: StudyData | pd.DataFrame, metric: str = "auto", *, rel_tol: fl
     need = [c for c in ("method", "status", "lr") if c not in trials]
     if need:
         raise ValueError(f"trials: missing column(s) {', '.join(need)} (is this a tpp-study?)")
+    unknown = [k for k in group_by if k not in trials]
+    if unknown:
+        raise ValueError(f"group_by: {unknown[0]!r} is not a parameter of this study's runs; accepted: "
+                         + ", ".join(sorted(p for p in params if p in trials)))
     df = trials.copy()
     for col in ("pr", "growth"):
         df[col] = pd.to_numeric(df[col], errors="coerce") if col in df else np.nan

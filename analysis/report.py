@@ -2,9 +2,10 @@
 study config) plus the CSV tables every stated number comes from, logged to the study's parent run under
 ``report/``.
 
-Files written next to ``report.html``: members.csv (every member run), curves.csv (one row per curve),
-groups.csv (per group, over seeds), lr_points.csv (per group and LR), comparison.csv (paired
-differences), trainability.csv (Kendall τ), paper_table.csv/.md, summary.md, figures/*.png.
+Files written next to ``report.html``: members.csv (every member run), points.csv (one row per group,
+seed and LR: what every measure reads), curves.csv (one row per curve), groups.csv (per group, over
+seeds), lr_points.csv (per group and LR), profile.csv (the robustness profile per group), comparison.csv
+(paired differences), trainability.csv (Kendall τ), paper_table.csv/.md, summary.md, figures/*.png.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from analysis.definitions import DEFINITIONS
 from analysis.figures import Tables, make_figures
 from analysis.fmt import fmt_lr
 from analysis.load import StudyData, client_for, load_study
-from analysis.measures import group_table, lr_points
+from analysis.measures import group_table, lr_points, profile_table
 from analysis.points import Prepared, prepare
 from analysis.summary import Summary, summarize
 from analysis.tables import (
@@ -64,6 +65,7 @@ class Results:
     curves: pd.DataFrame
     groups: pd.DataFrame
     lr_points: pd.DataFrame
+    profile: pd.DataFrame
     comparison: pd.DataFrame
     tau: pd.DataFrame
     paper_curves: pd.DataFrame
@@ -86,18 +88,19 @@ def check_methods(prep: Prepared, baseline: str, methods: Sequence[str] | None) 
 
 def analyze(data: StudyData, *, lrs: tuple[float, float] = (1e-3, 1e-2), metric: str = "auto",
             baseline: str = "l1", methods: Sequence[str] | None = None, delta: float = 1.0,
-            group_by: Sequence[str] = ()) -> Results:
-    """All tables of the report for a loaded study (no files written)."""
+            group_by: Sequence[str] = (), sensitivity: str = "regret") -> Results:
+    """All tables of the report for a loaded study (no files written). `sensitivity`: the primary
+    sensitivity measure of the verdict (regret | window | range)."""
     prep = prepare(data, metric, group_by=group_by)
     if prep.points.empty:
         empty = pd.DataFrame()
-        return Results(prep, empty, empty, empty, empty, empty, empty, empty,
+        return Results(prep, empty, empty, empty, empty, empty, empty, empty, empty,
                        summarize(prep, data.progress, empty, empty, empty, empty, baseline=baseline, lrs=lrs,
                                  delta=delta))
     check_methods(prep, baseline, methods)
     curves = curve_table(prep, lrs=lrs, delta=delta)
     groups = group_table(prep, curves, lrs=lrs, delta=delta)
-    cmp = comparison_table(prep, curves, baseline=baseline, methods=methods)
+    cmp = comparison_table(prep, curves, baseline=baseline, methods=methods, sensitivity=sensitivity)
     tau = trainability_table(curves)
     if prep.metric == "best_acc":
         paper_curves, paper_groups = curves, groups
@@ -107,13 +110,15 @@ def analyze(data: StudyData, *, lrs: tuple[float, float] = (1e-3, 1e-2), metric:
         paper_groups = group_table(paper_prep, paper_curves, lrs=lrs, delta=delta)
     summary = summarize(prep, data.progress, groups, curves, cmp, tau, baseline=baseline, lrs=lrs,
                         delta=delta)
-    return Results(prep, curves, groups, lr_points(prep), cmp, tau, paper_curves, paper_groups, summary)
+    return Results(prep, curves, groups, lr_points(prep), profile_table(prep), cmp, tau, paper_curves,
+                   paper_groups, summary)
 
 
 def build_report(study: str | StudyData, tracking_uri: str | None = None, out_dir: str | Path | None = None,
                  *, lrs: tuple[float, float] = (1e-3, 1e-2), metric: str = "auto", baseline: str = "l1",
                  methods: Sequence[str] | None = None, delta: float = 1.0, group_by: Sequence[str] = (),
-                 log: bool = True, progress: Callable[[str], None] | None = None) -> Path:
+                 sensitivity: str = "regret", log: bool = True,
+                 progress: Callable[[str], None] | None = None) -> Path:
     """Build the report of `study` (a name, parent run id or a loaded StudyData) into `out_dir`
     (default ``reports/<study>``); log it to the parent run under ``report/`` unless `log` is False.
     Returns the path of ``report.html``."""
@@ -131,7 +136,7 @@ def build_report(study: str | StudyData, tracking_uri: str | None = None, out_di
         say(f"  missing: {line}")
     say("computing measures")
     res = analyze(data, lrs=lrs, metric=metric, baseline=baseline, methods=methods, delta=delta,
-                  group_by=group_by)
+                  group_by=group_by, sensitivity=sensitivity)
     out = Path(out_dir) if out_dir is not None else Path("reports") / data.name
     out.mkdir(parents=True, exist_ok=True)
     notes = list(dict.fromkeys([*data.notes, *res.prep.notes]))
@@ -140,8 +145,8 @@ def build_report(study: str | StudyData, tracking_uri: str | None = None, out_di
             f"accuracy: {res.prep.metric}")
     sections = _write_tables(out, data, res)
     say("drawing figures")
-    figs = make_figures(Tables(data.name, res.prep, res.curves, res.groups, res.lr_points, res.comparison,
-                               res.tau, data.epochs, delta), out / "figures")
+    figs = make_figures(Tables(data.name, res.prep, res.curves, res.groups, res.lr_points, res.profile,
+                               res.comparison, res.tau, data.epochs, delta), out / "figures")
     notes += figs.notes
     say(f"  {len(figs.paths)} figure(s) written" + (f", {len(figs.notes)} skipped" if figs.notes else ""))
     (out / "summary.md").write_text("## Verdict\n\n" + "".join(f"- {x}\n" for x in res.summary.verdict)
@@ -173,7 +178,8 @@ def _write_tables(out: Path, data: StudyData, res: Results) -> dict[str, str]:
     if res.curves.empty:
         return {}
     keys = res.prep.keys
-    for name, frame in (("curves", res.curves), ("groups", res.groups), ("lr_points", res.lr_points),
+    for name, frame in (("points", res.prep.points), ("curves", res.curves), ("groups", res.groups),
+                        ("lr_points", res.lr_points), ("profile", res.profile),
                         ("comparison", res.comparison), ("trainability", res.tau)):
         frame.to_csv(out / f"{name}.csv", index=False)
     metric = res.prep.metric
@@ -190,7 +196,10 @@ def _write_tables(out: Path, data: StudyData, res: Results) -> dict[str, str]:
         "Paired comparisons (comparison.csv)":
             _table(out, "comparison_text", comparison_text(res.comparison, keys))
             + f"<p class='meta'>{acc} method − baseline per shared seed; p: exact sign-flip test; outcome "
-              "higher/lower only when p < 0.05 and the interval excludes 0.</p>",
+              "higher/lower only when p < 0.05 and the interval excludes 0. The row marked primary is the "
+              "measure the verdict rests on (--sensitivity); the others are descriptive. LR regret pairs "
+              "both curves of a seed over the same LRs (where neither diverged); ≥ marks windows that reach "
+              "an end of the ladder (lower bounds).</p>",
         "Paired accuracy difference at each LR (comparison.csv, measure acc_at_lr)":
             _table(out, "lr_comparison_text", lr_comparison_text(res.comparison, keys))
             + f"<p class='meta'>{acc} method − baseline at the same LR and seed, mean over seeds (p: "

@@ -19,11 +19,21 @@ from analysis.stats import ALPHA, MIN_BOOT, min_pairs, p_floor
 from analysis.trainability import NAMES
 
 IVL = {"bootstrap95": "95% CI", "range": "range over seeds"}
-WINDOW_WORDS = {"higher": "{m}'s robust window is wider: less sensitive to the LR",
-                "lower": "{m}'s robust window is narrower: more sensitive to the LR",
-                "tie": "no detectable difference in LR sensitivity"}
+SENS_WORDS = {"less sensitive": "{m} is less sensitive to the LR",
+              "more sensitive": "{m} is more sensitive to the LR",
+              "tie": "no detectable difference in LR sensitivity"}
 ACC_WORDS = {"higher": "{m} is more accurate", "lower": "{m} is less accurate",
              "tie": "no detectable difference in best accuracy"}
+
+
+def primary_name(measure: str, delta: float) -> str:
+    """How a verdict names its primary sensitivity measure."""
+    return {"lr_regret": "LR regret", "stable_range": "accuracy range over the stable LRs",
+            "window_decades": f"robust window at δ = {_points(delta)}"}[measure]
+
+
+def _unit(measure: str) -> tuple[str, object]:
+    return ("decades", fmt_dec) if measure == "window_decades" else ("points", fmt_acc)
 
 
 @dataclass
@@ -56,17 +66,25 @@ def _where(row: pd.Series, keys: list[str], groups: pd.DataFrame) -> str:
 
 def verdict_lines(prep: Prepared, groups: pd.DataFrame, comparison: pd.DataFrame, *, baseline: str,
                   delta: float, alpha: float = ALPHA) -> list[str]:
-    """One sentence per compared (method group, baseline group), after two lines saying how to read them."""
+    """One sentence per compared (method group, baseline group), after the lines saying how to read them.
+    The sensitivity part rests on the comparison's primary measure alone (``primary`` rows)."""
     b_lab = method_label(baseline)
-    seed_rows = comparison[comparison["measure"].isin(["window_decades", "best_acc"])]
-    if seed_rows.empty:
+    seed_rows = comparison[comparison["primary"].astype(bool) | (comparison["measure"] == "best_acc")]
+    if seed_rows.empty or not comparison["primary"].astype(bool).any():
         others = sorted(set(groups["method"]) - {baseline})
         why = ("the study has no other method" if not others
                else "no group of another method matches one of it")
         return [f"No paired comparison with {b_lab}: {why}."]
-    lines = [f"Paired comparison with {b_lab} (same LR ladder and seeds; accuracy: {prep.metric}; δ = "
-             f"{_points(delta)}): a direction is stated only when the exact sign-flip test gives "
-             f"p < {alpha:g} and the interval excludes 0."]
+    measure = str(comparison.loc[comparison["primary"].astype(bool), "measure"].iloc[0])
+    lines = [f"Paired comparison with {b_lab} (same LR ladder and seeds; accuracy: {prep.metric}; primary "
+             f"sensitivity measure: {primary_name(measure, delta)}, chosen before the analysis with "
+             f"--sensitivity; the other measures are descriptive, in the comparison table): a direction is "
+             f"stated only when the exact sign-flip test gives p < {alpha:g} and the interval excludes 0. "
+             f"Both must hold: an interval can exclude 0 while p cannot fall below 2/2^n with n seeds, so a "
+             f"claim needs at least {min_pairs(alpha)} seeds."]
+    if measure == "window_decades":
+        lines.append("A window marked ≥ reaches an end of the LR ladder: it is a lower bound (a ladder "
+                     "extended past that end measures it).")
     ns = sorted({int(n) for n in seed_rows["n"] if n >= 1})
     if ns and ns[0] < MIN_BOOT:
         n_txt = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
@@ -77,27 +95,29 @@ def verdict_lines(prep: Prepared, groups: pd.DataFrame, comparison: pd.DataFrame
                      f"so no difference can be declared (that takes ≥ {min_pairs(alpha)} seeds)")
         lines.append(line + ".")
     for _, rows in seed_rows.groupby(["group", "baseline_group"], sort=False):
-        lines.append(_verdict(rows.set_index("measure"), prep.keys, groups, delta))
+        lines.append(_verdict(rows.set_index("measure"), measure, prep.keys, groups, delta))
     return lines
 
 
-def _verdict(r: pd.DataFrame, keys: list[str], groups: pd.DataFrame, delta: float) -> str:
-    w, a = r.loc["window_decades"], r.loc["best_acc"]
+def _verdict(r: pd.DataFrame, measure: str, keys: list[str], groups: pd.DataFrame, delta: float) -> str:
+    w, a = r.loc[measure], r.loc["best_acc"]
     where = _where(w, keys, groups)
     m_lab, b_lab = method_label(w["method"]), method_label(w["baseline"])
+    name, (unit, fmt) = primary_name(measure, delta), _unit(measure)
     n = int(w["n"])
     if n == 0:
         return f"{where}: cannot compare: {m_lab} and {b_lab} share no seed with a finished curve."
-    wm = _ge(fmt_dec(w["method_mean"]), w["method_open"])
-    wb = _ge(fmt_dec(w["baseline_mean"]), w["baseline_open"])
+    wm, wb = fmt(w["method_mean"]), fmt(w["baseline_mean"])
+    if measure == "window_decades":
+        wm, wb = _ge(wm, w["method_open"]), _ge(wb, w["baseline_open"])
     if n == 1:
-        return (f"{where}: only 1 shared seed ({m_lab} {wm} vs {b_lab} {wb} decades within {_points(delta)} "
-                f"of the best; best accuracy {fmt_acc(a['method_mean'])}% vs "
-                f"{fmt_acc(a['baseline_mean'])}%): one seed supports no claim.")
-    return (f"{where}: {m_lab} stays within {_points(delta)} of its best over {wm} decades of LR vs {wb} for "
-            f"{b_lab} (difference {fmt_dec(w['diff'], True)} decades, {IVL[w['interval']]} "
-            f"{fmt_dec(w['lo'], True)} to {fmt_dec(w['hi'], True)}, p = {fmt_p(w['p'])}, {n} seeds): "
-            f"{WINDOW_WORDS[w['outcome']].format(m=m_lab)}; best accuracy {fmt_acc(a['method_mean'])}% vs "
+        return (f"{where}: only 1 shared seed ({name} {wm} vs {wb} {unit}; best accuracy "
+                f"{fmt_acc(a['method_mean'])}% vs {fmt_acc(a['baseline_mean'])}%): one seed supports no "
+                "claim.")
+    return (f"{where}: {name}, the primary measure, is {wm} {unit} for {m_lab} vs {wb} for {b_lab} "
+            f"(difference {fmt(w['diff'], True)} {unit}, {IVL[w['interval']]} {fmt(w['lo'], True)} to "
+            f"{fmt(w['hi'], True)}, p = {fmt_p(w['p'])}, {n} seeds): "
+            f"{SENS_WORDS[w['sensitivity']].format(m=m_lab)}; best accuracy {fmt_acc(a['method_mean'])}% vs "
             f"{fmt_acc(a['baseline_mean'])}% (difference {fmt_acc(a['diff'], True)} points, "
             f"{IVL[a['interval']]} {fmt_acc(a['lo'], True)} to {fmt_acc(a['hi'], True)}, "
             f"p = {fmt_p(a['p'])}): {ACC_WORDS[a['outcome']].format(m=m_lab)}.")
@@ -107,10 +127,10 @@ def _verdict(r: pd.DataFrame, keys: list[str], groups: pd.DataFrame, delta: floa
 
 def progress_line(p: Progress) -> str:
     of = f" of {p.planned} planned" if p.planned is not None else ""
-    extra = "".join(f", {k} {name}" for k, name in ((p.interrupted, "interrupted"),
-                                                     (p.running, "still running")) if k)
+    unmeasured = ", ".join(f"{k} {name}" for k, name in ((p.failed, "failed"), (p.interrupted, "interrupted"),
+                                                          (p.running, "still running")) if k)
     return (f"The study holds {p.finished} finished member runs{of} ({p.completed} completed, {p.diverged} "
-            f"diverged); {p.failed} failed{extra} (not measured).")
+            f"diverged)" + (f"; {unmeasured} (not measured)." if unmeasured else "; none failed."))
 
 
 def design_line(prep: Prepared, curves: pd.DataFrame) -> str:
@@ -132,7 +152,8 @@ def metric_line(prep: Prepared) -> str:
     line = (f"Accuracy in every table but the paper table: {prep.metric} = "
             f"{METRICS.get(prep.metric, prep.metric)}.")
     if prep.metric != "best_acc":
-        line += " The paper table uses best_acc (max test accuracy over epochs, the paper's convention)."
+        line += (" The paper table uses best_acc (max test accuracy over epochs, the paper's convention), so "
+                 "its Acc. diff rows differ from the Acc. diff below, which uses " + prep.metric + ".")
     return line
 
 
@@ -143,7 +164,8 @@ def _group_clause(g: pd.Series, keys: list[str], shown: list[str]) -> str:
     window = _ge(fmt_dec(g["window_decades"]), g["window_open_n"])
     return (f"{group_title(g, keys, shown)}: {stable} ({fmt_share(g['diverged_members_share'])} of members "
             f"diverged); best {fmt_acc(g['best_acc'])}% (best LR per seed: {seeds}); robust window {window} "
-            f"decades; accuracy range in the stable range {fmt_acc(g['stable_range'])} points; LR main "
+            f"decades; LR regret {fmt_acc(g['lr_regret'])} points; accuracy range in the stable range "
+            f"{fmt_acc(g['stable_range'])} points; LR main "
             f"effect {fmt_acc(g['lr_effect_sd'])} points.")
 
 
@@ -169,8 +191,9 @@ def acc_diff_line(groups: pd.DataFrame, keys: list[str], lrs: tuple[float, float
         vals = ", ".join(f"{group_title(g, keys, by)} {fmt_acc(g['acc_diff'], True)}"
                          for _, g in rows.iterrows())
         parts.append(f"{levels_text(rows.iloc[0], by)}: {vals}")
-    return (f"Paper's Acc. diff = acc({fmt_lr(lrs[0])}) − acc({fmt_lr(lrs[1])}), mean over seeds ({how}): "
-            + "; ".join(parts) + ".")
+    metric = str(groups["metric"].iloc[0])
+    return (f"Paper's Acc. diff = acc({fmt_lr(lrs[0])}) − acc({fmt_lr(lrs[1])}) of {metric}, mean over seeds "
+            f"({how}): " + "; ".join(parts) + ".")
 
 
 def tau_line(tau: pd.DataFrame) -> list[str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.curves import PROFILE_DELTAS, window_col
 from analysis.fmt import finite, fmt_acc, fmt_dec, fmt_lr, fmt_num, fmt_p, fmt_pr, fmt_share
 from analysis.labels import group_title, levels_text, method_label
 from analysis.trainability import NAMES
@@ -126,8 +127,12 @@ def groups_text(groups: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
                         f"({fmt_share(g['diverged_members_share'])})",
             "best acc (%)": _iv(g["best_acc"], g["best_acc_lo"], g["best_acc_hi"]),
             "best LR per seed": _lrs(g["best_lr_seeds"]),
+            "LR regret (points)": _iv(g["lr_regret"], g["lr_regret_lo"], g["lr_regret_hi"]),
             "robust window (decades)": ("≥" if g["window_open_n"] else "")
             + _iv(g["window_decades"], g["window_decades_lo"], g["window_decades_hi"], fmt_dec),
+            "window at δ = 1 / 2 / 5 points (decades)": " / ".join(
+                ("≥" if g[f"{window_col(d)}_open_n"] else "") + fmt_dec(g[window_col(d)])
+                for d in PROFILE_DELTAS),
             "range in stable LRs (points)":
                 _iv(g["stable_range"], g["stable_range_lo"], g["stable_range_hi"]),
             "std in stable LRs (points)": _iv(g["stable_std"], g["stable_std_lo"], g["stable_std_hi"]),
@@ -144,20 +149,41 @@ def _baseline_title(r: pd.Series) -> str:
     return method_label(r["baseline"]) + (f" (growth {fmt_lr(growth)})" if finite(growth) else "")
 
 
+COMPARED = {"lr_regret": "LR regret (points)", "window_decades": "robust window (decades)",
+            "best_acc": "best acc (points)", "stable_range": "range in stable LRs (points)"}
+
+
+def _same_as(cmp: pd.DataFrame, r: pd.Series) -> str:
+    """Why a row repeats another measure's numbers exactly, when it genuinely does (not a copy bug)."""
+    if r["measure"] != "stable_range":
+        return ""
+    other = cmp[(cmp["group"] == r["group"]) & (cmp["baseline_group"] == r["baseline_group"])
+                & (cmp["measure"] == "best_acc")]
+    same = not other.empty and all(np.isclose(other.iloc[0][c], r[c], equal_nan=True)
+                                   for c in ("diff", "lo", "hi"))
+    if not same:
+        return ""
+    return ("equals the best-acc difference: in every seed both curves' lowest stable accuracy is the same "
+            "(range = best − lowest)")
+
+
 def comparison_text(cmp: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Per compared pair and seed-level measure: the means, the paired difference, interval, p, outcome."""
-    names = {"window_decades": "robust window (decades)", "best_acc": "best acc (points)",
-             "stable_range": "range in stable LRs (points)"}
+    """Per compared pair and seed-level measure: the means (≥ for windows that are lower bounds), the
+    paired difference, interval, p, outcome; the primary sensitivity measure marked, notes on rows that
+    genuinely repeat another's numbers."""
     rows = []
-    for _, r in cmp[cmp["measure"].isin(list(names))].iterrows():
+    for _, r in cmp[cmp["measure"].isin(list(COMPARED))].iterrows():
         fmt = fmt_dec if r["measure"] == "window_decades" else fmt_acc
+        ge = r["measure"] == "window_decades"
         rows.append({"PR / recipe": levels_text(r, [k for k in keys if k not in ("method", "growth")]),
                      "method": group_title(r, keys), "baseline": _baseline_title(r),
-                     "measure": names[r["measure"]],
-                     "seeds": int(r["n"]), "method mean": fmt(r["method_mean"]),
-                     "baseline mean": fmt(r["baseline_mean"]),
+                     "measure": COMPARED[r["measure"]] + (" — primary" if r["primary"] else ""),
+                     "seeds": int(r["n"]),
+                     "method mean": ("≥" if ge and r["method_open"] else "") + fmt(r["method_mean"]),
+                     "baseline mean": ("≥" if ge and r["baseline_open"] else "") + fmt(r["baseline_mean"]),
                      "difference [interval]": _iv(r["diff"], r["lo"], r["hi"], fmt, signed=True),
-                     "interval": r["interval"], "p": fmt_p(r["p"]), "outcome": r["outcome"]})
+                     "interval": r["interval"], "p": fmt_p(r["p"]),
+                     "outcome": r["sensitivity"] or r["outcome"], "note": _same_as(cmp, r)})
     return pd.DataFrame(rows)
 
 

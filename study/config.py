@@ -20,7 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 SAMPLERS = ("qmc", "grid", "tpe", "gp")
 DESIGNS = ("grid", "qmc")  # fixed designs; tpe and gp are adaptive (Optuna proposes each trial)
-OBJECTIVES = ("best_acc", "last_acc", "test_acc_at_best_val", "acc_after_removal")
+OBJECTIVES = ("auto", "best_acc", "last_acc", "test_acc_at_best_val", "acc_after_removal")
+# What each objective is, said wherever a study shows its best run (progress, status, the MLflow view).
+OBJECTIVE_TEXT = {"test_acc_at_best_val": "test accuracy at the best-validation epoch (no selection on the "
+                                          "test set)",
+                  "best_acc": "max test accuracy over finetuning epochs (the paper's; the epoch is chosen on "
+                              "the test set)",
+                  "last_acc": "test accuracy after the last finetuning epoch",
+                  "acc_after_removal": "test accuracy right after removal, before finetuning"}
 SPACE_FIELDS = ("method", "pr", "growth", "seed")  # prune-stage fields a study searches (`space:`)
 MAX_MEMBERS = 200_000  # a design larger than this cannot be run (nor built in memory)
 # Top-level keyword overrides of `study.run(...)` that live deeper in the config.
@@ -313,7 +320,11 @@ class FinetuneCfg(BaseModel):
 
 
 class ObjectiveCfg(_Strict):
-    metric: str = "best_acc"
+    """What "best" means for the study (its sort, best run, progress line). `auto`: the test accuracy at
+    the best-validation epoch when the study holds out a validation split (no choice on the test set),
+    else best_acc."""
+
+    metric: str = "auto"
     mode: Literal["max", "min"] = "max"
 
     @field_validator("metric")
@@ -472,6 +483,9 @@ class StudyConfig(_Strict):
                                  "itself; accepted: 1 or leave it out")
         if self.objective.metric == "test_acc_at_best_val" and not self.data.val_fraction:
             raise _PathError("objective.metric", "test_acc_at_best_val needs data.val_fraction > 0")
+        if self.objective.metric == "auto":  # resolved once: the saved config names the metric
+            metric = "test_acc_at_best_val" if self.data.val_fraction else "best_acc"
+            object.__setattr__(self, "objective", self.objective.model_copy(update={"metric": metric}))
         from study.design import check_runnable
 
         check_runnable(self)

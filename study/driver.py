@@ -26,7 +26,7 @@ from typing import Any
 
 from ray import tune
 
-from study.config import StudyConfig, StudyConfigError, load_config
+from study.config import OBJECTIVE_TEXT, StudyConfig, StudyConfigError, load_config
 from study.mlflow_logging import (
     Outbox,
     StudyLogger,
@@ -107,7 +107,8 @@ class StudyResult:
             f"{self.reuse.get('none', 0)} runs of methods without a penalty stage",
         ]
         if self.best:
-            lines.append(f"Best: {self.best['metric']} {self.best['value']:.2f}  ({self.best['run_name']})")
+            lines.append(f"Best: {self.best['metric']} {self.best['value']:.2f}  ({self.best['run_name']}; "
+                         f"{OBJECTIVE_TEXT.get(self.best['metric'], '')})")
         lines += [f"Results:   {self.path}  ({human_bytes(self.disk_bytes)} on disk)",
                   f"MLflow:    {self.tracking_uri}  experiment {self.experiment!r}, "
                   f"parent run {self.parent_run_id}",
@@ -635,6 +636,8 @@ def _execute(cfg: StudyConfig, folder: StudyFolder, gpu: float, restore: bool, e
             tuner = _tuner(cfg, folder, trainable, dense, gpu, callbacks)
         print(f"[{cfg.name}] {meta.num_runs} runs ({cfg.sampler}), {cfg.resources.cpus:g} CPU"
               + (f" + {gpu:g} GPU" if gpu else "") + " per trial; one line per finished run:", flush=True)
+        print(f"[{cfg.name}] best = highest {cfg.objective.metric}: "
+              f"{OBJECTIVE_TEXT.get(cfg.objective.metric, cfg.objective.metric)}", flush=True)
         try:
             tuner.fit()
         except OSError as e:  # a full disk hit before the guard saw it: a stop, resumable

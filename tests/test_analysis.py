@@ -408,8 +408,8 @@ def test_recipe_figure_joins_only_groups_that_differ_in_its_dimension(tmp_path):
     data = load_study("recipe2", uri, histories=None)
     res = analyze(data, baseline="l1")
     assert res.prep.recipe == ["epochs", "weight_decay"]
-    fig, _ = fig_recipe(Tables(data.name, res.prep, res.curves, res.groups, res.lr_points, res.comparison,
-                               res.tau, data.epochs, 0.5))
+    fig, _ = fig_recipe(Tables(data.name, res.prep, res.curves, res.groups, res.lr_points, res.profile,
+                               res.comparison, res.tau, data.epochs, 0.5))
     panels = [ax for ax in fig.axes if ax.lines]
     assert len(panels) == 4  # (window, Acc. diff) x (epochs, weight decay)
     for ax in panels:
@@ -421,3 +421,54 @@ def test_recipe_figure_joins_only_groups_that_differ_in_its_dimension(tmp_path):
         labels = [c.get_label() for c in ax.containers]
         assert len(set(labels)) == 4, labels  # the other dimension's level is named in the legend
         assert all(("weight decay" in lab) != ("epochs" in lab) for lab in labels), labels
+
+
+# ------------------------------------------------------------------------------------------- LR regret
+
+def test_lr_regret_against_a_float64_loop_and_the_area_above_the_profile():
+    """LR regret equals (1) the exact integral of the piecewise-linear gap to the best, written as a plain
+    float64 loop, and (2) for a curve with one peak, the area above its robustness profile per decade of
+    range (layer-cake: ∫ gap dx = ∫ (L - W(δ)) dδ), measured on a fine δ grid with analysis' own window."""
+    from analysis.curves import lr_regret, profile
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        n = int(rng.integers(4, 9))
+        lrs = np.sort(10 ** rng.uniform(-4, -1, n))
+        peak = int(rng.integers(0, n))
+        # one peak: rising to it, falling after it
+        accs = np.empty(n)
+        accs[peak] = 90.0
+        for i in range(peak - 1, -1, -1):
+            accs[i] = accs[i + 1] - rng.uniform(0.5, 20)
+        for i in range(peak + 1, n):
+            accs[i] = accs[i - 1] - rng.uniform(0.5, 20)
+        div = np.zeros(n, bool)
+        x = np.log10(lrs)
+        loop = 0.0
+        for i in range(n - 1):
+            loop += 0.5 * ((90.0 - accs[i]) + (90.0 - accs[i + 1])) * (x[i + 1] - x[i])
+        got = lr_regret(lrs, accs, div)
+        assert got == pytest.approx(loop / (x[-1] - x[0]), rel=1e-12)
+        deltas = np.linspace(0, 90.0 - accs.min(), 4001)
+        widths = profile(lrs, accs, div, deltas)
+        width = x[-1] - x[0]
+        area = np.trapezoid(width - widths, deltas)
+        assert got == pytest.approx(area / width, rel=2e-3, abs=1e-3)
+
+
+def test_lr_regret_leaves_out_diverged_points_and_pairs_over_shared_lrs():
+    from analysis.compare import paired_regret
+    from analysis.curves import lr_regret
+
+    lrs = np.array([1e-4, 1e-3, 1e-2, 1e-1])
+    accs = np.array([80.0, 90.0, 85.0, 10.0])
+    div = np.array([False, False, False, True])
+    # over 1e-4..1e-2 only: gaps 10, 0, 5 -> (5 + 2.5) / 2 decades
+    assert lr_regret(lrs, accs, div) == pytest.approx((0.5 * 10 + 0.5 * 5) / 2)
+    assert np.isnan(lr_regret(lrs[:1], accs[:1], div[:1]))
+    pts = pd.DataFrame({"group": ["a"] * 4 + ["b"] * 4, "seed": 0, "lr": list(lrs) * 2,
+                        "acc": [80.0, 90.0, 85.0, 70.0, 50.0, 60.0, 60.0, 10.0],
+                        "diverged": [False, False, False, False, True, False, False, True]})
+    a, b, n = paired_regret(pts, "a", "b", 0)  # shared non-diverged LRs: 1e-3 and 1e-2
+    assert n == 2 and a == pytest.approx(2.5) and b == pytest.approx(0.0)

@@ -45,7 +45,7 @@ def test_storage_finds_the_store_and_writes_into_the_study_folder(studies, capsy
     report = root / "tiny" / "report" / "report.html"
     assert f"report: {report.resolve()}" in out and "loading study 'tiny' from " + uri in out
     page = report.read_text()
-    assert "PR 0.5 (TPP growth 1e-3 vs L1): TPP stays within 1 point of its best over" in page
+    assert "PR 0.5 (TPP growth 1e-3 vs L1): LR regret, the primary measure, is" in page
     logged = {a.path for a in MlflowClient(uri).list_artifacts(pid, "report")}
     assert {"report/report.html", "report/groups.csv", "report/figures"} <= logged
 
@@ -65,12 +65,13 @@ def test_tracking_uri_and_compare_still_work(studies, tmp_path, capsys):
     _, uri, _ = studies
     out = tmp_path / "rep"
     assert _main("tiny", "--tracking-uri", uri, "--out", str(out), "--compare", "l1,tpp", "--no-log",
-                 "--metric", "best_acc", "--delta", "2", "--lrs", "1e-3,1e-1") == 0
+                 "--metric", "best_acc", "--delta", "2", "--lrs", "1e-3,1e-1", "--sensitivity", "window") == 0
     summary = (out / "summary.md").read_text()
-    assert ("Paired comparison with TPP (same LR ladder and seeds; accuracy: best_acc; δ = 2 points)"
+    assert ("Paired comparison with TPP (same LR ladder and seeds; accuracy: best_acc; primary sensitivity "
+            "measure: robust window at δ = 2 points, chosen before the analysis with --sensitivity"
             in summary)
-    assert "PR 0.5 (L1 vs TPP growth 1e-3): L1 stays within 2 points of its best" in summary
-    assert "Paper's Acc. diff = acc(1e-3) − acc(1e-1)" in summary
+    assert "PR 0.5 (L1 vs TPP growth 1e-3): robust window at δ = 2 points, the primary measure, is" in summary
+    assert "Paper's Acc. diff = acc(1e-3) − acc(1e-1) of best_acc" in summary
     capsys.readouterr()
 
 
@@ -78,6 +79,8 @@ def test_tracking_uri_and_compare_still_work(studies, tmp_path, capsys):
     (("--lrs", "1e-3"), "--lrs: expected two positive learning rates"),
     (("--lrs", "1e-3,1e-3"), "--lrs: expected two different learning rates"),
     (("--delta", "-1"), "--delta: expected a positive number of accuracy points"),
+    (("--sensitivity", "auc"), "--sensitivity: got 'auc'; accepted: regret, window, range"),
+    (("--group-by", "nosuch"), "--group-by: 'nosuch' is not a parameter of this study's runs; accepted: "),
     (("--metric", "top5"), "--metric: got 'top5'; accepted: auto, test_acc_at_best_val, best_acc, last_acc"),
     (("--compare", "tpp"), "--compare: expected TREATMENT,BASELINE"),
     (("--methods", "tpp,,l1"), "--methods: expected method names separated by commas"),

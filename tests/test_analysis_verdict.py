@@ -56,6 +56,20 @@ def _members(seeds, methods=(("l1", None), ("tpp", 1e-3)), *, null: bool = False
 
 
 MULTI = (("l1", None), ("tpp", 1e-4), ("tpp", 1e-3), ("greg", 1e-3), ("l1+fpgm", None))
+# #24's PR 0.8 pattern on LADDER (1e-4 ... 1e-1): L1 at chance up to 1e-3, TPP flat and high; both peak at
+# 3.2e-2 with the same shape around the peak (2 points down on either side): equal δ = 1 windows.
+CHANCE = {"l1": [10.0, 10.0, 10.0, 60.0, 90.0, 92.0, 90.0], "tpp": [88.0, 88.5, 89.0, 89.4, 89.5, 91.5, 89.5]}
+
+
+def _chance_members() -> list[Member]:
+    out = []
+    for method, growth in (("l1", None), ("tpp", 1e-3)):
+        for seed in range(6):
+            for k, lr in enumerate(LADDER):
+                acc = CHANCE[method][k] + 0.05 * seed * (k == 5) + 0.02 * math.sin(k + seed)
+                out.append(Member(method, 0.8, lr, seed, acc, growth=growth, jsv=1.0, acc_removal=50.0,
+                                  loss_removal=1.0))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +81,7 @@ def store(tmp_path_factory):
     write_study(client, "two", _members(range(2)), root=root)
     write_study(client, "null", _members(range(6), null=True), root=root)
     write_study(client, "multi", _members(range(2), MULTI), root=root)
+    write_study(client, "chance", _chance_members(), root=root)
     return uri, root
 
 
@@ -80,7 +95,9 @@ def reports(store, tmp_path_factory):
     paths = {}
     for name, study, kw in (("robust", "robust", {}), ("two", "two", {}), ("null", "null", {}),
                             ("multi", "multi", {}), ("multi_tpp", "multi", {"baseline": "tpp"}),
-                            ("robust_delta", "robust", {"delta": 0.5, "metric": "best_acc"})):
+                            ("robust_delta", "robust", {"delta": 0.5, "metric": "best_acc"}),
+                            ("chance", "chance", {}), ("chance_window", "chance", {"sensitivity": "window"}),
+                            ("robust_range", "robust", {"sensitivity": "range"})):
         paths[name] = build_report(study, uri, out / name, log=False, **kw).parent
     return paths
 
@@ -100,14 +117,48 @@ def test_less_sensitive_method_is_detected_with_its_ci(reports):
     assert w["outcome"].eq("higher").all() and (w["lo"] > 1.0).all() and np.allclose(w["p"], 2 / 64)
     b = cmp[cmp["measure"] == "best_acc"]
     assert b["outcome"].eq("higher").all() and (b["lo"] > 4.0).all()
+    r = cmp[cmp["measure"] == "lr_regret"]  # the primary measure: both curves over the same LRs
+    assert r["primary"].all() and r["outcome"].eq("lower").all()
+    assert r["sensitivity"].eq("less sensitive").all()
+    assert np.allclose(r["p"], 2 / 64) and (r["hi"] < 0).all()
+    assert not cmp.loc[cmp["measure"] != "lr_regret", "primary"].any()
     lines = _verdict(reports["robust"])
     assert lines[0].startswith("Paired comparison with L1 (same LR ladder and seeds; accuracy: "
-                               "test_acc_at_best_val; δ = 1 point)")
+                               "test_acc_at_best_val; primary sensitivity measure: LR regret")
     assert len(lines) == 3  # no small-n warning with 6 seeds
-    assert lines[2].startswith("PR 0.9 (TPP growth 1e-3 vs L1): TPP stays within 1 point of its best over ")
-    assert ("p = 0.031, 6 seeds): TPP's robust window is wider: less sensitive to the LR; best accuracy"
-            in lines[2])
+    assert lines[2].startswith("PR 0.9 (TPP growth 1e-3 vs L1): LR regret, the primary measure, is ")
+    assert "p = 0.031, 6 seeds): TPP is less sensitive to the LR; best accuracy" in lines[2]
     assert lines[2].endswith("TPP is more accurate.") and ", 95% CI +" in lines[2]
+
+
+def test_a_77_point_effect_is_never_called_a_tie(reports):
+    """#24's PR 0.8 pattern: the baseline sits at chance below 1e-3, the method stays flat and high, and
+    both are within 1 point of their best only at their peak (equal δ = 1 windows). The window cannot see
+    the difference; the primary measure (LR regret) must, and the verdict must say so."""
+    cmp = pd.read_csv(reports["chance"] / "comparison.csv")
+    w = cmp[cmp["measure"] == "window_decades"]
+    assert w["outcome"].eq("tie").all() and (w["diff"].abs() < 0.1).all()  # the windows agree
+    r = cmp[cmp["measure"] == "lr_regret"].iloc[0]
+    assert r["primary"] and r["sensitivity"] == "less sensitive" and r["diff"] < -30 and r["p"] < 0.05
+    line = _verdict(reports["chance"])[1]
+    assert "LR regret, the primary measure" in line and "TPP is less sensitive to the LR" in line
+    assert check_report(reports["chance"]) == []
+    # the same study with the window declared primary says tie, and says what it rested on
+    win = _verdict(reports["chance_window"])
+    assert "primary sensitivity measure: robust window at δ = 1 point" in win[0]
+    assert "no detectable difference in LR sensitivity" in win[-1]
+    assert check_report(reports["chance_window"]) == []
+
+
+def test_the_consistency_check_rejects_a_tie_the_primary_measure_decides(reports, tmp_path):
+    import shutil
+
+    bad = tmp_path / "tie"
+    shutil.copytree(reports["chance"], bad)
+    text = (bad / "summary.md").read_text()
+    (bad / "summary.md").write_text(text.replace("TPP is less sensitive to the LR",
+                                                 "no detectable difference in LR sensitivity", 1))
+    assert any("calls the sensitivity a tie" in p for p in check_report(bad))
 
 
 def test_two_seeds_never_claim_a_direction(reports):
@@ -120,12 +171,12 @@ def test_two_seeds_never_claim_a_direction(reports):
                         "difference can be declared (that takes ≥ 6 seeds).")
     for line in lines[2:]:
         assert "range over seeds" in line and "no detectable difference in LR sensitivity" in line
-        assert "wider" not in line and "more accurate" not in line
+        assert "less sensitive" not in line and "more accurate" not in line
 
 
 def test_no_real_difference_is_a_tie(reports):
     cmp = pd.read_csv(reports["null"] / "comparison.csv")
-    w = cmp[cmp["measure"].isin(["window_decades", "best_acc"])]
+    w = cmp[cmp["measure"].isin(["lr_regret", "window_decades", "best_acc"])]
     assert w["outcome"].eq("tie").all() and (w["lo"] <= 0).all() and (w["hi"] >= 0).all()
     assert all("no detectable difference" in line for line in _verdict(reports["null"])[1:])
 
@@ -137,8 +188,8 @@ def test_baseline_by_name_and_any_number_of_methods(reports):
         ("greg", 1e-3), ("l1+fpgm", 0), ("tpp", 1e-4), ("tpp", 1e-3)]
     assert w["baseline"].eq("l1").all() and len(w) == 8  # 4 method groups x 2 PRs
     lines = _verdict(reports["multi"])
-    assert "PR 0.5 (GReg-1 growth 1e-3 vs L1): GReg-1 stays within" in "\n".join(lines)
-    assert "PR 0.9 (l1+fpgm vs L1): l1+fpgm stays within" in "\n".join(lines)
+    assert "PR 0.5 (GReg-1 growth 1e-3 vs L1): LR regret, the primary measure, is" in "\n".join(lines)
+    assert "PR 0.9 (l1+fpgm vs L1): LR regret, the primary measure, is" in "\n".join(lines)
     rev = pd.read_csv(reports["multi_tpp"] / "comparison.csv")
     rw = rev[rev["measure"] == "window_decades"]
     pairs = sorted(set(zip(rw["group"], rw["baseline_group"], strict=True)))
@@ -146,8 +197,8 @@ def test_baseline_by_name_and_any_number_of_methods(reports):
     assert ("greg pr=0.5 growth=0.001", "tpp pr=0.5 growth=0.0001") not in pairs  # equal growth only
     assert {("l1 pr=0.5", "tpp pr=0.5 growth=0.0001"), ("l1 pr=0.5", "tpp pr=0.5 growth=0.001")} <= set(pairs)
     assert len(rw) == 2 * (2 + 1 + 2)
-    assert any(line.startswith("PR 0.5 (L1 vs TPP growth 1e-4): L1 stays within") for line in _verdict(
-        reports["multi_tpp"]))
+    assert any(line.startswith("PR 0.5 (L1 vs TPP growth 1e-4): LR regret, the primary measure") for line in
+               _verdict(reports["multi_tpp"]))
 
 
 def test_reverse_comparison_says_narrower(store, tmp_path):
@@ -156,20 +207,23 @@ def test_reverse_comparison_says_narrower(store, tmp_path):
     out = build_report("robust", store[0], tmp_path, baseline="tpp", methods=["l1"], log=False).parent
     cmp = pd.read_csv(out / "comparison.csv")
     assert cmp.loc[cmp["measure"] == "window_decades", "outcome"].eq("lower").all()
-    narrower = "L1's robust window is narrower: more sensitive to the LR"
-    assert all(narrower in line for line in _verdict(out)[1:])
+    assert cmp.loc[cmp["measure"] == "lr_regret", "sensitivity"].eq("more sensitive").all()
+    assert all("L1 is more sensitive to the LR" in line for line in _verdict(out)[1:])
     assert check_report(out) == []
 
 
 def test_report_shows_ladder_heatmap_without_holes(reports):
     page = (reports["robust"] / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 7 and "figure 'recipe' skipped" in page  # speed drawn
+    # the robustness profile is the eighth figure; speed drawn, recipe skipped (nothing varies)
+    assert page.count("data:image/png;base64,") == 8 and "figure 'recipe' skipped" in page
+    assert (reports["robust"] / "figures" / "robustness_profile.png").stat().st_size > 10_000
     assert (reports["robust"] / "figures" / "speed.png").stat().st_size > 10_000
     assert "<h2>Verdict</h2><div class='verdict'>" in page
     pts = pd.read_csv(reports["robust"] / "lr_points.csv")
     assert len(pts) == 4 * len(LADDER) and pts["n"].eq(6).all() and pts["acc"].notna().all()
     assert (reports["robust"] / "figures" / "heatmap_lr_pr.png").stat().st_size > 10_000
-    for name in ("members", "curves", "groups", "lr_points", "comparison", "trainability", "paper_table"):
+    for name in ("members", "points", "curves", "groups", "lr_points", "profile", "comparison",
+                 "trainability", "paper_table"):
         assert (reports["robust"] / f"{name}.csv").stat().st_size > 0, name
 
 
@@ -247,43 +301,78 @@ def check_report(out: Path, planned: int | None = None) -> list[str]:
     pts = pd.read_csv(out / "lr_points.csv")
     tau = pd.read_csv(out / "trainability.csv")
     cmp = pd.read_csv(out / "comparison.csv")
+    points = pd.read_csv(out / "points.csv")
     keys = _keys(curves)
     groups = curves.drop_duplicates("group")[[*keys, "group"]]
     titles = {g["group"]: _title(g["method"], g["growth"]) for _, g in groups.iterrows()}
     for line in verdict:
-        _check_verdict_line(pr, line, curves, cmp, keys)
+        _check_verdict_line(pr, line, curves, cmp, keys, points)
     for line in summary:
         for kind, check in SUMMARY_CHECKS:
             m = re.match(kind, line)
             if m:
                 check(pr, line, m, members=members, curves=curves, pts=pts, tau=tau, keys=keys,
-                      groups=groups, titles=titles, planned=planned)
+                      groups=groups, titles=titles, planned=planned, points=points)
                 break
         else:
             pr.append(f"unrecognised summary sentence (add a check): {line}")
     return pr
 
 
+PRIMARY_NAMES = {"lr_regret": "LR regret", "window_decades": "robust window",
+                 "stable_range": "accuracy range over the stable LRs"}
 VERDICT_RE = re.compile(
-    rf"^(?P<where>.+?): (?P<m>\S+) stays within (?P<delta>{NUM}) points? of its best over (?P<wm>≥?{NUM}) "
-    rf"decades of LR vs (?P<wb>≥?{NUM}) for (?P<b>\S+) \(difference (?P<d>{NUM}) decades, "
+    rf"^(?P<where>.+?): (?P<name>LR regret|accuracy range over the stable LRs|robust window at δ = "
+    rf"(?P<delta>{NUM}) points?), the primary measure, is (?P<wm>≥?{NUM}) (?P<unit>points|decades) for "
+    rf"(?P<m>\S+) vs (?P<wb>≥?{NUM}) for (?P<b>\S+) \(difference (?P<d>{NUM}) (?:points|decades), "
     rf"(?P<ivl>95% CI|range over seeds) (?P<lo>{NUM}) to (?P<hi>{NUM}), p = (?P<p>[^,]+), (?P<n>\d+) "
     rf"seeds\): (?P<wc>[^;]+); best accuracy (?P<am>{NUM})% vs (?P<ab>{NUM})% \(difference (?P<da>{NUM}) "
     rf"points, (?P<ivl2>95% CI|range over seeds) (?P<alo>{NUM}) to (?P<ahi>{NUM}), p = (?P<ap>[^)]+)\): "
     rf"(?P<ac>.+)\.$")
 
 
-def _check_verdict_line(pr: Problems, line: str, curves, cmp, keys) -> None:
+def regret(lrs, accs) -> float:
+    """LR regret, computed here independently: the exact integral of the piecewise-linear gap to the best
+    (float64, one segment at a time) over log10 LR, divided by the range."""
+    x = [math.log10(v) for v in lrs]
+    best = max(accs)
+    area = 0.0
+    for i in range(len(x) - 1):
+        area += 0.5 * ((best - accs[i]) + (best - accs[i + 1])) * (x[i + 1] - x[i])
+    return area / (x[-1] - x[0]) if len(x) >= 2 and x[-1] > x[0] else math.nan
+
+
+def paired_regrets(pts: pd.DataFrame, gm: str, gb: str, seed) -> tuple[float, float]:
+    """Both curves of one seed over the LRs where both ran and neither diverged."""
+    a = pts[(pts["group"] == gm) & (pts["seed"] == seed)].set_index("lr")
+    b = pts[(pts["group"] == gb) & (pts["seed"] == seed)].set_index("lr")
+    common = sorted(lr for lr in set(a.index) & set(b.index) if not a.at[lr, "diverged"]
+                    and not b.at[lr, "diverged"])
+    return (regret(common, [a.at[lr, "acc"] for lr in common]),
+            regret(common, [b.at[lr, "acc"] for lr in common]))
+
+
+def _check_verdict_line(pr: Problems, line: str, curves, cmp, keys, pts) -> None:
     if line.startswith("Paired comparison with "):
-        m = re.match(r"Paired comparison with (\S+) \(same LR ladder and seeds; accuracy: (\S+); δ = "
-                     rf"({NUM}) points?\): a direction is stated only when the exact sign-flip test gives "
-                     r"p < 0.05 and the interval excludes 0\.$", line)
+        m = re.match(r"Paired comparison with (\S+) \(same LR ladder and seeds; accuracy: (\S+); primary "
+                     r"sensitivity measure: (.+?), chosen before the analysis with --sensitivity; the other "
+                     r"measures are descriptive, in the comparison table\): a direction is stated only when "
+                     r"the exact sign-flip test gives p < 0.05 and the interval excludes 0\. Both must hold: "
+                     r"an interval can exclude 0 while p cannot fall below 2/2\^n with n seeds, so a claim "
+                     r"needs at least (\d+) seeds\.$", line)
         if not m:
             pr.append(f"verdict header does not parse: {line}")
             return
         pr.same("verdict header metric", m[2], curves["metric"].iloc[0])
-        pr.near("verdict header δ", m[3], float(curves["delta"].iloc[0]), 3)
+        primary = cmp.loc[cmp["primary"], "measure"].iloc[0]
+        pr.same("verdict header primary", m[3].split(" at δ")[0], PRIMARY_NAMES[primary])
         pr.same("verdict header baseline", m[1], LABEL.get(cmp["baseline"].iloc[0], cmp["baseline"].iloc[0]))
+        needed = next(n for n in itertools.count(1) if 2 / 2**n < 0.05)
+        pr.same("verdict header seeds needed", int(m[4]), needed)
+        return
+    if line.startswith("A window marked ≥ reaches an end of the LR ladder"):
+        primary = cmp.loc[cmp["primary"], "measure"].iloc[0]
+        pr.same("≥ line with the window primary", primary, "window_decades")
         return
     if line.startswith("n = "):
         m = re.match(r"n = (\d+)(?:–(\d+))? seeds: intervals are wide \(the min–max over seeds is shown "
@@ -306,8 +395,9 @@ def _check_verdict_line(pr: Problems, line: str, curves, cmp, keys) -> None:
     if not m:
         pr.append(f"verdict sentence does not parse: {line}")
         return
+    primary = cmp.loc[cmp["primary"], "measure"].iloc[0]
     rows = {}
-    for _, r in cmp[cmp["measure"].isin(["window_decades", "best_acc"])].iterrows():
+    for _, r in cmp[cmp["measure"].isin([primary, "best_acc"])].iterrows():
         who = _title(r["method"], r["growth"]).replace(" (growth ", " growth ").rstrip(")")
         base = _title(r["baseline"], r["baseline_growth"]).replace(" (growth ", " growth ").rstrip(")")
         rows.setdefault(f"{_head(r, keys)} ({who} vs {base})", {})[r["measure"]] = r
@@ -315,21 +405,30 @@ def _check_verdict_line(pr: Problems, line: str, curves, cmp, keys) -> None:
         pr.append(f"verdict for an unknown comparison: {m['where']}")
         return
     r = rows[m["where"]]
-    w = r["window_decades"]
+    w = r[primary]
+    pr.same(f"{m['where']} primary named", m["name"].split(" at δ")[0], PRIMARY_NAMES[primary])
     cm = curves[curves["group"] == w["group"]].set_index("seed")
     cb = curves[curves["group"] == w["baseline_group"]].set_index("seed")
-    pr.near(f"{m['where']} δ", m["delta"], float(cm["delta"].iloc[0]), 3)
-    for col, said in (("window_decades", ("wm", "wb", "d", "lo", "hi", "p", "n", "ivl", "wc", DEC)),
+    if m["delta"]:
+        pr.near(f"{m['where']} δ", m["delta"], float(cm["delta"].iloc[0]), 3)
+    for col, said in ((primary, ("wm", "wb", "d", "lo", "hi", "p", "n", "ivl", "wc",
+                                 DEC if primary == "window_decades" else ACC)),
                       ("best_acc", ("am", "ab", "da", "alo", "ahi", "ap", None, "ivl2", "ac", ACC))):
         s_m, s_b, s_d, s_lo, s_hi, s_p, s_n, s_ivl, s_c, digits = said
-        seeds = [s for s in cm.index.intersection(cb.index)
-                 if np.isfinite(cm.at[s, col]) and np.isfinite(cb.at[s, col])]
-        d = np.array([cm.at[s, col] - cb.at[s, col] for s in seeds])
+        both = sorted(cm.index.intersection(cb.index))
+        if col == "lr_regret":
+            got = {s: paired_regrets(pts, w["group"], w["baseline_group"], s) for s in both}
+            seeds = [s for s in both if np.isfinite(got[s][0]) and np.isfinite(got[s][1])]
+            xm = np.array([got[s][0] for s in seeds])
+            xb = np.array([got[s][1] for s in seeds])
+        else:
+            seeds = [s for s in both if np.isfinite(cm.at[s, col]) and np.isfinite(cb.at[s, col])]
+            xm, xb = cm.loc[seeds, col].to_numpy(float), cb.loc[seeds, col].to_numpy(float)
+        d = xm - xb
         where = f"{m['where']} {col}"
         if s_n:
             pr.same(f"{where} n", int(m[s_n]), len(seeds))
-        for key, value in ((s_m, cm.loc[seeds, col].mean()), (s_b, cb.loc[seeds, col].mean()),
-                           (s_d, d.mean())):
+        for key, value in ((s_m, xm.mean()), (s_b, xb.mean()), (s_d, d.mean())):
             pr.near(f"{where} {key}", m[key].lstrip("≥"), value, digits)
         if col == "window_decades":
             pr.same(f"{where} ≥ on the method", m["wm"].startswith("≥"),
@@ -348,13 +447,19 @@ def _check_verdict_line(pr: Problems, line: str, curves, cmp, keys) -> None:
         direction = "higher" if d.mean() > 0 else "lower"
         outcome = direction if p < 0.05 and (lo > 0 or hi < 0) else "tie"
         name = m["m"]
-        words = {("window_decades", "higher"): f"{name}'s robust window is wider: less sensitive to the LR",
-                 ("window_decades", "lower"): f"{name}'s robust window is narrower: more sensitive to the LR",
-                 ("window_decades", "tie"): "no detectable difference in LR sensitivity",
-                 ("best_acc", "higher"): f"{name} is more accurate",
-                 ("best_acc", "lower"): f"{name} is less accurate",
-                 ("best_acc", "tie"): "no detectable difference in best accuracy"}
-        pr.same(f"{where} conclusion", m[s_c], words[(col, outcome)])
+        if col == "best_acc":
+            words = {"higher": f"{name} is more accurate", "lower": f"{name} is less accurate",
+                     "tie": "no detectable difference in best accuracy"}[outcome]
+        else:
+            less = outcome == ("higher" if col == "window_decades" else "lower")
+            words = ("no detectable difference in LR sensitivity" if outcome == "tie" else
+                     f"{name} is {'less' if less else 'more'} sensitive to the LR")
+            # the rule a summary must never break: no tie where the primary measure decides
+            decided = r[col]["p"] < 0.05 and (r[col]["lo"] > 0 or r[col]["hi"] < 0)
+            if m[s_c] == "no detectable difference in LR sensitivity" and decided:
+                pr.append(f"{where}: calls the sensitivity a tie although the primary measure's interval "
+                          "excludes 0 with p < 0.05")
+        pr.same(f"{where} conclusion", m[s_c], words)
 
 
 def _progress(pr, line, m, *, members, planned, **_) -> None:
@@ -363,7 +468,7 @@ def _progress(pr, line, m, *, members, planned, **_) -> None:
     pr.same("progress finished", int(m["fin"]), fin)
     pr.same("progress completed", int(m["c"]), int(st.get("completed", 0)))
     pr.same("progress diverged", int(m["d"]), int(st.get("diverged", 0)))
-    pr.same("progress failed", int(m["f"]), int(st.get("failed", 0)))
+    pr.same("progress failed", int(m["f"] or 0), int(st.get("failed", 0)))
     if planned is not None:
         pr.same("progress planned", int(m["planned"]), planned)
 
@@ -390,11 +495,13 @@ CLAUSE_RE = re.compile(
     rf"(?P<title>[^: ][^:]*): (?:stable up to LR (?P<stable>\S+) in every seed|no LR is stable in every "
     rf"seed) \((?P<share>\d+)% of members diverged\); best (?P<best>{NUM}|–)% \(best LR per seed: "
     rf"(?P<lrs>[^)]*)\); "
-    rf"robust window (?P<win>≥?(?:{NUM}|–)) decades; accuracy range in the stable range (?P<range>{NUM}|–) "
+    rf"robust window (?P<win>≥?(?:{NUM}|–)) decades; LR regret (?P<regret>{NUM}|–) points; accuracy range in "
+    rf"the stable range (?P<range>{NUM}|–) "
     rf"points; LR main effect (?P<eff>{NUM}|–) points\.")
 
 
-def _pr_line(pr, line, m, *, curves, pts, keys, groups, titles, **_) -> None:
+def _pr_line(pr, line, m, *, curves, pts, keys, groups, titles, points, **_) -> None:
+    pts_all = points
     head, body = line.split(" — ", 1)
     in_head = groups[[_head(g, keys) == head for _, g in groups.iterrows()]]
     clauses = list(CLAUSE_RE.finditer(body))
@@ -421,12 +528,19 @@ def _pr_line(pr, line, m, *, curves, pts, keys, groups, titles, **_) -> None:
         pr.near(f"{where} window", c["win"].lstrip("≥"), cc["window_decades"].mean(), DEC)
         pr.same(f"{where} window ≥", c["win"].startswith("≥"), bool((cc["window_open"] != "").any()))
         pr.near(f"{where} stable range", c["range"], cc["stable_range"].mean(), ACC)
+        own = []
+        for seed in cc["seed"]:
+            q = pts_all[(pts_all["group"] == hit[0]) & (pts_all["seed"] == seed) & ~pts_all["diverged"]]
+            q = q.sort_values("lr")
+            own.append(regret(list(q["lr"]), list(q["acc"])))
+        pr.near(f"{where} LR regret", c["regret"], float(np.nanmean(own)), ACC)
         p = pts[pts["group"] == hit[0]]
         use = p[(p["n"] == cc["seed"].nunique()) & (p["n_diverged"] == 0)]
         pr.near(f"{where} LR main effect", c["eff"], _pop_std(use["acc"]), ACC)
 
 
 def _acc_diff(pr, line, m, *, curves, keys, groups, titles, **_) -> None:
+    pr.same("Acc. diff metric", m["metric"], curves["metric"].iloc[0])
     pr.lr("Acc. diff A", m["a"], float(curves["lr_a"].iloc[0]))
     pr.lr("Acc. diff B", m["b"], float(curves["lr_b"].iloc[0]))
     hows = set(curves["acc_diff_how"])
@@ -491,20 +605,24 @@ def _divergence(pr, line, m, *, members, **_) -> None:
 
 SUMMARY_CHECKS = [
     (r"The study holds (?P<fin>\d+) finished member runs(?: of (?P<planned>\d+) planned)? "
-     r"\((?P<c>\d+) completed, (?P<d>\d+) diverged\); (?P<f>\d+) failed", _progress),
+     r"\((?P<c>\d+) completed, (?P<d>\d+) diverged\); (?:none failed\.$|(?:(?P<f>\d+) failed)?)", _progress),
     (r"LR: a ladder of (?P<L>\d+) LRs from (?P<lo>\S+) to (?P<hi>\S+) \((?P<per>\d+) per decade\), "
      r"(?P<G>\d+) groups × (?P<S>\d+) seeds = (?P<C>\d+) curves; (?P<tail>.+)\.$", _design),
     (r"Accuracy in every table but the paper table: (?P<metric>\S+) = ", _metric),
     (r"PR \d", _pr_line),
-    (r"Paper's Acc\. diff = acc\((?P<a>\S+)\) − acc\((?P<b>\S+)\), mean over seeds \((?P<how>[^)]+)\): "
+    (r"Paper's Acc\. diff = acc\((?P<a>\S+)\) − acc\((?P<b>\S+)\) of (?P<metric>\S+), mean over seeds "
+     r"\((?P<how>[^)]+)\): "
      r"(?P<rest>.+)$", _acc_diff),
     (r"Before vs after finetuning \(Kendall τ over (?P<n>\d+) curves", _tau),
+    (r"Before vs after finetuning: too few curves, or no variation, for a Kendall τ\.$",
+     lambda pr, line, m, *, tau, **_: pr.same("τ: none finite", bool(np.isfinite(tau["tau"]).any()), False)),
     (r"Which accuracy: ", _which),
     (r"(?P<k>\d+) of (?P<n>\d+) finished members diverged: |No member diverged", _divergence),
 ]
 
 
-@pytest.mark.parametrize("name", ["robust", "two", "null", "multi", "multi_tpp", "robust_delta"])
+@pytest.mark.parametrize("name", ["robust", "two", "null", "multi", "multi_tpp", "robust_delta",
+                                  "robust_range"])
 def test_every_number_in_the_summary_is_recomputed_from_the_tables(reports, name):
     planned = 2 * 2 * 6 * len(LADDER) if name.startswith("robust") else None
     assert check_report(reports[name], planned=planned) == []
@@ -517,12 +635,12 @@ def test_the_consistency_check_catches_a_wrong_number_and_a_wrong_direction(repo
     bad = tmp_path / "bad"
     shutil.copytree(src, bad)
     text = (src / "summary.md").read_text()
-    m = re.search(r"of its best over (\d+\.\d+) decades", text)
-    wrong = f"{float(m[1]) + 0.1:.2f}"
+    m = re.search(r"the primary measure, is (\d+\.\d) points", text)
+    wrong = f"{float(m[1]) + 0.3:.1f}"
     (bad / "summary.md").write_text(text.replace(m[0], m[0].replace(m[1], wrong), 1))
     assert any("says " + wrong in p for p in check_report(bad))
     (bad / "summary.md").write_text(text.replace("no detectable difference in LR sensitivity",
-                                                 "TPP's robust window is wider: less sensitive to the LR", 1))
+                                                 "TPP is less sensitive to the LR", 1))
     assert any("conclusion" in p for p in check_report(bad))
     m = re.search(r"best (\d+\.\d)% \(best LR per seed", text)
     (bad / "summary.md").write_text(text.replace(m[0], m[0].replace(m[1], f"{float(m[1]) + 1:.1f}"), 1))

@@ -41,7 +41,9 @@ def case(request):
 def test_each_lockstep_member_equals_its_single_run(case):
     """The first epoch agrees to float rounding (batched kernels sum in another order); later epochs
     drift the way two float32 runs of one SGD trajectory do (the rounding differences grow with the
-    LR), so they are held to a looser bound."""
+    LR), so they are held to a looser bound. The first epoch's mean loss already includes steps taken
+    after an update, so a deep net (VGG19: 16 convs with BatchNorm) amplifies the rounding: 2.6e-4 on
+    this Xeon's oneDNN kernels, 1e-5 elsewhere; 1e-3 is still 20x below the later epochs' bound."""
     cfg, data, dense, pruned = case
     members = [cfg.replace(**c) for c in CHANGES]
     events, done = [], {}
@@ -52,7 +54,7 @@ def test_each_lockstep_member_equals_its_single_run(case):
         assert len(got.history) == len(alone.history) == member.epochs
         for epoch, (a, b) in enumerate(zip(got.history, alone.history, strict=True)):
             assert a["lr"] == pytest.approx(b["lr"], rel=1e-12)
-            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5 if epoch == 0 else 2e-2)
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3 if epoch == 0 else 2e-2)
             if epoch == 0:  # accuracies count samples: equal unless a logit within float noise flips one
                 assert abs(a["test_acc"] - b["test_acc"]) <= 100 / 32 + 1e-9
                 assert abs(a["val_acc"] - b["val_acc"]) <= 100 / 16 + 1e-9

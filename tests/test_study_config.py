@@ -101,7 +101,7 @@ BAD = [
     (dict(fixed={"lr": 0.1}), "fixed.lr", "set it in finetune"),
     (dict(fixed={"pr": 0.1}), "fixed.pr", "set it in space"),
     (dict(fixed={"warp": 9}), "fixed.warp", "accepted: prune_layers"),
-    (dict(objective={"metric": "loss"}), "objective.metric", "accepted: best_acc"),
+    (dict(objective={"metric": "loss"}), "objective.metric", "accepted: auto, best_acc"),
     (dict(objective={"metric": "test_acc_at_best_val"}), "objective.metric", "val_fraction"),
     (dict(objective={"mode": "maximize"}), "objective.mode", "'max' or 'min'"),
     (dict(resources={"gpu": "lots"}), "resources.gpu", "auto"),
@@ -161,6 +161,17 @@ def test_repeated_keys_and_non_utf8_files_are_refused(tmp_path):
     binary.write_bytes(b"name: t\n\xff\xfe\x00junk")
     with pytest.raises(StudyConfigError, match=r"not UTF-8 text \(byte 0xff at offset 8\)"):
         load_config(binary)
+
+
+def test_the_objective_is_never_chosen_on_the_test_set_when_a_validation_split_exists(tmp_path):
+    """#24: "best" defaults to the test accuracy at the best-validation epoch; the saved config names it."""
+    with_val = load_config(cfg_with(data__val_fraction=0.1), storage=str(tmp_path))
+    assert with_val.objective.metric == "test_acc_at_best_val"
+    assert "metric: test_acc_at_best_val" in with_val.to_yaml()
+    assert load_config(cfg_with(), storage=str(tmp_path)).objective.metric == "best_acc"  # nothing else
+    explicit = load_config(cfg_with(data__val_fraction=0.1, objective={"metric": "best_acc"}),
+                           storage=str(tmp_path))
+    assert explicit.objective.metric == "best_acc"  # what a user names stays
 
 
 def test_defaults_and_overrides(tmp_path):
