@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from analysis.points import BUDGET, METRICS, PREDICTORS, SPEED, Prepared
+from analysis.points import BUDGET, CONTROL, METRICS, PREDICTORS, SPEED, Prepared
 
 _TOL = 1e-9
 PROFILE_DELTAS = (1.0, 2.0, 5.0)  # the robust window at these tolerances is tabulated (points)
@@ -192,7 +192,7 @@ def curve_table(prep: Prepared, *, lrs: tuple[float, float] = (1e-3, 1e-2),
             row[window_col(d)] = wd.decades
             row[window_col(d) + "_open"] = wd.open
         ok = c[~c["diverged"]]
-        for p in (*PREDICTORS, *SPEED):
+        for p in (*PREDICTORS, *CONTROL, *SPEED):
             row[p] = float(c[p].mean()) if c[p].notna().any() else np.nan
         for p in BUDGET:  # the budget of the members that ran to the end (a diverged one stopped early)
             row[p] = float(ok[p].mean()) if ok[p].notna().any() else np.nan
@@ -205,7 +205,7 @@ def curve_table(prep: Prepared, *, lrs: tuple[float, float] = (1e-3, 1e-2),
             "stable_range", "stable_std", "lr_a", "lr_b", "acc_a", "acc_b", "acc_a_how", "acc_b_how",
             "acc_diff", "acc_diff_how", "lr_regret",
             *[c for d in PROFILE_DELTAS for c in (window_col(d), window_col(d) + "_open")],
-            *PREDICTORS, *BUDGET, *SPEED,
+            *PREDICTORS, *CONTROL, *BUDGET, *SPEED,
             *[f"top_{m}" for m in metrics]]
     return pd.DataFrame(rows, columns=cols)
 

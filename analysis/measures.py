@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.curves import PROFILE_DELTAS, curve_table, profile, robust_window, window_col
-from analysis.points import PREDICTORS, Prepared, sort_groups
+from analysis.points import CONTROL, PREDICTORS, Prepared, sort_groups
 from analysis.stats import interval
 
 SEED_MEASURES = ("best_acc", "lr_regret", "window_decades", *(window_col(d) for d in PROFILE_DELTAS),
@@ -86,7 +86,7 @@ def group_table(prep: Prepared, curves: pd.DataFrame | None = None, *,
         row["lr_effect_sd"], row["lr_effect_n"] = lr_effect(pts)
         row.update(lr_min=float(pts["lr"].min()), lr_max=float(pts["lr"].max()),
                    n_lrs=int(pts["lr"].nunique()))
-        for p in PREDICTORS:
+        for p in (*PREDICTORS, *CONTROL):
             row[p] = float(c[p].mean()) if c[p].notna().any() else np.nan
         rows.append(row)
     table = pd.DataFrame(rows)

@@ -31,10 +31,12 @@ SHORT = {"best_acc": "max test acc over epochs (paper; test-selected)",
          "test_acc_at_best_val": "test acc at best-validation epoch", "last_acc": "last-epoch test acc"}
 BASE_KEYS = ("method", "pr", "growth")
 RECIPE_KEYS = ("schedule", "epochs", "weight_decay", "warmup_epochs", "momentum", "batch_size")
-PREDICTORS = ("jsv_after_removal_mean", "acc_after_removal", "loss_after_removal")
+# measured right after removal; jsv_retained = JSV after removal / the unpruned control's (tpp.run)
+PREDICTORS = ("jsv_after_removal_mean", "jsv_retained", "acc_after_removal", "loss_after_removal")
+CONTROL = ("control_jsv_mean", "control_acc", "prune_train_acc")
 BUDGET = ("iters_prune", "iters_finetune", "iters_total")
 SPEED = ("speedup", "speedup_measured_b1", "speedup_measured_batch")  # FLOPs, and measured latency ratios
-CARRIED = (*PREDICTORS, *BUDGET, *SPEED, *METRICS)
+CARRIED = (*PREDICTORS, *CONTROL, *BUDGET, *SPEED, *METRICS)
 _NOT_PARAMS = {"lr", "log10_lr", "seed", "method", "growth", "pr", "has_penalty"}
 _LABEL = {"pr": "pr", "growth": "growth", "weight_decay": "wd", "warmup_epochs": "warmup"}
 

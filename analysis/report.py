@@ -139,7 +139,7 @@ def build_report(study: str | StudyData, tracking_uri: str | None = None, out_di
                   group_by=group_by, sensitivity=sensitivity)
     out = Path(out_dir) if out_dir is not None else Path("reports") / data.name
     out.mkdir(parents=True, exist_ok=True)
-    notes = list(dict.fromkeys([*data.notes, *res.prep.notes]))
+    notes = list(dict.fromkeys([*data.notes, *res.prep.notes, *_overfit_note(res.curves)]))
     if not res.curves.empty:
         say(f"  {len(res.groups)} groups, {len(res.curves)} curves; LR: {res.prep.lr_axis.describe()}; "
             f"accuracy: {res.prep.metric}")
@@ -158,6 +158,20 @@ def build_report(study: str | StudyData, tracking_uri: str | None = None, out_di
     if log:
         _log(data, out, say)
     return path
+
+
+def _overfit_note(curves: pd.DataFrame) -> list[str]:
+    """A warning when prune stages fit their training set (the overfit regime of issue #25)."""
+    if curves.empty or "prune_train_acc" not in curves or not curves["prune_train_acc"].notna().any():
+        return []
+    n = int((curves["prune_train_acc"] >= 99.5).sum())
+    if not n:
+        return []
+    of = int(curves["prune_train_acc"].notna().sum())
+    return [f"{n} of {of} pruned models' prune stages ended at ≥ 99.5% training accuracy: the stage fits its "
+            "training set, and from there cross-entropy only scales the network (and its Jacobian) up, "
+            "pruned or not. Read their JSV after removal against the unpruned "
+            "control (jsv_retained), or size the stage in passes over the data (reg_growth_epochs)."]
 
 
 def _log(data: StudyData, out: Path, say) -> None:

@@ -140,6 +140,8 @@ def groups_text(groups: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
             "Acc. diff (points)": _iv(g["acc_diff"], g["acc_diff_lo"], g["acc_diff_hi"], signed=True)
             + ("" if g["acc_diff_how"] == "exact" else f" ({g['acc_diff_how']})"),
             "JSV mean after removal": fmt_num(g["jsv_after_removal_mean"], 3),
+            "unpruned control's JSV": fmt_num(g["control_jsv_mean"], 3),
+            "JSV retained": fmt_num(g["jsv_retained"], 3),
         })
     return pd.DataFrame(rows)
 

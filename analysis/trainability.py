@@ -15,7 +15,9 @@ from analysis.points import PREDICTORS
 from analysis.stats import kendall
 
 OUTCOMES = ("window_decades", "best_acc")
-NAMES = {"jsv_after_removal_mean": "JSV mean after removal", "acc_after_removal": "accuracy after removal",
+NAMES = {"jsv_after_removal_mean": "JSV mean after removal",
+         "jsv_retained": "JSV retained (after removal / unpruned control)",
+         "acc_after_removal": "accuracy after removal",
          "loss_after_removal": "loss after removal", "window_decades": "robust window (decades)",
          "best_acc": "best accuracy"}
 COLUMNS = ["predictor", "outcome", "stratum", "pr", "n", "tau", "lo", "hi", "p"]

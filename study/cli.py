@@ -172,15 +172,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from study.config import load_config
     from study.design import dense_run_config, describe
     from tpp.data import DataError
-    from tpp.run import load_run_data
+    from tpp.run import load_run_data, run_splits
 
     try:
         cfg = load_config(args.config)
-        train = load_run_data(dense_run_config(cfg)).num_train
+        run_cfg = dense_run_config(cfg)
+        train = run_splits(run_cfg, load_run_data(run_cfg))[0].num_train  # what every stage trains on
     except (StudyConfigError, DataError) as e:
         return _err(str(e).splitlines()[0])
     slots = args.max_concurrent or cfg.max_concurrent or 1
-    print(describe(cfg, slots, round(train * (1 - cfg.data.val_fraction))))
+    print(describe(cfg, slots, train))
     return 0
 
 

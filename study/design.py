@@ -272,7 +272,7 @@ class Plan:
         return sum(len(u.members) for u in self.units if u.kind == "finetune")
 
 
-def plan(cfg: StudyConfig, slots: int = 1, max_lockstep: int = 16) -> Plan:
+def plan(cfg: StudyConfig, slots: int = 1, max_lockstep: int = 16, train_samples: int = 0) -> Plan:
     """The design's units. Prune stages of methods with a penalty go into `prune` units -- batches of
     one method's stages computed together (lockstep), balanced over `slots` concurrent trials by their
     iteration counts -- when lockstep is on or several finetune units share a stage; the longest units
@@ -280,7 +280,7 @@ def plan(cfg: StudyConfig, slots: int = 1, max_lockstep: int = 16) -> Plan:
     pts, mems = points(cfg), members(cfg)
     per = cfg.finetune.per_trial or len(mems)
     chunks = [tuple(range(i, min(i + per, len(mems)))) for i in range(0, len(mems), per)]
-    work = {i: _prune_iterations(cfg, p) for i, p in enumerate(pts)}
+    work = {i: _prune_iterations(cfg, p, train_samples) for i, p in enumerate(pts)}
     shared = [i for i, p in enumerate(pts) if work[i] and (cfg.lockstep or len(chunks) > 1)]
     cap = max_lockstep if cfg.lockstep else 1
     by_method: dict[str, list[int]] = {}  # one method per lockstep batch (tpp.lockstep.prune_lockstep)
@@ -293,15 +293,12 @@ def plan(cfg: StudyConfig, slots: int = 1, max_lockstep: int = 16) -> Plan:
     return Plan(pts, mems, prune_units + finetune)
 
 
-def _prune_iterations(cfg: StudyConfig, point: PrunePoint) -> int:
-    """Iterations of the point's regularisation stage (0 for methods without one)."""
+def _prune_iterations(cfg: StudyConfig, point: PrunePoint, train_samples: int) -> int:
+    """Iterations of the point's regularisation stage (0 for methods without one) on `train_samples`
+    training samples (a stage sized in passes over the data depends on it)."""
     if point.growth is None:
         return 0
-    from tpp.schedules import PenaltySchedule
-
-    rc = run_config(cfg, point, members(cfg)[0])
-    return PenaltySchedule(rc.growth, rc.update_reg_interval, rc.reg_upper_limit,
-                           rc.stabilize_reg_interval).total_iters
+    return run_config(cfg, point, members(cfg)[0]).penalty_schedule(train_samples).total_iters
 
 
 def _balance(items: list[int], work: dict[int, int], slots: int, cap: int) -> list[tuple[int, ...]]:
@@ -375,16 +372,18 @@ def describe(cfg: StudyConfig, slots: int = 1, train_samples: int | None = None)
         return (f"{cfg.name}: sampler {cfg.sampler} proposes {n} single-member trials adaptively over "
                 f"methods {', '.join(m.shown for m in cfg.methods)} (no fixed design: methods are not paired "
                 "at equal LRs and seeds; for an LR-sensitivity map use grid or qmc)")
-    p = plan(cfg, slots)
+    p = plan(cfg, slots, train_samples=train_samples or 0)
     lrs = sorted({m["lr"] for m in p.members})
     rows = Counter((pt.method, pt.pr, "-" if pt.growth is None else short(pt.growth)) for pt in p.points)
     seeds = len(cfg.space.seeds)
     table = [["method", "pr", "growth", "seeds", "members", "runs"]]
     table += [[m, f"{pr:.3g}", g, str(seeds), str(len(p.members)), str(n * len(p.members))]
               for (m, pr, g), n in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2]))]
-    stages = [_prune_iterations(cfg, pt) for pt in p.points]
+    stages = [_prune_iterations(cfg, pt, train_samples or 0) for pt in p.points]
     penalty = [s for s in stages if s]
     epochs = sum(run_config(cfg, p.points[0], m).epochs for m in p.members) * len(p.points)
+    reg_batch = run_config(cfg, p.points[0], p.members[0]).reg_batch_size
+    reg_per_epoch = math.ceil(max(train_samples or 1, 1) / reg_batch)
     lines = [f"{cfg.name}: {cfg.sampler} design, {len(p.points)} prune points x {len(p.members)} members = "
              f"{p.num_runs} runs in {len(p.units)} trials "
              f"({sum(u.kind == 'prune' for u in p.units)} of them prune units, lockstep "
@@ -393,8 +392,10 @@ def describe(cfg: StudyConfig, slots: int = 1, train_samples: int | None = None)
              f"members: {len(lrs)} LRs ({short(lrs[0])} ... {short(lrs[-1])})"
              + (f" x {', '.join(varying(cfg))}" if varying(cfg) else "") + ", the same for every prune point",
              f"prune stages to compute: {len(penalty)} with a penalty stage "
-             f"({sum(penalty):,} regularisation iterations, the longest {max(penalty, default=0):,}), "
-             f"{len(stages) - len(penalty)} without one",
+             f"({sum(penalty):,} regularisation iterations, the longest {max(penalty, default=0):,}"
+             + (f" = {max(penalty) / reg_per_epoch:,.1f} passes over the {train_samples:,} training samples "
+                f"at batch {reg_batch}" if penalty and train_samples else "")
+             + f"), {len(stages) - len(penalty)} without one",
              f"finetuning: {epochs:,} member-epochs"
              + (f" of {math.ceil(train_samples / run_config(cfg, p.points[0], p.members[0]).batch_size)} "
                 f"iterations each" if train_samples else ""),
@@ -419,6 +420,6 @@ def work(cfg: StudyConfig, train_samples: int, cache_dir: Any, dense_digest: str
     per_epoch = math.ceil(max(train_samples, 1) / first.batch_size)
     epochs = sum(run_config(cfg, pts[0], m).epochs for m in mems) / len(mems) if pts else first.epochs
     cache = PruneCache(cache_dir)
-    prune = sum(_prune_iterations(cfg, p) for p in pts if p.growth is not None
+    prune = sum(_prune_iterations(cfg, p, train_samples) for p in pts if p.growth is not None
                 and not cache.has(prune_key(run_config(cfg, p, mems[0]), dense_digest)))
     return float(per_epoch), prune + runs_left * epochs * per_epoch

@@ -366,7 +366,7 @@ def _searcher(cfg: StudyConfig, folder: StudyFolder, dense: Any, slots: int) -> 
         from study.searcher import design_searcher
         from tpp.run import prune_key
 
-        p = plan(cfg, slots)
+        p = plan(cfg, slots, train_samples=folder.read_meta().train_samples)
         first = members(cfg)[0]
         keys = {i: prune_key(run_config(cfg, pt, first), dense) for i, pt in enumerate(p.points)}
         return design_searcher(p.units, keys, p, folder.prune_cache), len(p.units)

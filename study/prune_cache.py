@@ -55,6 +55,8 @@ class PruneCache:
                 raise CheckpointError(f"it holds prune stage {record.get('key')!r}, not {key!r}")
             if _canonical(record.get("inputs", {})) != _canonical(inputs):
                 raise CheckpointError("it was computed with other prune-stage settings")
+            if "control" in record:  # an unpruned control's metrics (tpp.run.train_control)
+                return {str(k): float(v) for k, v in record["control"].items()}
             return pruned_from_dict(record["pruned"], str(path))
         except (CheckpointError, KeyError, TypeError) as e:
             self._move_aside(path, str(e).splitlines()[0])
@@ -72,7 +74,8 @@ class PruneCache:
     def save(self, key: str, inputs: dict[str, Any], pruned: Any) -> None:
         from tpp.checkpoint import atomic_save, pruned_to_dict
 
-        atomic_save({"format": CACHE_FORMAT, "key": key, "inputs": inputs, "pruned": pruned_to_dict(pruned)},
+        body = {"control": dict(pruned)} if isinstance(pruned, dict) else {"pruned": pruned_to_dict(pruned)}
+        atomic_save({"format": CACHE_FORMAT, "key": key, "inputs": inputs, **body},
                     self.path(key))
 
     @contextlib.contextmanager

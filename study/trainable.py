@@ -214,7 +214,7 @@ def _resume_state() -> dict[str, Any] | None:
 def _prune_unit(config: dict[str, Any], dense: Any, ctx: TrialContext) -> None:
     """Compute the unit's prune stages into the cache (skipping what is already there)."""
     from study.design import _prune_iterations, points
-    from tpp.run import load_run_data, prune_key, prune_stages
+    from tpp.run import load_run_data, prune_key, prune_stages, run_splits
 
     cfg, cache, pts = ctx.config, ctx.cache, points(ctx.config)
     configs = [run_config(cfg, pts[i], members(cfg)[0]) for i in config["points"]]
@@ -222,7 +222,8 @@ def _prune_unit(config: dict[str, Any], dense: Any, ctx: TrialContext) -> None:
     todo = [(k, rc) for k, rc in todo if cache.load(k, rc.prune_inputs()) is None]
     if todo:
         data = load_run_data(todo[0][1])
-        progress = PruneProgress(sum(_prune_iterations(cfg, pts[i]) for i in config["points"]))
+        samples = run_splits(todo[0][1], data)[0].num_train
+        progress = PruneProgress(sum(_prune_iterations(cfg, pts[i], samples) for i in config["points"]))
         with cache.locked([k for k, _ in todo]):
             # a finetune trial may have computed one while this unit waited for the locks
             todo = [(k, rc) for k, rc in todo if cache.load(k, rc.prune_inputs()) is None]

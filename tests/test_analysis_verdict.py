@@ -233,6 +233,7 @@ ACC, DEC = 1, 2  # decimals the report uses for accuracy points and decades
 IVL = {"95% CI": "bootstrap95", "range over seeds": "range"}
 LABEL = {"l1": "L1", "tpp": "TPP", "greg": "GReg-1"}
 TAU_NAMES = {"JSV mean after removal": "jsv_after_removal_mean",
+             "JSV retained (after removal / unpruned control)": "jsv_retained",
              "accuracy after removal": "acc_after_removal", "loss after removal": "loss_after_removal",
              "robust window (decades)": "window_decades", "best accuracy": "best_acc"}
 NUM = r"[-+]?\d+(?:\.\d+)?"

@@ -26,7 +26,8 @@ from torch import nn
 
 from tpp.config import RunConfig
 from tpp.data import load_data
-from tpp.methods import Method, PruneContext, StageResult, get_method, select_by_criterion
+from tpp.methods import Method, PenaltyHooks, PruneContext, StageResult, get_method, select_by_criterion
+from tpp.methods.stage import OVERFIT_ACC, run_penalty_loop
 from tpp.metrics import count_flops, count_params, jacobian_singular_values, jsv_summary, latency_metrics
 from tpp.models import ModelSpec, build_model, model_prune_preset, resolve_coupling
 from tpp.pruning import (
@@ -236,7 +237,15 @@ def finish_prune(job: PruneJob) -> PrunedModel:
     cfg, ctx, method, dense, data = job.cfg, job.ctx, job.method, job.dense, job.data
     device, precision, on_event = ctx.device, ctx.precision, ctx.on_event
     iterations, diverged = job.result.iterations, job.result.diverged
-    base = {"prune_iterations": iterations, "iters_prune": iterations, "params_dense": job.params_dense,
+    fitted = [h for h in ctx.history if "train_acc" in h]
+    fit = {}
+    if fitted:  # the stage's own training accuracy: at ~100 % it is in the overfit regime (tpp.methods.stage)
+        fit["prune_train_acc"] = fitted[-1]["train_acc"]
+        first = next((h["iteration"] for h in fitted if h["train_acc"] >= OVERFIT_ACC), None)
+        if first is not None:
+            fit["prune_fit_iteration"] = first
+    base = {**fit, "prune_iterations": iterations, "iters_prune": iterations,
+            "params_dense": job.params_dense,
             "flops_dense": job.flops_dense,
             "flops_train_prune": train_flops(job.flops_dense, iterations * cfg.reg_batch_size),
             "pruned_filters": int(sum(int(m.sum()) for m in (ctx.masks or {}).values()))}
@@ -301,6 +310,51 @@ def prune_stages(cfgs: Sequence[RunConfig], dense: DenseModel, data=None, lockst
             if job.needs_stage:
                 job.result = job.method.stage(job.ctx)
     return [finish_prune(job) for job in jobs]
+
+
+# --------------------------------------------------------------------------------------------- control
+# with the model, data and dense settings and the iterations: all a control depends on
+CONTROL_INPUTS = ("val_fraction", "seed", "reg_lr", "reg_momentum", "reg_weight_decay", "reg_batch_size",
+                  "bf16", "jsv_samples")
+
+
+def control_inputs(cfg: RunConfig, iterations: int) -> dict[str, Any]:
+    """What the unpruned control of a prune stage of `iterations` iterations depends on: the data, the
+    stage's optimizer and batch order (seed), the iterations; not the method, PR or penalty."""
+    d = cfg.to_dict()
+    return {**cfg.section("model", "data", "dense"), **{k: d[k] for k in CONTROL_INPUTS},
+            "iterations": int(iterations)}
+
+
+def control_key(cfg: RunConfig, dense: DenseModel | str, iterations: int) -> str:
+    """The control's share key (as `prune_key`, over `control_inputs` and the dense weights)."""
+    h = hashlib.sha256(json.dumps({"control": control_inputs(cfg, iterations)}, sort_keys=True,
+                                  default=str).encode())
+    h.update((dense if isinstance(dense, str) else dense.digest()).encode())
+    return "control-" + h.hexdigest()[:20]
+
+
+def train_control(cfg: RunConfig, dense: DenseModel, data=None, iterations: int = 0) -> dict[str, float]:
+    """The unpruned control of a prune stage: the dense model trained by the stage's own loop
+    (`run_penalty_loop`: same optimizer, LR, batch order) for the same `iterations`, with no penalty and
+    no mask. A trainability number after pruning means little without it: on data the model can fit,
+    cross-entropy alone keeps scaling the network (and its Jacobian) up, pruned or not. Metrics:
+    control_jsv_*, control_acc, control_loss, control_train_acc, control_iterations (0: the dense model)."""
+    data = data if data is not None else load_run_data(cfg)
+    train, _ = run_splits(cfg, data)
+    device, precision = resolve_device(cfg.device), Precision(cfg.bf16, cfg.channels_last)
+    seed_everything(cfg.seed)
+    model = precision.prepare_model(dense.build(), device)
+    train_acc = float("nan")
+    if iterations:
+        ctx = PruneContext(cfg, {}, model, {}, {}, "none", train, device, precision)
+        result = run_penalty_loop(ctx, PenaltyHooks(), iterations=int(iterations))  # no penalty, no mask
+        train_acc = ctx.history[-1]["train_acc"] if ctx.history else float("nan")
+        iterations = result.iterations
+    acc, loss = evaluate_metrics(model, _test_batches(data, cfg, device), device, precision)
+    jsv = measure_jsv(model, data, cfg, device)
+    return {"control_acc": acc, "control_loss": loss, "control_train_acc": train_acc,
+            "control_iterations": int(iterations), **{f"control_jsv_{k}": v for k, v in jsv.items()}}
 
 
 # -------------------------------------------------------------------------------------------- finetune
@@ -457,13 +511,35 @@ def measured_speed(cfg: RunConfig, dense: DenseModel, pruned: PrunedModel) -> di
 
 
 def member_metrics(dense: DenseModel, pruned: PrunedModel, result: RunResult,
-                   speed: dict[str, float] | None = None) -> dict[str, float]:
-    """Every stage's metrics of one member, merged, with its budget totals (prune + finetune) and the
-    measured speed (`measured_speed`) of its pruned model."""
-    merged = {**dense.metrics, **pruned.metrics, **(speed or {}), **result.metrics}
+                   speed: dict[str, float] | None = None,
+                   control: dict[str, float] | None = None) -> dict[str, float]:
+    """Every stage's metrics of one member, merged, with its budget totals (prune + finetune), the
+    measured speed (`measured_speed`) of its pruned model, and its unpruned control's metrics with
+    jsv_retained = JSV mean after removal / the control's (`train_control`)."""
+    merged = {**dense.metrics, **pruned.metrics, **(speed or {}), **(control or {}), **result.metrics}
+    if control and merged.get("jsv_after_removal_mean") is not None and control.get("control_jsv_mean"):
+        merged["jsv_retained"] = merged["jsv_after_removal_mean"] / control["control_jsv_mean"]
     for what in ("iters", "flops_train"):
         merged[f"{what}_total"] = merged.get(f"{what}_prune", 0) + merged.get(f"{what}_finetune", 0)
     return merged
+
+
+def pipeline_control(cfg: RunConfig, dense: DenseModel, pruned: PrunedModel, data,
+                     store: PrunedStore | None) -> dict[str, float]:
+    """The unpruned control of a pipeline's prune stage (when `cfg.control`; none for a diverged stage):
+    shared through `store` like a prune stage, so one is trained per (dense model, schedule, seed)."""
+    if not cfg.control or pruned.diverged:
+        return {}
+    iterations = int(pruned.metrics.get("prune_iterations", 0))
+
+    def compute() -> dict[str, float]:
+        return train_control(cfg, dense, data, iterations)
+
+    if store is None or not iterations:
+        return compute()
+    control, _ = store.get_or_compute(control_key(cfg, dense, iterations), control_inputs(cfg, iterations),
+                                      compute)
+    return control
 
 
 def run_pipeline(members: RunConfig | Sequence[RunConfig], *, dense: DenseModel | None = None,
@@ -501,10 +577,12 @@ def run_pipeline(members: RunConfig | Sequence[RunConfig], *, dense: DenseModel 
     _emit(on_event, event="pruned", reuse=reuse, history=pruned.history, diverged=pruned.diverged)
     results: list[RunResult | None] = [None] * len(members)
     done = dict((resume_state or {}).get("done", {}))
-    speed = measured_speed(cfg, dense, pruned) if len(done) < len(members) - len(skip) else {}
+    todo_any = len(done) < len(members) - len(skip)
+    speed = measured_speed(cfg, dense, pruned) if todo_any else {}
+    control = pipeline_control(cfg, dense, pruned, data, store) if todo_any else {}
 
     def finish(i: int, result: RunResult) -> None:
-        result.metrics = member_metrics(dense, pruned, result, speed)
+        result.metrics = member_metrics(dense, pruned, result, speed, control)
         results[i] = result
         done[i] = {"status": result.status, "metrics": result.metrics}
         _emit(on_event, event="member_end", member=i, status=result.status, metrics=result.metrics)

@@ -78,21 +78,35 @@ class PenaltySchedule:
 
     It starts at 0 and grows by `growth` every `interval` iterations until it reaches `limit`
     (the growing phase), then stays at `limit` for `stabilize` iterations (the stabilize phase, in
-    which the pruned filters are zeroed layer by layer).
+    which the pruned filters are zeroed layer by layer). `growing_iters` (instead of `interval`) sizes
+    the growing phase directly, e.g. in passes over the data (`from_epochs`): the increments are then
+    spread evenly over it, `interval` = growing_iters / steps possibly fractional.
     """
 
-    def __init__(self, growth: float, interval: int, limit: float, stabilize: int):
+    def __init__(self, growth: float, interval: int, limit: float, stabilize: int,
+                 growing_iters: int | None = None):
         if growth <= 0 or interval < 1 or limit <= 0 or stabilize < 0:
             raise ValueError("penalty schedule needs growth > 0, interval >= 1, limit > 0, stabilize >= 0")
         self.growth, self.interval, self.limit, self.stabilize = growth, interval, limit, stabilize
         # Number of increments to reach the limit; the tolerance absorbs float error (1.0 / 1e-3 = 999.99..).
         self.steps_to_limit = math.ceil(limit / growth - 1e-9)
-        self.growing_iters = self.steps_to_limit * interval
+        self.growing_iters = self.steps_to_limit * interval if growing_iters is None else int(growing_iters)
+        if self.growing_iters < 1:
+            raise ValueError("penalty schedule needs a growing phase of at least one iteration")
         self.total_iters = self.growing_iters + stabilize
 
+    @classmethod
+    def from_epochs(cls, growth: float, limit: float, growth_epochs: float, stabilize_epochs: float,
+                    iters_per_epoch: int) -> PenaltySchedule:
+        """The penalty reaches `limit` after `growth_epochs` passes over the training set and stays there
+        for `stabilize_epochs` passes: a recipe that means the same on 4,000 and on 60,000 images."""
+        return cls(growth, 1, limit, round(stabilize_epochs * iters_per_epoch),
+                   growing_iters=max(1, round(growth_epochs * iters_per_epoch)))
+
     def factor(self, iteration: int) -> float:
-        """Penalty factor at 0-based `iteration` of the stage."""
-        return min(self.limit, (iteration // self.interval) * self.growth)
+        """Penalty factor at 0-based `iteration` of the stage: the number of increments done by then (exact
+        integer arithmetic: with a whole `interval` it is iteration // interval) times `growth`."""
+        return min(self.limit, ((iteration * self.steps_to_limit) // self.growing_iters) * self.growth)
 
     def zeroing_iterations(self, num_layers: int) -> list[int]:
         """Iteration at which each layer's pruned filters are hard-zeroed (spread over stabilizing)."""

@@ -71,6 +71,7 @@ class EpochStats:
     loss: float  # mean training loss (cross-entropy + penalty) over the epoch
     iterations: int
     finite: bool  # False once the loss was NaN/inf: the run diverged
+    accuracy: float = float("nan")  # training accuracy (%) over the epoch's batches, when tracked
 
 
 def train_epoch(
@@ -83,8 +84,10 @@ def train_epoch(
     after_backward: Callable[[], None] | None = None,
     after_step: Callable[[], None] | None = None,
     max_iterations: int | None = None,
+    track_accuracy: bool = False,
 ) -> EpochStats:
-    """One pass over `batches` (or `max_iterations` of it).
+    """One pass over `batches` (or `max_iterations` of it); with `track_accuracy` also the training
+    accuracy of the batches as they were trained on (the prune stage's overfit check).
 
     The loss is summed on the device and read once at the end: a per-step `.item()` would force a
     GPU sync every iteration.
@@ -92,13 +95,19 @@ def train_epoch(
     precision = precision or Precision()
     model.train()
     total = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
     n = 0
     for x, y in batches:
         if max_iterations is not None and n >= max_iterations:
             break
         x = precision.prepare_input(x, device)
         with precision.autocast(device):
-            loss = F.cross_entropy(model(x), y)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+        if track_accuracy:
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += y.numel()
         if extra_loss is not None:
             loss = loss + extra_loss()
         optimizer.zero_grad(set_to_none=True)
@@ -111,7 +120,8 @@ def train_epoch(
         total += loss.detach().float()
         n += 1
     mean = (total / max(n, 1)).item()
-    return EpochStats(loss=mean, iterations=n, finite=bool(np.isfinite(mean)))
+    acc = 100.0 * correct.item() / seen if seen else float("nan")
+    return EpochStats(loss=mean, iterations=n, finite=bool(np.isfinite(mean)), accuracy=acc)
 
 
 @torch.no_grad()

@@ -107,9 +107,8 @@ class PruneContext:
 
     @property
     def schedule(self) -> PenaltySchedule:
-        """The growing penalty schedule of the run's penalty knobs (growth, intervals, limit)."""
-        c = self.cfg
-        return PenaltySchedule(c.growth, c.update_reg_interval, c.reg_upper_limit, c.stabilize_reg_interval)
+        """The growing penalty schedule of the run's penalty knobs (growth, intervals or epochs, limit)."""
+        return self.cfg.penalty_schedule(self.data.num_train)
 
     def emit(self, **event: Any) -> None:
         if self.on_event is not None:

@@ -11,14 +11,20 @@ import torch
 from tpp.methods.base import PenaltyHooks, PruneContext, StageFn, StageResult
 from tpp.train import epoch_generator, evaluate, sgd, train_epoch
 
+OVERFIT_ACC = 99.5  # training accuracy (%) from which a prune stage is in the overfit regime
 
-def run_penalty_loop(ctx: PruneContext, hooks: PenaltyHooks) -> StageResult:
-    """Train `ctx.model` for the schedule's iterations with `hooks`; `hooks.finish()` at the end.
 
-    Each epoch's record (epoch, train_loss, reg factor, iteration, test_acc) goes to `ctx.history`
-    and out as a prune-stage epoch event.
+def run_penalty_loop(ctx: PruneContext, hooks: PenaltyHooks, iterations: int | None = None) -> StageResult:
+    """Train `ctx.model` for the schedule's iterations (or `iterations`) with `hooks`; `hooks.finish()` at
+    the end.
+
+    Each epoch's record (epoch, train_loss, train_acc, reg factor, iteration, test_acc) goes to
+    `ctx.history` and out as a prune-stage epoch event. The first epoch whose training accuracy reaches
+    OVERFIT_ACC also emits a notice: from there on cross-entropy only scales the network up (on
+    separable data its Jacobian grows without bound), which inflates every trainability number.
     """
     cfg, model, schedule = ctx.cfg, ctx.model, ctx.schedule
+    total = schedule.total_iters if iterations is None else int(iterations)
     opt = sgd(model, cfg.reg_lr, cfg.reg_momentum, cfg.reg_weight_decay)
     zero = torch.zeros((), device=next(model.parameters()).device)
     state = {"it": 0, "factor": 0.0}
@@ -36,17 +42,26 @@ def run_penalty_loop(ctx: PruneContext, hooks: PenaltyHooks) -> StageResult:
         hooks.after_step(state["it"])
 
     epoch = 0
-    while state["it"] < schedule.total_iters:
+    while state["it"] < total:
         t0 = time.perf_counter()
         gen = epoch_generator(cfg.seed, "prune", epoch)
         batches = ctx.data.train_batches(cfg.reg_batch_size, gen, ctx.device)
         stats = train_epoch(model, batches, opt, ctx.device, ctx.precision, extra_loss, after_backward,
-                            after_step, max_iterations=schedule.total_iters - state["it"])
+                            after_step, max_iterations=total - state["it"],
+                            track_accuracy=True)
         test = ctx.data.test_batches(cfg.eval_batch_size, ctx.device)
-        record = {"epoch": epoch, "train_loss": stats.loss, "reg": state["factor"], "iteration": state["it"],
+        record = {"epoch": epoch, "train_loss": stats.loss, "train_acc": stats.accuracy,
+                  "reg": state["factor"], "iteration": state["it"],
                   "test_acc": evaluate(model, test, ctx.device, ctx.precision)}
+        fitted = any(h.get("train_acc", 0) >= OVERFIT_ACC for h in ctx.history)
+        if stats.accuracy >= OVERFIT_ACC and not fitted:
+            ctx.emit(event="notice", message=f"prune stage: training accuracy {stats.accuracy:.1f}% at "
+                     f"iteration {state['it']} of {total} (epoch {epoch}): the stage fits its "
+                     "training set, and from here cross-entropy only scales the network up (JSV after "
+                     "removal grows with it; compare it with the unpruned control, or size the stage in "
+                     "passes over the data: reg_growth_epochs)")
         ctx.history.append(record)
-        ctx.emit(event="epoch", stage="prune", iterations=schedule.total_iters,
+        ctx.emit(event="epoch", stage="prune", iterations=total,
                  seconds=time.perf_counter() - t0, **record)
         if not stats.finite:
             why = (f"the regularisation loss became NaN/inf at iteration {state['it']} "
