@@ -113,3 +113,36 @@ def test_the_prune_stage_warns_when_it_fits_its_training_set_and_only_then():
     # four Gaussian classes in 2 dimensions overlap: the stage ends near 94 %, no warning
     overlapping = RunConfig(**{**small, "data_kwargs": {"input_shape": [2], "num_classes": 4}})
     assert notices(overlapping) == []
+
+
+def _stage(limit: float | None, pruned_scale: float):
+    """A TPP stage on the synthetic MLP whose weights barely move (reg_lr 1e-12): every pruned layer's
+    kept-to-pruned ratio of mean |w| stays (to ~1e-10) what the pruned rows were scaled to."""
+    from tpp.run import prepare_prune
+
+    cfg = RunConfig(model="mlp", model_kwargs={"depth": 3, "width": 16}, data="synthetic", device="cpu",
+                    dense_epochs=0, method="tpp", pr=0.5, growth=0.01, update_reg_interval=5,
+                    stabilize_reg_interval=40, reg_lr=1e-12, reg_momentum=0.0, reg_weight_decay=0.0,
+                    jsv_samples=4, reg_mag_ratio_limit=limit, seed=1)
+    data = load_run_data(cfg)
+    job = prepare_prune(cfg, train_dense(cfg, data), data)
+    modules = dict(job.ctx.model.named_modules())
+    with torch.no_grad():
+        for name, mask in job.ctx.masks.items():
+            w = modules[name].weight
+            kept, pruned = w[~mask].abs().mean(), w[mask].abs().mean()
+            w[mask] *= kept / pruned / pruned_scale  # now kept / pruned = pruned_scale exactly
+    return job, job.method.stage(job.ctx)
+
+
+def test_the_authors_early_stop_fires_where_the_ratio_crosses_the_limit():
+    # ratio 50 everywhere, limit 40: the first check (iteration 5) stops the growth; 40 stabilising follow
+    job, result = _stage(40.0, 50.0)
+    s = job.ctx.schedule
+    assert s.stopped_at == 5 and result.iterations == 5 + 40 and s.factor(100) == s.factor(5) == 0.01
+    # limit 60 above the ratio: it never fires and the full schedule runs (100 steps x 5 + 40)
+    job, result = _stage(60.0, 50.0)
+    assert job.ctx.schedule.stopped_at is None and result.iterations == 500 + 40
+    # off by default
+    job, result = _stage(None, 50.0)
+    assert job.ctx.schedule.stopped_at is None and result.iterations == 540

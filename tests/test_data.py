@@ -409,3 +409,35 @@ def test_default_root_comes_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("TPP_DATA_ROOT", os.fspath(tmp_path / "none"))
     with pytest.raises(DataError, match="none"):
         load_data("mnist")
+
+
+def test_shifted_digits_are_the_padded_images_cropped_at_the_drawn_offsets():
+    """#25: `shift` translates each training image by up to S pixels (zero padding, no flip), drawn from
+    the epoch's generator; the test images are untouched. Reference: pad with zeros and slice by hand."""
+    from tpp.data import load_data
+    from tpp.train import epoch_generator
+
+    plain, moved = load_data("digits"), load_data("digits", shift=2)
+    gen = epoch_generator(5, "prune", 0)
+    n = plain.num_train
+    perm = torch.randperm(n, generator=gen)
+    dy, dx = torch.randint(0, 5, (2, n), generator=gen)
+    x_raw, _ = plain.train_tensors()  # normalised, unpadded; the padding is raw zeros
+    raw = plain._x_train
+    padded = F.pad(raw, (2, 2, 2, 2))
+    batch, labels = next(moved.train_batches(64, epoch_generator(5, "prune", 0), "cpu"))
+    for k in range(64):
+        i = int(perm[k])
+        want = padded[i, :, int(dy[k]):int(dy[k]) + 8, int(dx[k]):int(dx[k]) + 8]
+        want = (want.float() * moved._scale + moved._shift) if moved._scale is not None else want.float()
+        assert torch.equal(batch[k], want)
+        assert int(labels[k]) == int(plain._y_train[i])
+    assert not torch.equal(batch, x_raw[perm[:64]])  # some images moved
+    t_plain = torch.cat([x for x, _ in plain.test_batches(512, "cpu")])
+    t_moved = torch.cat([x for x, _ in moved.test_batches(512, "cpu")])
+    assert torch.equal(t_plain, t_moved)
+    # the split keeps the shift, and a bad value is one clear line
+    train, _ = moved.split_validation(0.1)
+    assert train._shift_px == 2
+    with pytest.raises(ValueError, match="shift must be an integer >= 0"):
+        load_data("digits", shift=-1)

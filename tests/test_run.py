@@ -183,7 +183,9 @@ ALTERNATIVES = {
     "momentum": {"momentum": 0.0}, "weight_decay": {"weight_decay": 0.0}, "jsv_every": {"jsv_every": 2},
     "data_root": {"data_root": "/elsewhere"}, "device": {"device": "cuda"},
     "channels_last": {"channels_last": True},
-    "eval_batch_size": {"eval_batch_size": 64},
+    "eval_batch_size": {"eval_batch_size": 64}, "control": {"control": False},
+    "reg_growth_epochs": {"reg_growth_epochs": 3.0}, "stabilize_reg_epochs": {"stabilize_reg_epochs": 1.0},
+    "reg_mag_ratio_limit": {"reg_mag_ratio_limit": 1000.0},
 }
 
 

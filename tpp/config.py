@@ -97,6 +97,14 @@ class RunConfig:
     stabilize_reg_epochs: float | None = setting(None, "prune", "size the stabilising phase in passes over "
                                                  "the training set instead of --stabilize-reg-interval",
                                                  penalty_only=True)
+    reg_mag_ratio_limit: float | None = setting(None, "prune", "the authors' MNIST-era early stop (MingSun-"
+                                                "Tse/Smile-Pruning: option.py --mag_ratio_limit, used in "
+                                                "pruner/orth_preserving_pruner.py): stop growing the penalty "
+                                                "once every pruned layer's kept-to-pruned mean |w| ratio (an "
+                                                "EMA, 0.9 old + 0.1 new, updated every --update-reg-interval "
+                                                "iterations) reaches this; the stabilising phase follows. "
+                                                "Off (null) by default, as in their later TPP code",
+                                                penalty_only=True)
     lw_opp: float = setting(1000.0, "prune", "weight of the gram (trainability) term in the loss",
                             penalty_only=True)
     reg_lr: float = setting(1e-3, "prune", "constant SGD LR of the regularisation stage", penalty_only=True)
@@ -171,11 +179,11 @@ class RunConfig:
         for name in ("stabilize_reg_interval", "dense_epochs", "jsv_every", "warmup_epochs"):
             if int(getattr(self, name)) < 0:
                 bad(name, "an integer >= 0")
-        for name in ("reg_growth_epochs", "stabilize_reg_epochs"):
+        for name in ("reg_growth_epochs", "stabilize_reg_epochs", "reg_mag_ratio_limit"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)
                                           and value > 0):
-                bad(name, "a number of epochs > 0, or null (size it in iterations)")
+                bad(name, "a number > 0, or null (off)")
         if self.schedule not in SCHEDULES:
             bad("schedule", ", ".join(SCHEDULES))
         if any(not 0 < m < 1 for m in self.milestones):

@@ -410,7 +410,7 @@ def lockstep_prune_supported(job: Any) -> bool:
     """Whether a prune job's stage is the library's filter penalty (TPP, GReg and their ablations),
     which `prune_lockstep` vectorises; any other stage (a plug-in's own) runs one by one."""
     make = getattr(job.method.stage, "make_hooks", None)
-    return bool(job.needs_stage and make is not None
+    return bool(job.needs_stage and make is not None and job.cfg.reg_mag_ratio_limit is None
                 and getattr(make, "__name__", "").startswith("filter_penalty"))
 
 

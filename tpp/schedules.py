@@ -94,6 +94,19 @@ class PenaltySchedule:
         if self.growing_iters < 1:
             raise ValueError("penalty schedule needs a growing phase of at least one iteration")
         self.total_iters = self.growing_iters + stabilize
+        self.stopped_at: int | None = None  # where an early stop ended the growing phase (stop_growth)
+
+    def stop_growth(self, iteration: int) -> None:
+        """End the growing phase at `iteration` (an early stop): the factor keeps the value it has there,
+        and the stabilising phase follows right away."""
+        if self.stopped_at is None and iteration < self.growing_iters:
+            self.frozen = self.factor(iteration)
+            self.stopped_at = int(iteration)
+            self.total_iters = self.stopped_at + self.stabilize
+
+    @property
+    def stabilize_start(self) -> int:
+        return self.growing_iters if self.stopped_at is None else self.stopped_at
 
     @classmethod
     def from_epochs(cls, growth: float, limit: float, growth_epochs: float, stabilize_epochs: float,
@@ -106,8 +119,10 @@ class PenaltySchedule:
     def factor(self, iteration: int) -> float:
         """Penalty factor at 0-based `iteration` of the stage: the number of increments done by then (exact
         integer arithmetic: with a whole `interval` it is iteration // interval) times `growth`."""
+        if self.stopped_at is not None and iteration >= self.stopped_at:
+            return self.frozen
         return min(self.limit, ((iteration * self.steps_to_limit) // self.growing_iters) * self.growth)
 
     def zeroing_iterations(self, num_layers: int) -> list[int]:
         """Iteration at which each layer's pruned filters are hard-zeroed (spread over stabilizing)."""
-        return [self.growing_iters + (i * self.stabilize) // max(num_layers, 1) for i in range(num_layers)]
+        return [self.stabilize_start + (i * self.stabilize) // max(num_layers, 1) for i in range(num_layers)]

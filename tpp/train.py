@@ -85,6 +85,7 @@ def train_epoch(
     after_step: Callable[[], None] | None = None,
     max_iterations: int | None = None,
     track_accuracy: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> EpochStats:
     """One pass over `batches` (or `max_iterations` of it); with `track_accuracy` also the training
     accuracy of the batches as they were trained on (the prune stage's overfit check).
@@ -119,6 +120,8 @@ def train_epoch(
             after_step()
         total += loss.detach().float()
         n += 1
+        if should_stop is not None and should_stop():
+            break
     mean = (total / max(n, 1)).item()
     acc = 100.0 * correct.item() / seen if seen else float("nan")
     return EpochStats(loss=mean, iterations=n, finite=bool(np.isfinite(mean)), accuracy=acc)

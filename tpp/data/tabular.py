@@ -18,9 +18,11 @@ DIGITS_TEST = 360  # 20% of the 1797 images; 1437 remain for training
 
 
 @register_data("digits")
-def digits(split_seed: int = 0) -> TensorData:
+def digits(split_seed: int = 0, shift: int = 0) -> TensorData:
     """scikit-learn's 8x8 digits: a fixed stratified train/test split (1437/360) drawn with
-    `split_seed`, pixels scaled to [0, 1] then standardised by the training set's mean and std."""
+    `split_seed`, pixels scaled to [0, 1] then standardised by the training set's mean and std.
+    `shift`: training images randomly translated by up to that many pixels (seeded per epoch; the
+    test images never), so the training set is no longer separable by a linear model."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -34,7 +36,7 @@ def digits(split_seed: int = 0) -> TensorData:
     y = torch.from_numpy(labels)
     train = images[tr].astype(np.float64)
     return TensorData("digits", x[tr], y[tr], x[te], y[te], 10, mean=[train.mean()], std=[train.std()],
-                      classes=[str(i) for i in range(10)])
+                      classes=[str(i) for i in range(10)], shift=shift)
 
 
 @register_data("synthetic")

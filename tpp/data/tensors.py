@@ -33,13 +33,15 @@ class TensorData(DataBundle):
     `x` is stored raw (uint8 images stay uint8: 4x less memory and transfer). `mean`/`std` are per
     channel (dim 1) in the units of `x / 255` for uint8 and of `x` otherwise; None leaves float data
     as it is and only rescales uint8 to [0, 1]. `augment` = random crop with 4 px zero padding and a
-    horizontal flip, for images [N, C, H, W] of at least 16x16.
+    horizontal flip, for images [N, C, H, W] of at least 16x16. `shift` = S: instead, a seeded random
+    translation by up to S pixels each way (zero padding, no flip: digits are not mirror-symmetric),
+    which makes a small training set that a model would fit exactly non-separable.
     """
 
     def __init__(self, name: str, x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor,
                  y_test: torch.Tensor, num_classes: int, *, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, augment: bool = False,
-                 classes: Sequence[str] | None = None):
+                 classes: Sequence[str] | None = None, shift: int = 0):
         x_train, x_test = _stored(x_train), _stored(x_test)
         y_train, y_test = torch.as_tensor(y_train).long().flatten(), torch.as_tensor(y_test).long().flatten()
         if len(x_train) != len(y_train) or len(x_test) != len(y_test):
@@ -56,6 +58,12 @@ class TensorData(DataBundle):
             raise ValueError(f"{name}: augment (random crop, {PAD} px padding, + flip) needs images "
                              f"[N, C, H, W] of at least {MIN_AUGMENT_SIZE}x{MIN_AUGMENT_SIZE} px, got "
                              f"samples of shape {tuple(x_train.shape[1:])}")
+        if isinstance(shift, bool) or not isinstance(shift, int) or shift < 0:
+            raise ValueError(f"{name}: shift must be an integer >= 0 (pixels), got {shift!r}")
+        if shift and (augment or x_train.dim() != 4):
+            raise ValueError(f"{name}: shift (random translations) needs images [N, C, H, W] and no "
+                             f"augment, got samples of shape {tuple(x_train.shape[1:])}, augment={augment}")
+        self._shift_px = int(shift)
         self.name = name
         self.num_classes = int(num_classes)
         self.classes = list(classes) if classes is not None else [str(i) for i in range(self.num_classes)]
@@ -87,8 +95,9 @@ class TensorData(DataBundle):
         entry = self._cache.get(device)
         if entry is None:
             x_train = self._x_train.to(device)
-            if self._augment:
-                x_train = F.pad(x_train, (PAD, PAD, PAD, PAD))  # zeros: black before normalisation
+            pad = PAD if self._augment else self._shift_px
+            if pad:
+                x_train = F.pad(x_train, (pad, pad, pad, pad))  # zeros: black before normalisation
             entry = _OnDevice(
                 x_train, self._y_train.to(device), self._x_test.to(device), self._y_test.to(device),
                 None if self._scale is None else self._scale.to(device),
@@ -113,18 +122,21 @@ class TensorData(DataBundle):
         """One shuffled (and augmented) epoch on `device`.
 
         The draws, all from `generator` on the CPU and in this order: `perm = randperm(N)`; when
-        augmenting, offsets `dy, dx = randint(0, 9, (2, N))` and flips `rand(N) < 0.5`, where draw k
-        applies to sample `perm[k]`. They go to the device once per epoch, so an epoch is the same on
-        every device.
+        augmenting, offsets `dy, dx = randint(0, 9, (2, N))` and flips `rand(N) < 0.5` (with `shift` S:
+        offsets `randint(0, 2S + 1, (2, N))` and no flips), where draw k applies to sample `perm[k]`.
+        They go to the device once per epoch, so an epoch is the same on every device.
         """
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         bs, n = int(batch_size), self.num_train
         d = self.on(device)
         perm = torch.randperm(n, generator=generator)
-        if self._augment:
-            dy, dx = torch.randint(0, 2 * PAD + 1, (2, n), generator=generator)
-            flip = torch.rand(n, generator=generator) < 0.5
+        moves = self._augment or self._shift_px
+        if moves:
+            reach = PAD if self._augment else self._shift_px
+            dy, dx = torch.randint(0, 2 * reach + 1, (2, n), generator=generator)
+            flip = (torch.rand(n, generator=generator) < 0.5 if self._augment
+                    else torch.zeros(n, dtype=torch.bool))
             draws = torch.stack([perm, dy, dx, flip.long()]).to(d.x_train.device)
         else:
             draws = perm.to(d.x_train.device).view(1, -1)
@@ -133,7 +145,7 @@ class TensorData(DataBundle):
         for start in range(0, stop, bs):
             chunk = draws[:, start:start + bs]
             idx = chunk[0]
-            if self._augment:
+            if moves:
                 x = crop_flip(d.x_train, idx, chunk[1], chunk[2], chunk[3].bool(), hw)
             else:
                 x = d.x_train[idx]
@@ -166,12 +178,14 @@ class TensorData(DataBundle):
 
         return TensorData(self.name, pick(self._x_train, train_idx), pick(self._y_train, train_idx),
                           pick(self._x_test, test_idx), pick(self._y_test, test_idx), self.num_classes,
-                          mean=self._mean, std=self._std, augment=self._augment, classes=self.classes)
+                          mean=self._mean, std=self._std, augment=self._augment, classes=self.classes,
+                          shift=self._shift_px)
 
     def _hold_out(self, keep_idx: torch.Tensor, val_idx: torch.Tensor) -> TensorData:
         return TensorData(self.name, self._x_train[keep_idx], self._y_train[keep_idx],
                           self._x_train[val_idx], self._y_train[val_idx], self.num_classes,
-                          mean=self._mean, std=self._std, augment=self._augment, classes=self.classes)
+                          mean=self._mean, std=self._std, augment=self._augment, classes=self.classes,
+                          shift=self._shift_px)
 
 
 def _stored(x) -> torch.Tensor:

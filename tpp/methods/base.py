@@ -104,11 +104,15 @@ class PruneContext:
     masks: Masks | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     _batches: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, init=False, repr=False)
+    _schedule: PenaltySchedule | None = field(default=None, init=False, repr=False)
 
     @property
     def schedule(self) -> PenaltySchedule:
-        """The growing penalty schedule of the run's penalty knobs (growth, intervals or epochs, limit)."""
-        return self.cfg.penalty_schedule(self.data.num_train)
+        """The growing penalty schedule of the run's penalty knobs (growth, intervals or epochs, limit): one
+        object per stage, so an early stop (`PenaltySchedule.stop_growth`) is seen by every hook."""
+        if self._schedule is None:
+            self._schedule = self.cfg.penalty_schedule(self.data.num_train)
+        return self._schedule
 
     def emit(self, **event: Any) -> None:
         if self.on_event is not None:

@@ -39,8 +39,30 @@ class FilterPenalty(PenaltyHooks):
         assert ctx.masks is not None, "the filter penalty runs after selection"
         self.reg = PruneRegularizer(ctx.model, ctx.masks, ctx.groups, gram=gram, bn=bn, target=target,
                                     lw=ctx.cfg.lw_opp)
-        zeroing = ctx.schedule.zeroing_iterations(len(ctx.masks))
-        self.zero_plan = sorted(zip(zeroing, list(ctx.masks), strict=True))
+        self.schedule = ctx.schedule
+        self.zero_plan = self._zero_plan()
+        self.ratio_limit, self.check_every = ctx.cfg.reg_mag_ratio_limit, ctx.cfg.update_reg_interval
+        self.ratio: dict[str, float] = {}  # layer -> EMA of its kept / pruned mean |w| (the authors' hist)
+
+    def _zero_plan(self) -> list[tuple[int, str]]:
+        layers = list(self.reg.masks)
+        return sorted(zip(self.schedule.zeroing_iterations(len(layers)), layers, strict=True))
+
+    @torch.no_grad()
+    def _check_ratio(self, iteration: int) -> None:
+        """The authors' early stop (RunConfig.reg_mag_ratio_limit): every `update_reg_interval` iterations
+        of the growing phase, each pruned layer's kept-to-pruned ratio of mean |w| per filter enters an
+        EMA (0.9 old + 0.1 new; the first value as is); once every layer's EMA reaches the limit, the
+        growth stops and the stabilising phase starts."""
+        modules = dict(self.reg.model.named_modules())
+        for name, mask in self.reg.masks.items():
+            w = modules[name].weight
+            score = w.abs().reshape(w.shape[0], -1).mean(1).cpu()
+            now = float(score[~mask].mean() / score[mask].mean().clamp_min(1e-30))
+            self.ratio[name] = now if name not in self.ratio else 0.9 * self.ratio[name] + 0.1 * now
+        if all(v >= self.ratio_limit for v in self.ratio.values()):
+            self.schedule.stop_growth(iteration)
+            self.zero_plan = [z for z in self._zero_plan() if z[1] not in self.reg.zeroed]
 
     def loss(self, factor: float) -> torch.Tensor:
         return self.reg.loss(factor)
@@ -49,6 +71,9 @@ class FilterPenalty(PenaltyHooks):
         self.reg.add_l2_grads(factor)
 
     def after_step(self, iteration: int) -> None:
+        growing = self.schedule.stopped_at is None and iteration < self.schedule.growing_iters
+        if self.ratio_limit is not None and growing and iteration % self.check_every == 0:
+            self._check_ratio(iteration)
         while self.zero_plan and self.zero_plan[0][0] < iteration:
             self.reg.zero_layer(self.zero_plan.pop(0)[1])
         self.reg.reapply_zeros()

@@ -24,7 +24,11 @@ def run_penalty_loop(ctx: PruneContext, hooks: PenaltyHooks, iterations: int | N
     separable data its Jacobian grows without bound), which inflates every trainability number.
     """
     cfg, model, schedule = ctx.cfg, ctx.model, ctx.schedule
-    total = schedule.total_iters if iterations is None else int(iterations)
+
+    def current() -> int:  # an early stop (schedule.stop_growth) shortens the stage while it runs
+        return schedule.total_iters if iterations is None else int(iterations)
+
+    total = current()
     opt = sgd(model, cfg.reg_lr, cfg.reg_momentum, cfg.reg_weight_decay)
     zero = torch.zeros((), device=next(model.parameters()).device)
     state = {"it": 0, "factor": 0.0}
@@ -42,13 +46,14 @@ def run_penalty_loop(ctx: PruneContext, hooks: PenaltyHooks, iterations: int | N
         hooks.after_step(state["it"])
 
     epoch = 0
-    while state["it"] < total:
+    while state["it"] < current():
+        total = current()
         t0 = time.perf_counter()
         gen = epoch_generator(cfg.seed, "prune", epoch)
         batches = ctx.data.train_batches(cfg.reg_batch_size, gen, ctx.device)
         stats = train_epoch(model, batches, opt, ctx.device, ctx.precision, extra_loss, after_backward,
-                            after_step, max_iterations=total - state["it"],
-                            track_accuracy=True)
+                            after_step, max_iterations=total - state["it"], track_accuracy=True,
+                            should_stop=lambda: state["it"] >= current())
         test = ctx.data.test_batches(cfg.eval_batch_size, ctx.device)
         record = {"epoch": epoch, "train_loss": stats.loss, "train_acc": stats.accuracy,
                   "reg": state["factor"], "iteration": state["it"],
@@ -61,7 +66,7 @@ def run_penalty_loop(ctx: PruneContext, hooks: PenaltyHooks, iterations: int | N
                      "removal grows with it; compare it with the unpruned control, or size the stage in "
                      "passes over the data: reg_growth_epochs)")
         ctx.history.append(record)
-        ctx.emit(event="epoch", stage="prune", iterations=total,
+        ctx.emit(event="epoch", stage="prune", iterations=current(),
                  seconds=time.perf_counter() - t0, **record)
         if not stats.finite:
             why = (f"the regularisation loss became NaN/inf at iteration {state['it']} "
