@@ -395,6 +395,8 @@ def describe(cfg: StudyConfig, slots: int = 1, train_samples: int | None = None)
              f"({sum(penalty):,} regularisation iterations, the longest {max(penalty, default=0):,}"
              + (f" = {max(penalty) / reg_per_epoch:,.1f} passes over the {train_samples:,} training samples "
                 f"at batch {reg_batch}" if penalty and train_samples else "")
+             + ("; at most: the magnitude-ratio early stop (reg_mag_ratio_limit) may end the growth sooner"
+                if penalty and run_config(cfg, p.points[0], p.members[0]).reg_mag_ratio_limit else "")
              + f"), {len(stages) - len(penalty)} without one",
              f"finetuning: {epochs:,} member-epochs"
              + (f" of {math.ceil(train_samples / run_config(cfg, p.points[0], p.members[0]).batch_size)} "

