@@ -99,13 +99,17 @@ class PruneCache:
         with open(self.folder / "computed.log", "a") as f:
             f.write(f"{time.time():.3f} {key} {what} {socket.gethostname()}:{os.getpid()}\n")
 
-    def computations(self) -> dict[str, int]:
-        """How many times each key's computation started (from `computed.log`)."""
+    def computations(self, controls: bool = False) -> dict[str, int]:
+        """How many times each prune stage's computation started (from `computed.log`); with `controls`,
+        each unpruned control's instead (tpp.run.train_control)."""
+        from tpp.run import CONTROL_PREFIX
+
         log = self.folder / "computed.log"
         counts: dict[str, int] = {}
         for line in log.read_text().splitlines() if log.is_file() else []:
             _, key, what, _ = line.split(" ", 3)
-            counts[key] = counts.get(key, 0) + (what == "start")
+            if key.startswith(CONTROL_PREFIX) == controls:
+                counts[key] = counts.get(key, 0) + (what == "start")
         return counts
 
     def get_or_compute(self, key: str, inputs: dict[str, Any],

@@ -381,7 +381,7 @@ def test_registry_names_kwargs_and_user_sets():
 
 
 def test_loader_kwargs_list_what_load_data_accepts():
-    assert loader_kwargs("digits") == ["split_seed", "subset", "test_subset", "subset_seed"]
+    assert loader_kwargs("digits") == ["split_seed", "shift", "subset", "test_subset", "subset_seed"]
     assert loader_kwargs("synthetic")[:5] == ["n_train", "n_test", "num_classes", "input_shape", "seed"]
     assert {"image_size", "in_memory", "workers", "cache_dir", "subset"} <= set(loader_kwargs("imagefolder"))
     assert {"augment", "cache_dir", "test_subset"} <= set(loader_kwargs("cifar10"))

@@ -219,8 +219,17 @@ def test_study_end_to_end_sqlite(local_ray, tmp_path, capsys):
     assert len(keys) == 2
     assert reuse == {"none": 4, "computed": len(keys), "reused": 4 - len(keys)}, reuse
     assert res.reuse == dict(reuse)
-    assert len(list(folder.prune_cache.glob("*.pt"))) == len(keys)
-    assert PruneCache(folder.prune_cache).computations() == {k: 1 for k in keys}
+    cache = PruneCache(folder.prune_cache)
+    assert cache.computations() == {k: 1 for k in keys}
+    # the unpruned controls (#25): one per (dense model, stage schedule, seed), shared by its prune stages
+    controls = cache.computations(controls=True)
+    assert controls and set(controls.values()) == {1}
+    assert len(list(folder.prune_cache.glob("*.pt"))) == len(keys) + len(controls)
+    for r in runs:
+        m = r.data.metrics
+        if r.data.tags["tpp.status"] == "completed":
+            assert m["jsv_retained"] == pytest.approx(m["jsv_after_removal_mean"] / m["control_jsv_mean"],
+                                                      rel=1e-4)
     computed = [r for r in runs if r.data.tags["tpp.reuse"] == "computed"]
     assert all(c.get_metric_history(r.info.run_id, "prune/reg") for r in computed)
 

@@ -318,6 +318,9 @@ CONTROL_INPUTS = ("val_fraction", "seed", "reg_lr", "reg_momentum", "reg_weight_
                   "bf16", "jsv_samples")
 
 
+CONTROL_PREFIX = "control-"  # a control's key starts with it (a prune key is plain hex)
+
+
 def control_inputs(cfg: RunConfig, iterations: int) -> dict[str, Any]:
     """What the unpruned control of a prune stage of `iterations` iterations depends on: the data, the
     stage's optimizer and batch order (seed), the iterations; not the method, PR or penalty."""
@@ -331,7 +334,7 @@ def control_key(cfg: RunConfig, dense: DenseModel | str, iterations: int) -> str
     h = hashlib.sha256(json.dumps({"control": control_inputs(cfg, iterations)}, sort_keys=True,
                                   default=str).encode())
     h.update((dense if isinstance(dense, str) else dense.digest()).encode())
-    return "control-" + h.hexdigest()[:20]
+    return CONTROL_PREFIX + h.hexdigest()[:20]
 
 
 def train_control(cfg: RunConfig, dense: DenseModel, data=None, iterations: int = 0) -> dict[str, float]:
