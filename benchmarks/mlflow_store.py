@@ -24,8 +24,9 @@ VARIANTS = ("rollback journal (MLflow's default)", "WAL, synchronous=NORMAL (the
 
 
 def write_runs(uri: str, n_runs: int, epochs: int) -> None:
-    """N member runs through `study.mlflow_logging.Outbox`, delivered as the driver delivers them."""
-    from study.mlflow_logging import Outbox, client
+    """N member runs through `study.outbox.Outbox`, delivered as the driver delivers them."""
+    from study.outbox import Outbox
+    from study.tracking import client
 
     experiment = client(uri).create_experiment("bench")
     box = Outbox(uri)
@@ -48,12 +49,12 @@ def write_runs(uri: str, n_runs: int, epochs: int) -> None:
 def child(variant: int, n_runs: int, epochs: int) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     if variant == 1:
-        from study.mlflow_logging import configure_mlflow_env
+        from study.tracking import configure_mlflow_env
 
         configure_mlflow_env()  # what the driver does: installs the WAL hook
     folder = tempfile.mkdtemp(prefix="bench-mlflow-", dir=os.getcwd())  # on the disk studies go to
     uri = f"sqlite:///{folder}/mlflow.db"
-    from study.mlflow_logging import client
+    from study.tracking import client
 
     client(uri).search_experiments()  # create the tables outside the timed part
     wall, cpu = time.perf_counter(), time.process_time()

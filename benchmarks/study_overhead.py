@@ -193,8 +193,8 @@ def main() -> None:
     args = p.parse_args()
     import yaml
 
-    from study.config import load_config
     from study.design import plan
+    from study.loading import load_config
 
     # Read once: every study and the in-process run use the same config even if the file changes meanwhile.
     raw = yaml.safe_load(Path(args.config).read_text())

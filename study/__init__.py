@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from study.config import StudyConfig, StudyConfigError, load_config
+from study.config import StudyConfig, StudyConfigError
+from study.loading import load_config
 
 __all__ = ["StudyConfig", "StudyConfigError", "StudyError", "StudyResult", "load_config", "resume", "run"]
 

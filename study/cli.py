@@ -126,8 +126,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from study.mlflow_logging import is_http, server_healthy
     from study.store import disk_usage, find_study, human_bytes, live_status
+    from study.tracking import is_http, server_healthy
 
     try:
         folder = find_study(args.study, args.storage)
@@ -169,8 +169,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from study.config import load_config
-    from study.design import dense_run_config, describe
+    from study.describe import describe
+    from study.design import dense_run_config
+    from study.loading import load_config
     from tpp.data import DataError
     from tpp.run import load_run_data, run_splits
 

@@ -221,43 +221,6 @@ def member_id(point: PrunePoint, run_cfg: RunConfig) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
-def short(x: float) -> str:
-    """3.2e-3 style: compact, readable in run names."""
-    mant, exp = f"{x:.1e}".split("e")
-    mant = mant.rstrip("0").rstrip(".")
-    return f"{mant}e{int(exp)}"
-
-
-SHORT_NAMES = {"epochs": "ep", "weight_decay": "wd", "warmup_epochs": "wu", "batch_size": "bs"}
-
-
-def run_name(point: PrunePoint, run_cfg: RunConfig, shown: list[str] = ()) -> str:
-    """e.g. `lr=3.2e-3 tpp pr=0.9 g=1e-3 s0` -- the LR first (the UI truncates names), then the
-    prune point, then the other finetune settings that vary in the study (`shown`)."""
-    parts = [f"lr={short(run_cfg.lr)}", point.method, f"pr={point.pr:.3g}"]
-    if point.growth is not None:
-        parts.append(f"g={short(point.growth)}")
-    parts.append(f"s{point.seed}")
-    for key in shown:
-        value = getattr(run_cfg, key)
-        text = value if isinstance(value, str) else short(value) if isinstance(value, float) else str(value)
-        parts.append(text if key == "schedule" else f"{SHORT_NAMES.get(key, key)}={text}")
-    return " ".join(parts)
-
-
-def logged_params(point: PrunePoint, run_cfg: RunConfig) -> dict[str, str]:
-    """A member's MLflow params: the full RunConfig (None-valued settings left out, growth only where
-    the method has a penalty), numbers as numbers, plus `method_label`, `has_penalty`, `log10_lr`."""
-    out = {}
-    for k, v in run_cfg.to_dict().items():
-        if v is None or (k == "growth" and point.growth is None):
-            continue
-        out[k] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list, tuple)) else str(v)
-    out.update(method_label=point.method, has_penalty="1" if point.growth is not None else "0",
-               log10_lr=f"{math.log10(run_cfg.lr):.4f}")
-    return out
-
-
 # -------------------------------------------------------------------------------------------- the plan
 @dataclass
 class Plan:
@@ -320,33 +283,6 @@ def _balance(items: list[int], work: dict[int, int], slots: int, cap: int) -> li
 
 
 # ------------------------------------------------------------------------------------ adaptive search
-class DefineByRun:
-    """Optuna define-by-run space of the adaptive samplers: method, pr, growth (conditional), seed, lr
-    and each finetune axis with several values. Picklable (Tune saves the searcher with its state)."""
-
-    def __init__(self, cfg: StudyConfig):
-        self.cfg = cfg
-
-    @staticmethod
-    def _suggest(trial: Any, name: str, values: Any, log: bool) -> float:
-        if isinstance(values, Range) and not values.per_decade:
-            return float(trial.suggest_float(name, values.low, values.high, log=log))
-        return float(trial.suggest_categorical(name, levels(values)))
-
-    def __call__(self, trial: Any) -> dict[str, Any]:
-        cfg = self.cfg
-        method = trial.suggest_categorical("method", [m.shown for m in cfg.methods])
-        pr = self._suggest(trial, "pr", cfg.space.pr, log=False)
-        growth = None
-        # GP cannot model a conditional space (it always gets growth); TPE (group=True) can.
-        if cfg.space.growth is not None and (has_penalty(cfg, method) or cfg.sampler == "gp"):
-            growth = self._suggest(trial, "growth", cfg.space.growth, log=True)
-        seed = int(trial.suggest_categorical("seed", list(cfg.space.seeds)))
-        member = {"lr": self._suggest(trial, "lr", cfg.finetune.lr, log=True)}
-        for key, values in cfg.finetune.axes().items():
-            member[key] = trial.suggest_categorical(key, values) if len(values) > 1 else values[0]
-        point = PrunePoint(method, pr, growth if has_penalty(cfg, method) else None, seed)
-        return {"kind": "member", **point.as_dict(), "member": member}
 
 
 def trial_runs(cfg: StudyConfig, config: dict[str, Any]) -> tuple[list[PrunePoint], list[tuple[int, dict]]]:
@@ -361,67 +297,27 @@ def trial_runs(cfg: StudyConfig, config: dict[str, Any]) -> tuple[list[PrunePoin
     return chosen, [(0, mems[j]) for j in config["members"]]
 
 
-def describe(cfg: StudyConfig, slots: int = 1, train_samples: int | None = None) -> str:
-    """`tpp-study plan`: the design as a table, the prune stages to compute, the work, balance notes."""
-    from collections import Counter
+@dataclass
+class TrialRuns:
+    """The members a trial trains: their prune point, RunConfigs, ids, and which of them carries the
+    prune stage's own record (its curves; tag tpp.reuse=computed, the others `reused`): in a design,
+    the point's first member; with an adaptive sampler (None) the trial that computed the stage."""
 
-    from study.progress import table_text
-
-    if not cfg.is_design:
-        n = cfg.num_trials or 0
-        return (f"{cfg.name}: sampler {cfg.sampler} proposes {n} single-member trials adaptively over "
-                f"methods {', '.join(m.shown for m in cfg.methods)} (no fixed design: methods are not paired "
-                "at equal LRs and seeds; for an LR-sensitivity map use grid or qmc)")
-    p = plan(cfg, slots, train_samples=train_samples or 0)
-    lrs = sorted({m["lr"] for m in p.members})
-    rows = Counter((pt.method, pt.pr, "-" if pt.growth is None else short(pt.growth)) for pt in p.points)
-    seeds = len(cfg.space.seeds)
-    table = [["method", "pr", "growth", "seeds", "members", "runs"]]
-    table += [[m, f"{pr:.3g}", g, str(seeds), str(len(p.members)), str(n * len(p.members))]
-              for (m, pr, g), n in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2]))]
-    stages = [_prune_iterations(cfg, pt, train_samples or 0) for pt in p.points]
-    penalty = [s for s in stages if s]
-    epochs = sum(run_config(cfg, p.points[0], m).epochs for m in p.members) * len(p.points)
-    reg_batch = run_config(cfg, p.points[0], p.members[0]).reg_batch_size
-    reg_per_epoch = math.ceil(max(train_samples or 1, 1) / reg_batch)
-    lines = [f"{cfg.name}: {cfg.sampler} design, {len(p.points)} prune points x {len(p.members)} members = "
-             f"{p.num_runs} runs in {len(p.units)} trials "
-             f"({sum(u.kind == 'prune' for u in p.units)} of them prune units, lockstep "
-             + ("auto: decided at the start, on with GPUs, on CPUs for the models measured faster so)"
-                if cfg.lockstep == "auto" else f"{'on' if cfg.lockstep else 'off'})"), table_text(table),
-             f"members: {len(lrs)} LRs ({short(lrs[0])} ... {short(lrs[-1])})"
-             + (f" x {', '.join(varying(cfg))}" if varying(cfg) else "") + ", the same for every prune point",
-             f"prune stages to compute: {len(penalty)} with a penalty stage "
-             f"({sum(penalty):,} regularisation iterations, the longest {max(penalty, default=0):,}"
-             + (f" = {max(penalty) / reg_per_epoch:,.1f} passes over the {train_samples:,} training samples "
-                f"at batch {reg_batch}" if penalty and train_samples else "")
-             + ("; at most: the magnitude-ratio early stop (reg_mag_ratio_limit) may end the growth sooner"
-                if penalty and run_config(cfg, p.points[0], p.members[0]).reg_mag_ratio_limit else "")
-             + f"), {len(stages) - len(penalty)} without one",
-             f"finetuning: {epochs:,} member-epochs"
-             + (f" of {math.ceil(train_samples / run_config(cfg, p.points[0], p.members[0]).batch_size)} "
-                f"iterations each" if train_samples else ""),
-             "balance: every method is crossed with the same PRs and seeds, every prune point with the same "
-             "members: method differences are paired"]
-    if seeds < 6:
-        lines.append(f"note: {seeds} seed(s): a paired sign-flip test over seeds cannot reach p < 0.05 below "
-                     "6 seeds, so the report's verdict will call differences ties")
-    return "\n".join(lines)
+    point: PrunePoint
+    configs: list[Any]
+    ids: list[str]
+    first: list[bool] | None
 
 
-def work(cfg: StudyConfig, train_samples: int, cache_dir: Any, dense_digest: str,
-         runs_left: int) -> tuple[float, float]:
-    """(training iterations of one member-epoch, iterations of the work left): `runs_left` members'
-    finetuning and the prune stages not in the cache yet -- what the progress ETA divides by its rate."""
-    from study.prune_cache import PruneCache
-    from tpp.run import prune_key
+def resolve(cfg: StudyConfig, config: dict[str, Any], trial_id: str) -> TrialRuns:
+    """What a trial's Tune config runs (the driver's logger calls this too).
 
-    pts = points(cfg) if cfg.is_design else []
-    mems = members(cfg) if cfg.is_design else [{"lr": (levels(cfg.finetune.lr) or [cfg.finetune.lr.low])[0]}]
-    first = run_config(cfg, pts[0] if pts else PrunePoint(cfg.methods[0].shown, 0.5, None, 0), mems[0])
-    per_epoch = math.ceil(max(train_samples, 1) / first.batch_size)
-    epochs = sum(run_config(cfg, pts[0], m).epochs for m in mems) / len(mems) if pts else first.epochs
-    cache = PruneCache(cache_dir)
-    prune = sum(_prune_iterations(cfg, p, train_samples) for p in pts if p.growth is not None
-                and not cache.has(prune_key(run_config(cfg, p, mems[0]), dense_digest)))
-    return float(per_epoch), prune + runs_left * epochs * per_epoch
+    A design's member is identified by its settings alone (planned once; a resumed study finds it
+    again); an adaptive sampler's by its trial too, since Optuna may propose the same point twice.
+    """
+    points, runs = trial_runs(cfg, config)
+    point = points[0]
+    configs = [run_config(cfg, point, m) for _, m in runs]
+    ids = [member_id(point, rc) + ("" if cfg.is_design else f"-{trial_id}") for rc in configs]
+    first = [m == members(cfg)[0] for _, m in runs] if cfg.is_design else None
+    return TrialRuns(point, configs, ids, first)

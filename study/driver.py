@@ -20,104 +20,28 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ray import tune
-
-from study.config import OBJECTIVE_TEXT, StudyConfig, StudyConfigError, load_config
-from study.mlflow_logging import (
-    Outbox,
-    StudyLogger,
+from study.config import OBJECTIVE_TEXT, StudyConfig, StudyConfigError
+from study.dashboard import study_note
+from study.dense import _dense
+from study.errors import StudyError
+from study.loading import load_config
+from study.outbox import Outbox
+from study.record import StudyResult, _start_parent, collect
+from study.store import StudyBusy, StudyFolder, StudyMeta, find_study
+from study.tracking import (
     TrackingUnavailable,
     check_tracking,
     children,
     configure_mlflow_env,
     finished_members,
     flatten,
-    runs_page_url,
     sqlite_checkpoint,
-    start_parent,
-    study_note,
 )
-from study.progress import Progress, fmt_duration, rank
-from study.store import StudyBusy, StudyFolder, StudyMeta, disk_usage, find_study, human_bytes
-
-AUTO_GPU_FRACTION = 0.25  # `gpu: auto` on a cluster with GPUs: four trials share one GPU
-EXIT_CODES = {"completed": 0, "interrupted": 1, "failed": 3}  # 2: bad config or cannot start
-
-
-class StudyError(RuntimeError):
-    """The study cannot start or go on (cluster, tracking server, existing folder); one clear line."""
-
-
-@dataclass
-class StudyResult:
-    """What a finished (or interrupted) study produced and where it is."""
-
-    name: str
-    path: str
-    status: str  # completed | interrupted | failed (every run finished, some failed)
-    tracking_uri: str
-    experiment: str
-    experiment_id: str
-    parent_run_id: str
-    num_runs: int
-    counts: dict[str, int] = field(default_factory=dict)  # member status -> count (MLflow tags)
-    reuse: dict[str, int] = field(default_factory=dict)  # tpp.reuse -> count
-    best: dict[str, Any] | None = None
-    runs: list[dict[str, Any]] = field(default_factory=list)
-    stopped_because: str | None = None  # a clean stop the study made itself (a full disk)
-    wall_s: float = 0.0
-    disk_bytes: int = 0
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_CODES[self.status]
-
-    @property
-    def mlflow_ui_command(self) -> str:
-        """How to open this study's runs in the MLflow UI: the study's own server, or one to start on
-        its SQLite file (loopback only, no usage telemetry)."""
-        if not self.tracking_uri.startswith("sqlite:"):
-            return f"open the study's MLflow server {self.tracking_uri}"
-        mlflow = Path(sys.executable).with_name("mlflow")
-        exe = str(mlflow) if mlflow.exists() else "mlflow"
-        return (f"MLFLOW_DISABLE_TELEMETRY=true {exe} server --backend-store-uri {self.tracking_uri} "
-                "--host 127.0.0.1 --port 5000")
-
-    def ui_lines(self) -> list[str]:
-        """How to open the study in the MLflow UI: the server command and the runs page's URL."""
-        lines = [f"MLflow UI: {self.mlflow_ui_command}"]
-        if self.experiment_id:  # the runs page in the training workflow, on the study's saved view
-            base = "http://127.0.0.1:5000" if self.tracking_uri.startswith("sqlite:") else self.tracking_uri
-            lines.append(f"           then open {runs_page_url(base, self.experiment_id, self.name)}")
-        return lines
-
-    def summary(self) -> str:
-        c = self.counts
-        finished = sum(c.get(k, 0) for k in ("completed", "diverged", "failed"))
-        lines = [
-            f"Study {self.name}: {self.status} in {fmt_duration(self.wall_s)} -- {c.get('completed', 0)} "
-            f"completed, {c.get('diverged', 0)} diverged, {c.get('failed', 0)} failed, "
-            f"{self.num_runs - finished} not finished, of {self.num_runs} runs",
-            f"Prune stages: {self.reuse.get('computed', 0)} computed and shared by "
-            f"{self.reuse.get('computed', 0) + self.reuse.get('reused', 0)} runs, "
-            f"{self.reuse.get('none', 0)} runs of methods without a penalty stage",
-        ]
-        if self.best:
-            lines.append(f"Best: {self.best['metric']} {self.best['value']:.2f}  ({self.best['run_name']}; "
-                         f"{OBJECTIVE_TEXT.get(self.best['metric'], '')})")
-        lines += [f"Results:   {self.path}  ({human_bytes(self.disk_bytes)} on disk)",
-                  f"MLflow:    {self.tracking_uri}  experiment {self.experiment!r}, "
-                  f"parent run {self.parent_run_id}",
-                  *self.ui_lines()]
-        storage = str(Path(self.path).parent)
-        lines.append(f"Report:    tpp-analyze {self.name} --storage {storage}")
-        if self.status != "completed":
-            lines.append(f"Resume:    tpp-study resume {self.name} --storage {storage}")
-        return "\n".join(lines)
+from study.tuner import DiskGuard, _gpu_fraction, _tune_state_readable, _tuner
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -159,33 +83,6 @@ def _start_ray(address: str | None, num_cpus: int | None) -> bool:
         raise StudyError(f"ray.address: cannot start/join Ray at {address or 'a local instance'}: "
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     return True
-
-
-def _gpu_fraction(cfg: StudyConfig) -> float:
-    """Per-trial GPU fraction; a clear error when GPUs are asked for and the cluster has none."""
-    import ray
-
-    gpus = float(ray.cluster_resources().get("GPU", 0))
-    asked = cfg.resources.gpu
-    if asked == "auto":
-        return AUTO_GPU_FRACTION if gpus > 0 else 0.0
-    if float(asked) > 0 and gpus == 0:
-        raise StudyError(f"resources.gpu: {asked} GPU per trial was asked, but the Ray cluster has no GPUs; "
-                         "use gpu: 0 (CPU) or gpu: auto")
-    return float(asked)
-
-
-def _max_concurrent(cfg: StudyConfig, gpu: float) -> int:
-    """Default concurrency: as many trials as the cluster's CPUs (and GPUs) hold at once."""
-    import ray
-
-    if cfg.max_concurrent:
-        return cfg.max_concurrent
-    res = ray.cluster_resources()
-    n = int(float(res.get("CPU", 1)) // cfg.resources.cpus)
-    if gpu > 0:
-        n = min(n, int(float(res.get("GPU", 0)) / gpu))
-    return max(n, 1)
 
 
 def _absolute_paths(cfg: StudyConfig) -> StudyConfig:
@@ -237,212 +134,12 @@ def _preflight(cfg: StudyConfig) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- dense
-def _dense_task(run_cfg_dict: dict[str, Any], checkpoint: str | None,
-                progress: Any = None) -> tuple[Any, list[dict[str, Any]]]:
-    """Train (or load) the dense model where the data is (a Ray task: a GPU node if there is one);
-    `progress(event)` sees each epoch (the embedded driver's progress line)."""
-    from tpp.checkpoint import load_dense
-    from tpp.config import RunConfig
-    from tpp.run import load_run_data, model_spec, train_dense
-
-    run_cfg = RunConfig.from_dict(run_cfg_dict)
-    data = load_run_data(run_cfg)
-    if checkpoint:
-        return load_dense(checkpoint, expected=model_spec(run_cfg, data)), []
-    history: list[dict[str, Any]] = []
-
-    def on_event(event: dict[str, Any]) -> None:
-        if event.get("event") == "epoch":
-            history.append(event)
-            if progress is not None:
-                progress(event)
-
-    return train_dense(run_cfg, data, on_event), history
-
-
-class DenseProgress:
-    """The dense training's progress: a tqdm bar on a terminal, else a line every tenth of the epochs."""
-
-    def __init__(self, name: str, epochs: int):
-        self.name, self.epochs, self.t0 = name, epochs, time.monotonic()
-        self.bar = None
-        if sys.stdout.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=epochs, desc=f"[{name}] dense", unit="epoch", leave=False)
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        done = event["epoch"] + 1
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix_str(f"acc {event['test_acc']:.1f}%")
-            if done == self.epochs:
-                self.bar.close()
-        elif done % max(self.epochs // 10, 1) == 0 or done == self.epochs:
-            rate = (time.monotonic() - self.t0) / done
-            print(f"[{self.name}] dense epoch {done}/{self.epochs}: test acc {event['test_acc']:.2f}% "
-                  f"({rate:.2f} s/epoch, ETA {fmt_duration(rate * (self.epochs - done))})", flush=True)
-
-
-def _dense(cfg: StudyConfig, folder: StudyFolder, meta: StudyMeta, gpu: float, embedded: bool) -> Any:
-    """The study's dense model: from the study folder if present (resume), else trained/loaded once."""
-    import ray
-
-    from study.design import dense_run_config
-    from tpp.checkpoint import load_dense, save_dense
-
-    if folder.dense_path.is_file():
-        return load_dense(folder.dense_path)
-    run_cfg = dense_run_config(cfg)
-    what = f"loading {cfg.dense.checkpoint}" if cfg.dense.checkpoint else \
-        f"training it for {cfg.dense.epochs} epochs"
-    print(f"[{cfg.name}] dense model {cfg.model.name} on {cfg.data.name}: {what}", flush=True)
-    t0 = time.monotonic()
-    try:
-        if embedded:  # this process already holds the data and the libraries: no cold worker to start
-            dense, history = _dense_task(run_cfg.to_dict(), cfg.dense.checkpoint,
-                                         DenseProgress(cfg.name, run_cfg.dense_epochs))
-        else:
-            task = ray.remote(_dense_task).options(num_cpus=cfg.resources.cpus,
-                                                   num_gpus=gpu and min(1.0, gpu), max_retries=1)
-            dense, history = ray.get(task.remote(run_cfg.to_dict(), cfg.dense.checkpoint))
-    except Exception as e:  # noqa: BLE001 - one line, whatever the dense stage raised (or Ray wrapped)
-        cause = getattr(e, "cause", None) or e
-        raise StudyError(f"dense: {type(cause).__name__}: {str(cause).strip().splitlines()[-1]}") from None
-    save_dense(folder.dense_path, dense)
-    acc = dense.metrics.get("dense_acc", float("nan"))
-    print(f"[{cfg.name}] dense model: test accuracy {acc:.2f}% ({fmt_duration(time.monotonic() - t0)}), "
-          f"saved to {folder.dense_path}", flush=True)
-    box = Outbox(meta.tracking_uri, {"parent": meta.parent_run_id})
-    rows = [(k, v, 0) for k, v in dense.metrics.items()]
-    rows += [(f"dense/{k}", ev[k], ev["epoch"]) for ev in history for k in ("train_loss", "test_acc", "lr")]
-    box.batch("parent", metrics=rows)
-    box.drain(60)
-    return dense
 
 
 # ---------------------------------------------------------------------------------------------- tune
-class DiskGuard(tune.Callback):
-    """Stops the study cleanly (as Ctrl-C would: resumable) when the study folder's disk runs low.
-
-    A full disk otherwise surfaces as errors in whatever writes next -- Tune's state, a trial's
-    checkpoint, the MLflow store -- and a trial that fails for it would be recorded as failed. Checked
-    every few seconds; the reason is kept in `stopped` for the driver's one-line message.
-    """
-
-    EVERY_S = 2.0
-    last_stop: str | None = None  # why the guard of this process stopped a study (read by the driver)
-
-    def __init__(self, path: str, min_free_mb: float):
-        self.path, self.min_free_mb = path, min_free_mb
-        self.checked = 0.0
-
-    def problem(self) -> str | None:
-        free = shutil.disk_usage(self.path).free
-        if free >= self.min_free_mb * 2**20:
-            return None
-        return (f"disk almost full at {self.path}: {human_bytes(free)} free, below min_free_mb = "
-                f"{self.min_free_mb:g} MB; free some space, then resume the study")
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "min_free_mb": self.min_free_mb}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(**state)
-
-    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        if DiskGuard.last_stop is not None or time.monotonic() - self.checked < self.EVERY_S:
-            return
-        self.checked = time.monotonic()
-        DiskGuard.last_stop = self.problem()
-        if DiskGuard.last_stop is not None:
-            os.kill(os.getpid(), signal.SIGUSR1)  # Tune's own "stop and save the state" signal
-
-
-def _searcher(cfg: StudyConfig, folder: StudyFolder, dense: Any, slots: int) -> tuple[Any, int]:
-    """(Tune searcher, number of trials): the design's units, or Optuna proposing single members."""
-    if cfg.is_design:
-        from study.design import members, plan, run_config
-        from study.searcher import design_searcher
-        from tpp.run import prune_key
-
-        p = plan(cfg, slots, train_samples=folder.read_meta().train_samples)
-        first = members(cfg)[0]
-        keys = {i: prune_key(run_config(cfg, pt, first), dense) for i, pt in enumerate(p.points)}
-        return design_searcher(p.units, keys, p, folder.prune_cache), len(p.units)
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    from study.design import DefineByRun
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = (optuna.samplers.TPESampler(seed=cfg.sampler_seed, multivariate=True, group=True)
-               if cfg.sampler == "tpe" else optuna.samplers.GPSampler(seed=cfg.sampler_seed))
-    storage = optuna.storages.RDBStorage(f"sqlite:///{folder.optuna_db}")
-    return OptunaSearch(space=DefineByRun(cfg), metric=cfg.objective.metric, mode=cfg.objective.mode,
-                        sampler=sampler, storage=storage, study_name=cfg.name), cfg.num_trials or 0
-
-
-def _tuner(cfg: StudyConfig, folder: StudyFolder, trainable: Any, dense: Any, gpu: float,
-           callbacks: list[Any]) -> Any:
-    from ray import tune
-
-    slots = _max_concurrent(cfg, gpu)
-    searcher, num_samples = _searcher(cfg, folder, dense, slots)
-    scheduler = None
-    if cfg.early_stopping.asha:
-        from ray.tune.schedulers import ASHAScheduler
-
-        epochs = max(cfg.finetune.axes().get("epochs", [120]))
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs,
-                                  grace_period=cfg.early_stopping.grace_period,
-                                  reduction_factor=cfg.early_stopping.reduction_factor)
-    tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
-                                  max_concurrent_trials=slots,
-                                  # one worker process runs trial after trial: no process start and
-                                  # torch import per trial (3x faster studies of small models)
-                                  reuse_actors=True,
-                                  metric=cfg.objective.metric if scheduler else None,
-                                  mode=cfg.objective.mode if scheduler else None)
-    run_config = tune.RunConfig(
-        name=folder.tune_path.name, storage_path=str(folder.path), verbose=0,
-        callbacks=[StudyLogger(str(folder.path)), Progress(str(folder.path)),
-                   DiskGuard(str(folder.path), cfg.min_free_mb), *callbacks],
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        failure_config=tune.FailureConfig(max_failures=cfg.max_failures))
-    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
 
 # ---------------------------------------------------------------------------------------------- results
-def collect(folder: StudyFolder) -> StudyResult:
-    """The study's outcome as recorded in MLflow (the truth, whatever process wrote it)."""
-    meta = folder.read_meta()
-    cfg = load_config(folder.config_path)
-    metric, mode = cfg.objective.metric, cfg.objective.mode
-    counts: dict[str, int] = {}
-    reuse: dict[str, int] = {}
-    runs, best = [], None
-    for r in children(meta.tracking_uri, meta.experiment_id, meta.parent_run_id):
-        tags = r.data.tags
-        status = tags.get("tpp.status", "running")
-        counts[status] = counts.get(status, 0) + 1
-        if "tpp.reuse" in tags:
-            reuse[tags["tpp.reuse"]] = reuse.get(tags["tpp.reuse"], 0) + 1
-        value = r.data.metrics.get(metric)
-        lr = float(r.data.params.get("lr", "nan"))
-        runs.append({"member_id": tags.get("tpp.member_id"), "run_id": r.info.run_id, metric: value,
-                     "run_name": r.info.run_name, "status": status, "run_status": r.info.status})
-        if status in ("completed", "diverged") and value is not None and value == value:
-            key = rank(value, lr, r.info.run_name, mode)
-            if best is None or key < best[0]:
-                best = (key, {"metric": metric, "value": value, "run_name": r.info.run_name, "lr": lr,
-                              "run_id": r.info.run_id})
-    finished = sum(counts.get(k, 0) for k in ("completed", "diverged", "failed"))
-    status = "interrupted" if finished < meta.num_runs else "failed" if counts.get("failed") else "completed"
-    return StudyResult(meta.name, str(folder.path), status, meta.tracking_uri, meta.experiment,
-                       meta.experiment_id, meta.parent_run_id, meta.num_runs, counts, reuse,
-                       best[1] if best else None, sorted(runs, key=lambda t: t["run_name"] or ""),
-                       disk_bytes=disk_usage(folder.path))
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -504,21 +201,6 @@ def _num_runs(cfg: StudyConfig) -> int:
     from study.design import plan
 
     return plan(cfg).num_runs if cfg.is_design else cfg.num_trials or 0
-
-
-def _start_parent(cfg: StudyConfig, folder: StudyFolder, uri: str, num_runs: int) -> None:
-    from study.design import points
-
-    artifacts = {"study_config.yaml": cfg.to_yaml()}
-    if cfg.is_design:
-        artifacts["design.json"] = json.dumps([p.as_dict() for p in points(cfg)], indent=1)
-    params = {**flatten(cfg.model_dump(mode="json", exclude={"description"})), "num_trials": str(num_runs)}
-    tags = {"mlflow.note.content": cfg.description} if cfg.description else {}
-    try:
-        exp_id, parent = start_parent(uri, cfg.experiment(), folder.path, cfg.name, params, tags, artifacts)
-    except Exception as e:  # noqa: BLE001
-        raise StudyError(f"mlflow: cannot create the study's runs at {uri}: {e}") from None
-    folder.update_meta(experiment_id=exp_id, parent_run_id=parent)
 
 
 def _lock(folder: StudyFolder) -> None:
@@ -692,28 +374,6 @@ def _resolve_lockstep(cfg: StudyConfig, dense: Any, gpu: float) -> StudyConfig:
     why = lockstep_refusal(dense.build(), device if device != "auto" else ("cuda" if gpu else "cpu"))
     print(f"[{cfg.name}] lockstep auto: " + (f"off ({why})" if why else "on"), flush=True)
     return cfg.model_copy(update={"lockstep": why is None})
-
-
-def _tune_state_readable(tune_path: Path) -> bool:
-    """Whether Tune can restore its trial list from `tune_path`.
-
-    Tune copies its state into the study folder file by file; a disk that filled up (or a kill) during
-    the copy leaves a truncated `experiment_state-*.json` next to a complete searcher state, and a
-    restore from that pair silently drops the trials in flight. Such a study starts its unfinished runs
-    afresh instead: finished runs are skipped and prune stages come from the cache either way.
-    """
-    from ray import tune
-
-    if not tune.Tuner.can_restore(str(tune_path)):
-        return False
-    newest = max(tune_path.glob("experiment_state-*.json"), default=None)
-    try:
-        json.loads(newest.read_text()) if newest else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        print(f"[resume] Tune's saved trial list {newest.name} is damaged (a full disk or a kill while "
-              "it was written); the unfinished runs start afresh", flush=True)
-        return False
-    return True
 
 
 def _replay_pending(folder: StudyFolder, meta: StudyMeta) -> None:

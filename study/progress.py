@@ -14,27 +14,10 @@ from typing import Any
 
 from ray import tune
 
-
-def fmt_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
-
-
-def table_text(rows: list[list[str]]) -> str:
-    """Rows of strings as an aligned plain-text table (the first row is the header)."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))).rstrip()
-                     for r in rows)
-
-
-def rank(value: float, lr: float, name: str, mode: str) -> tuple:
-    """Sort key of the best run, the one definition every output uses: the better objective; ties go
-    to the lower finetuning LR, then to the run name that sorts first."""
-    return (-value if mode == "max" else value, lr, name)
+from study.config import StudyConfig, levels
+from study.design import PrunePoint, _prune_iterations, members, points, run_config
+from study.record import rank
+from study.text import fmt_duration
 
 
 class Progress(tune.Callback):
@@ -76,10 +59,9 @@ class Progress(tune.Callback):
         self.__init__(**state)
 
     def setup(self, **info: Any) -> None:
-        from study.config import load_config
-        from study.design import work
-        from study.mlflow_logging import children, finished_members
+        from study.loading import load_config
         from study.store import StudyFolder
+        from study.tracking import children, finished_members
 
         self._reset()
         folder = StudyFolder(self.study_dir)
@@ -107,8 +89,8 @@ class Progress(tune.Callback):
             print(line, file=self.stream or sys.stdout, flush=True)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        from study.design import run_name, varying
-        from study.trainable import resolve
+        from study.design import resolve, varying
+        from study.record import run_name
 
         if trial.config.get("kind") == "prune":
             self.running[trial.trial_id] = f"prune unit of {len(trial.config['points'])} stages"
@@ -215,3 +197,21 @@ def last_error_line(trial: Any) -> str:
     except OSError:
         lines = []
     return lines[-1].strip()[:200] if lines else "unknown error"
+
+
+def work(cfg: StudyConfig, train_samples: int, cache_dir: Any, dense_digest: str,
+         runs_left: int) -> tuple[float, float]:
+    """(training iterations of one member-epoch, iterations of the work left): `runs_left` members'
+    finetuning and the prune stages not in the cache yet -- what the progress ETA divides by its rate."""
+    from study.prune_cache import PruneCache
+    from tpp.run import prune_key
+
+    pts = points(cfg) if cfg.is_design else []
+    mems = members(cfg) if cfg.is_design else [{"lr": (levels(cfg.finetune.lr) or [cfg.finetune.lr.low])[0]}]
+    first = run_config(cfg, pts[0] if pts else PrunePoint(cfg.methods[0].shown, 0.5, None, 0), mems[0])
+    per_epoch = math.ceil(max(train_samples, 1) / first.batch_size)
+    epochs = sum(run_config(cfg, pts[0], m).epochs for m in mems) / len(mems) if pts else first.epochs
+    cache = PruneCache(cache_dir)
+    prune = sum(_prune_iterations(cfg, p, train_samples) for p in pts if p.growth is not None
+                and not cache.has(prune_key(run_config(cfg, p, mems[0]), dense_digest)))
+    return float(per_epoch), prune + runs_left * epochs * per_epoch

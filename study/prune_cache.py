@@ -102,7 +102,7 @@ class PruneCache:
     def computations(self, controls: bool = False) -> dict[str, int]:
         """How many times each prune stage's computation started (from `computed.log`); with `controls`,
         each unpruned control's instead (tpp.run.train_control)."""
-        from tpp.run import CONTROL_PREFIX
+        from tpp.control import CONTROL_PREFIX
 
         log = self.folder / "computed.log"
         counts: dict[str, int] = {}

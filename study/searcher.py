@@ -17,6 +17,8 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
+from study.config import Range, StudyConfig, levels
+from study.design import PrunePoint, has_penalty
 from study.prune_cache import PruneCache
 
 
@@ -70,3 +72,32 @@ def design_searcher(units: list[Any], keys: dict[int, str], plan: Any, cache_dir
     waits = {i: (keys[u.points[0]], computed_by[u.points[0]]) for i, u in enumerate(units)
              if u.kind == "finetune" and u.points[0] in computed_by}
     return DesignSearcher([u.config(plan) for u in units], waits, str(cache_dir))
+
+
+class DefineByRun:
+    """Optuna define-by-run space of the adaptive samplers: method, pr, growth (conditional), seed, lr
+    and each finetune axis with several values. Picklable (Tune saves the searcher with its state)."""
+
+    def __init__(self, cfg: StudyConfig):
+        self.cfg = cfg
+
+    @staticmethod
+    def _suggest(trial: Any, name: str, values: Any, log: bool) -> float:
+        if isinstance(values, Range) and not values.per_decade:
+            return float(trial.suggest_float(name, values.low, values.high, log=log))
+        return float(trial.suggest_categorical(name, levels(values)))
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        cfg = self.cfg
+        method = trial.suggest_categorical("method", [m.shown for m in cfg.methods])
+        pr = self._suggest(trial, "pr", cfg.space.pr, log=False)
+        growth = None
+        # GP cannot model a conditional space (it always gets growth); TPE (group=True) can.
+        if cfg.space.growth is not None and (has_penalty(cfg, method) or cfg.sampler == "gp"):
+            growth = self._suggest(trial, "growth", cfg.space.growth, log=True)
+        seed = int(trial.suggest_categorical("seed", list(cfg.space.seeds)))
+        member = {"lr": self._suggest(trial, "lr", cfg.finetune.lr, log=True)}
+        for key, values in cfg.finetune.axes().items():
+            member[key] = trial.suggest_categorical(key, values) if len(values) > 1 else values[0]
+        point = PrunePoint(method, pr, growth if has_penalty(cfg, method) else None, seed)
+        return {"kind": "member", **point.as_dict(), "member": member}

@@ -20,7 +20,7 @@ from typing import Any
 from ray import tune
 
 from study.config import StudyConfig
-from study.design import PrunePoint, member_id, members, run_config, trial_runs
+from study.design import TrialRuns, members, resolve, run_config
 from study.prune_cache import PruneCache
 
 STATE_FILE = "state.pt"
@@ -39,32 +39,6 @@ class TrialContext:
     @property
     def cache(self) -> PruneCache:
         return PruneCache(Path(self.study_dir) / "prune_cache")
-
-
-@dataclass
-class TrialRuns:
-    """The members a trial trains: their prune point, RunConfigs, ids, and which of them carries the
-    prune stage's own record (its curves; tag tpp.reuse=computed, the others `reused`): in a design,
-    the point's first member; with an adaptive sampler (None) the trial that computed the stage."""
-
-    point: PrunePoint
-    configs: list[Any]
-    ids: list[str]
-    first: list[bool] | None
-
-
-def resolve(cfg: StudyConfig, config: dict[str, Any], trial_id: str) -> TrialRuns:
-    """What a trial's Tune config runs (the driver's logger calls this too).
-
-    A design's member is identified by its settings alone (planned once; a resumed study finds it
-    again); an adaptive sampler's by its trial too, since Optuna may propose the same point twice.
-    """
-    points, runs = trial_runs(cfg, config)
-    point = points[0]
-    configs = [run_config(cfg, point, m) for _, m in runs]
-    ids = [member_id(point, rc) + ("" if cfg.is_design else f"-{trial_id}") for rc in configs]
-    first = [m == members(cfg)[0] for _, m in runs] if cfg.is_design else None
-    return TrialRuns(point, configs, ids, first)
 
 
 def _finite(x: Any) -> bool:

@@ -3,7 +3,7 @@ with useful columns and charts, and -- where Debian's Chromium is installed -- t
 a real headless browser.
 
 What MLflow 3.17's UI reads (its JS bundle; see the notes above `EXPERIMENT_TAGS` in
-study/mlflow_logging.py): the URL parameter `workflowType=machine_learning` (else the browser's
+study/dashboard.py): the URL parameter `workflowType=machine_learning` (else the browser's
 localStorage, default GenAI) decides the training-runs layout; a saved view is an experiment tag
 `mlflow.sharedViewState.<key>` opened by `viewStateShareKey=<key>`; the parallel-coordinates chart drops
 a run that lacks a selected param, and a numeric column drops the runs whose value is not a number.
@@ -28,19 +28,19 @@ import pytest
 from test_study_run import child_runs, client, free_port, local_ray, tiny  # noqa: F401 (local_ray: fixture)
 
 import study
-from study.config import load_config
-from study.mlflow_logging import (
-    DENSE_MODEL_TAG,
+from study.dashboard import (
     EXPERIMENT_TAGS,
     NOTE_TAG,
     VIEW_TAG_PREFIX,
     _dashboard,
-    data_digest,
     runs_page_url,
     runs_route,
     study_note,
     view_key,
 )
+from study.loading import load_config
+from study.record import data_digest
+from study.schema import DENSE_MODEL_TAG
 from study.store import StudyFolder
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

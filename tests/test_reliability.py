@@ -26,9 +26,9 @@ from test_study_run import check_member_runs, tiny
 
 import study
 from study.driver import DiskGuard, collect
-from study.mlflow_logging import children
 from study.prune_cache import PruneCache
 from study.store import StudyFolder, live_status
+from study.tracking import children
 
 ROOT = Path(__file__).resolve().parents[1]
 TPP_STUDY = str(Path(sys.executable).with_name("tpp-study"))

@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from study.config import StudyConfigError, load_config
-from study.design import DefineByRun, logged_params, members, plan, points, run_config, run_name, size
+from study.config import StudyConfigError
+from study.design import members, plan, points, run_config, size
+from study.loading import load_config
+from study.record import logged_params, run_name
+from study.searcher import DefineByRun
 
 CONFIGS = Path(__file__).resolve().parents[1] / "study" / "configs"
 

@@ -100,7 +100,8 @@ def test_a_bad_plugin_parameter_is_a_one_line_error_before_anything_starts(plugi
     assert not (storage / "bad").exists() and not list(marks.iterdir())  # nothing started
 
     # the other checks of the schema, in this process (the plug-in discovered into a copy of the registry)
-    from study.config import StudyConfigError, load_config
+    from study.config import StudyConfigError
+    from study.loading import load_config
     from tpp.methods import discover_methods, registry
 
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))

@@ -30,9 +30,10 @@ import torch
 from ray import tune
 
 import study
-from study.config import load_config
-from study.design import PrunePoint, members, run_config, short
+from study.design import PrunePoint, members, run_config
+from study.loading import load_config
 from study.prune_cache import PruneCache
+from study.record import short
 from study.store import StudyFolder
 from tpp.models import ModelSpec
 from tpp.results import PrunedModel
@@ -83,7 +84,7 @@ def client(uri: str):
 
 
 def child_runs(res: study.StudyResult) -> list:
-    from study.mlflow_logging import children
+    from study.tracking import children
 
     return children(res.tracking_uri, res.experiment_id, res.parent_run_id)
 
@@ -140,7 +141,7 @@ def check_member_runs(res: study.StudyResult, runs: list, epochs: int) -> None:
 def test_outbox_merges_a_runs_batches_without_losing_or_reordering_writes(tmp_path):
     """Per-epoch writes of two interleaved runs go out in a few log_batch calls; a later tag value
     still wins, and a write after a run's status change stays after it."""
-    from study.mlflow_logging import MAX_METRICS, Outbox
+    from study.outbox import MAX_METRICS, Outbox
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp = client(uri).create_experiment("outbox")

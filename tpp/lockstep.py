@@ -213,8 +213,8 @@ def finetune_lockstep(cfgs: list[Any], pruned: Any, data: Any, on_event: Callabl
     continues it.
     """
     from tpp.results import RunResult
-    from tpp.run import _test_batches, history_metrics, measure_jsv, run_splits, train_flops
     from tpp.schedules import DenseSchedule, finetune_lr
+    from tpp.stages import history_metrics, measure_jsv, run_splits, test_batches, train_flops
     from tpp.train import Precision, epoch_generator, resolve_device, seed_everything
 
     cfg = cfgs[0]
@@ -256,8 +256,8 @@ def finetune_lockstep(cfgs: list[Any], pruned: Any, data: Any, on_event: Callabl
                                  scalars([m.momentum for m in members]),
                                  scalars([m.weight_decay for m in members]))
         loss = loss.cpu()
-        test_acc = evaluate_stacked(stack, _test_batches(data, cfg, device), device, precision)
-        val_acc = evaluate_stacked(stack, _test_batches(val, cfg, device), device, precision) \
+        test_acc = evaluate_stacked(stack, test_batches(data, cfg, device), device, precision)
+        val_acc = evaluate_stacked(stack, test_batches(val, cfg, device), device, precision) \
             if val is not None else None
         leaving: list[int] = []
         seconds = (time.perf_counter() - t_epoch) / len(active)

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -25,11 +23,11 @@ import torch
 from torch import nn
 
 from tpp.config import RunConfig
-from tpp.data import load_data
-from tpp.methods import Method, PenaltyHooks, PruneContext, StageResult, get_method, select_by_criterion
-from tpp.methods.stage import OVERFIT_ACC, run_penalty_loop
-from tpp.metrics import count_flops, count_params, jacobian_singular_values, jsv_summary, latency_metrics
-from tpp.models import ModelSpec, build_model, model_prune_preset, resolve_coupling
+from tpp.control import control_inputs, control_key, train_control
+from tpp.methods import Method, PruneContext, StageResult, get_method, select_by_criterion
+from tpp.methods.stage import OVERFIT_ACC
+from tpp.metrics import count_flops, count_params, latency_metrics
+from tpp.models import build_model, model_prune_preset, resolve_coupling
 from tpp.pruning import (
     channel_groups,
     expand_preset,
@@ -41,6 +39,15 @@ from tpp.pruning import (
 )
 from tpp.results import DenseModel, PrunedModel, RunResult, cpu_state_dict, example_input
 from tpp.schedules import DenseSchedule, finetune_lr
+from tpp.stages import (
+    history_metrics,
+    load_run_data,
+    measure_jsv,
+    model_spec,
+    run_splits,
+    test_batches,
+    train_flops,
+)
 from tpp.train import (
     Precision,
     epoch_generator,
@@ -54,7 +61,6 @@ from tpp.train import (
 )
 
 EventFn = Callable[[dict[str, Any]], None]
-VAL_SPLIT_SEED = 0  # the held-out samples are the same for every stage and every seed of a study
 
 
 class DivergedError(FloatingPointError):
@@ -68,49 +74,6 @@ class DivergedError(FloatingPointError):
 def _emit(on_event: EventFn | None, **event: Any) -> None:
     if on_event is not None:
         on_event(event)
-
-
-def model_spec(cfg: RunConfig, data) -> ModelSpec:
-    return ModelSpec(cfg.model, data.num_classes, tuple(data.input_shape), dict(cfg.model_kwargs))
-
-
-def load_run_data(cfg: RunConfig):
-    return load_data(cfg.data, root=cfg.data_root, **cfg.data_kwargs)
-
-
-_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def run_splits(cfg: RunConfig, data) -> tuple[Any, Any | None]:
-    """(the samples a run trains on, the validation bundle or None) for `cfg.val_fraction`.
-
-    Every stage trains on the same training part, so the validation samples stay unseen; the split is
-    made once per data bundle.
-    """
-    if not cfg.val_fraction:
-        return data, None
-    cache = _SPLITS.setdefault(data, {})
-    if cfg.val_fraction not in cache:
-        cache[cfg.val_fraction] = data.split_validation(cfg.val_fraction, VAL_SPLIT_SEED)
-    return cache[cfg.val_fraction]
-
-
-def measure_jsv(model: nn.Module, data, cfg: RunConfig, device: torch.device) -> dict[str, float]:
-    """Jacobian singular-value summary on the data's fixed evaluation batch (always in float32)."""
-    return jsv_summary(jacobian_singular_values(model, data.eval_inputs(cfg.jsv_samples, device)))
-
-
-def _test_batches(data, cfg: RunConfig, device: torch.device):
-    return data.test_batches(cfg.eval_batch_size, device)
-
-
-def _iters_per_epoch(data, batch_size: int) -> int:
-    return math.ceil(data.num_train / batch_size)
-
-
-def train_flops(forward_flops: int, samples: int) -> float:
-    """Training FLOPs of `samples` forward + backward passes: the usual 3 x forward estimate."""
-    return 3.0 * forward_flops * samples
 
 
 # ----------------------------------------------------------------------------------------------- dense
@@ -135,12 +98,12 @@ def train_dense(cfg: RunConfig, data=None, on_event: EventFn | None = None) -> D
         if not stats.finite:
             raise DivergedError("dense", f"the loss became NaN/inf at epoch {epoch} "
                                 f"(dense_lr={cfg.dense_lr})")
-        acc = evaluate(model, _test_batches(data, cfg, device), device, precision)
+        acc = evaluate(model, test_batches(data, cfg, device), device, precision)
         _emit(on_event, event="epoch", stage="dense", epoch=epoch, epochs=cfg.dense_epochs,
               train_loss=stats.loss, test_acc=acc, lr=opt.param_groups[0]["lr"],
               seconds=time.perf_counter() - t0)
     if cfg.dense_epochs == 0:
-        acc = evaluate(model, _test_batches(data, cfg, device), device, precision)
+        acc = evaluate(model, test_batches(data, cfg, device), device, precision)
     jsv = measure_jsv(model, data, cfg, device)
     flops = count_flops(model, spec.input_shape)
     metrics = {"dense_acc": acc, "time_dense_s": time.perf_counter() - start, "iters_dense": iterations,
@@ -261,7 +224,7 @@ def finish_prune(job: PruneJob) -> PrunedModel:
         method.after_removal(ctx)
     model = precision.prepare_model(ctx.model, device)
     params, flops = count_params(model), count_flops(model, dense.spec.input_shape)
-    acc, loss = evaluate_metrics(model, _test_batches(data, cfg, device), device, precision)
+    acc, loss = evaluate_metrics(model, test_batches(data, cfg, device), device, precision)
     jsv = measure_jsv(model, data, cfg, device)
     metrics = {
         **base, "acc_after_removal": acc, "loss_after_removal": loss, "params": params, "flops": flops,
@@ -313,51 +276,6 @@ def prune_stages(cfgs: Sequence[RunConfig], dense: DenseModel, data=None, lockst
 
 
 # --------------------------------------------------------------------------------------------- control
-# with the model, data and dense settings and the iterations: all a control depends on
-CONTROL_INPUTS = ("val_fraction", "seed", "reg_lr", "reg_momentum", "reg_weight_decay", "reg_batch_size",
-                  "bf16", "jsv_samples")
-
-
-CONTROL_PREFIX = "control-"  # a control's key starts with it (a prune key is plain hex)
-
-
-def control_inputs(cfg: RunConfig, iterations: int) -> dict[str, Any]:
-    """What the unpruned control of a prune stage of `iterations` iterations depends on: the data, the
-    stage's optimizer and batch order (seed), the iterations; not the method, PR or penalty."""
-    d = cfg.to_dict()
-    return {**cfg.section("model", "data", "dense"), **{k: d[k] for k in CONTROL_INPUTS},
-            "iterations": int(iterations)}
-
-
-def control_key(cfg: RunConfig, dense: DenseModel | str, iterations: int) -> str:
-    """The control's share key (as `prune_key`, over `control_inputs` and the dense weights)."""
-    h = hashlib.sha256(json.dumps({"control": control_inputs(cfg, iterations)}, sort_keys=True,
-                                  default=str).encode())
-    h.update((dense if isinstance(dense, str) else dense.digest()).encode())
-    return CONTROL_PREFIX + h.hexdigest()[:20]
-
-
-def train_control(cfg: RunConfig, dense: DenseModel, data=None, iterations: int = 0) -> dict[str, float]:
-    """The unpruned control of a prune stage: the dense model trained by the stage's own loop
-    (`run_penalty_loop`: same optimizer, LR, batch order) for the same `iterations`, with no penalty and
-    no mask. A trainability number after pruning means little without it: on data the model can fit,
-    cross-entropy alone keeps scaling the network (and its Jacobian) up, pruned or not. Metrics:
-    control_jsv_*, control_acc, control_loss, control_train_acc, control_iterations (0: the dense model)."""
-    data = data if data is not None else load_run_data(cfg)
-    train, _ = run_splits(cfg, data)
-    device, precision = resolve_device(cfg.device), Precision(cfg.bf16, cfg.channels_last)
-    seed_everything(cfg.seed)
-    model = precision.prepare_model(dense.build(), device)
-    train_acc = float("nan")
-    if iterations:
-        ctx = PruneContext(cfg, {}, model, {}, {}, "none", train, device, precision)
-        result = run_penalty_loop(ctx, PenaltyHooks(), iterations=int(iterations))  # no penalty, no mask
-        train_acc = ctx.history[-1]["train_acc"] if ctx.history else float("nan")
-        iterations = result.iterations
-    acc, loss = evaluate_metrics(model, _test_batches(data, cfg, device), device, precision)
-    jsv = measure_jsv(model, data, cfg, device)
-    return {"control_acc": acc, "control_loss": loss, "control_train_acc": train_acc,
-            "control_iterations": int(iterations), **{f"control_jsv_{k}": v for k, v in jsv.items()}}
 
 
 # -------------------------------------------------------------------------------------------- finetune
@@ -401,9 +319,9 @@ def finetune_stage(cfg: RunConfig, pruned: PrunedModel, data=None, on_event: Eve
         stats = train_epoch(model, batches, opt, device, precision, extra_loss)
         iterations += stats.iterations
         record: dict[str, Any] = {"epoch": epoch, "train_loss": stats.loss, "lr": lr}
-        record["test_acc"] = evaluate(model, _test_batches(data, cfg, device), device, precision)
+        record["test_acc"] = evaluate(model, test_batches(data, cfg, device), device, precision)
         if val is not None:
-            record["val_acc"] = evaluate(model, _test_batches(val, cfg, device), device, precision)
+            record["val_acc"] = evaluate(model, test_batches(val, cfg, device), device, precision)
         if not stats.finite:
             status = "diverged"
         elif cfg.jsv_every and (epoch + 1) % cfg.jsv_every == 0:
@@ -432,29 +350,6 @@ def finetune_stage(cfg: RunConfig, pruned: PrunedModel, data=None, on_event: Eve
         metrics.update({f"final_jsv_{k}": v for k, v in measure_jsv(model, data, cfg, device).items()})
     _emit(on_event, event="stage_end", stage="finetune", status=status, **metrics)
     return RunResult(status, metrics, history, model)
-
-
-def history_metrics(history: list[dict[str, Any]], status: str, num_classes: int) -> dict[str, float]:
-    """A member's accuracy metrics from its per-epoch history (the epochs a diverged run reached).
-
-    best_acc: the maximum test accuracy over epochs -- the paper's convention, selected on the test
-    set; test_acc_at_best_val: the test accuracy at the epoch of the best validation accuracy (the
-    honest one, when a validation split exists); last_acc: the last epoch's.
-    """
-    finite = [h for h in history if math.isfinite(h["train_loss"])]
-    chance = 100.0 / num_classes
-    out: dict[str, float] = {"epochs_run": len(history)}
-    if status == "diverged":
-        out["diverged_epoch"] = history[-1]["epoch"] if history else 0
-    if not finite:
-        return {**out, "best_acc": chance, "last_acc": chance}
-    best = max(finite, key=lambda h: h["test_acc"])
-    out.update(best_acc=best["test_acc"], best_epoch=best["epoch"], last_acc=finite[-1]["test_acc"])
-    if "val_acc" in finite[0]:
-        by_val = max(finite, key=lambda h: h["val_acc"])  # the first epoch of the best, as max() keeps
-        out.update(val_best_acc=by_val["val_acc"], test_acc_at_best_val=by_val["test_acc"],
-                   epoch_at_best_val=by_val["epoch"])
-    return out
 
 
 # -------------------------------------------------------------------------------------------- pipeline

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,9 +26,6 @@ from tpp.pruning.criteria import ScoreInputs
 from tpp.pruning.graph import Followers
 from tpp.schedules import PenaltySchedule
 from tpp.train import Precision, epoch_generator
-
-if TYPE_CHECKING:
-    from tpp.config import RunConfig
 
 Masks = dict[str, torch.Tensor]
 
@@ -91,7 +88,8 @@ class PruneContext:
     split (`data.test_batches` is the test set); history collects the stage's per-epoch records.
     """
 
-    cfg: RunConfig
+    cfg: Any  # the run's tpp.config.RunConfig (not imported here: RunConfig validates method names
+    #           through this package, so the import would close a circle)
     params: dict[str, Any]
     model: nn.Module
     ratios: dict[str, float]

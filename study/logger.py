@@ -1,0 +1,233 @@
+"""The Tune callback that writes a study to MLflow from the driver: one run per member, nested under the
+study run, every write through the outbox."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from study.outbox import Outbox
+from study.record import log_member_inputs, study_inputs
+from study.schema import NO_SPACE, RUN_STATUS
+from study.tracking import children
+
+log = logging.getLogger("study.mlflow")
+
+
+FLUSH_EVERY_S = 5.0  # run starts and epoch curves reach MLflow within this; ends and checkpoints at once
+
+
+class StudyLogger(tune.Callback):
+    """Ray Tune callback on the driver: one run per member, nested under the study's parent run.
+
+    Picklable with no live state (Tune pickles callbacks into its experiment state); everything is
+    (re)built in `setup` from `study.json` and the member runs MLflow already holds.
+    """
+
+    def __init__(self, study_dir: str):
+        self.study_dir = study_dir
+        self._reset()
+
+    def _reset(self) -> None:
+        self.box: Outbox | None = None
+        self.status: dict[str, str] = {}  # member id -> MLflow run status
+        self.last_step: dict[tuple[str, str], int] = {}  # (member, metric) -> last step logged
+        self.members: dict[str, list[str]] = {}  # trial id -> its member ids
+        self.node: dict[str, str] = {}  # member id -> the node it last reported from (tag tpp.node)
+        self.inputs_due: list[str] = []  # members whose inputs are logged once their run exists
+        self.flushed = time.monotonic()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"study_dir": self.study_dir}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.study_dir = state["study_dir"]
+        self._reset()
+
+    def setup(self, **info: Any) -> None:
+        from study.loading import load_config
+        from study.store import StudyFolder
+
+        folder = StudyFolder(self.study_dir)
+        self.meta = folder.read_meta()
+        self.config = load_config(folder.config_path)
+        self.box = Outbox(self.meta.tracking_uri, {})
+        self.box.load_pending(folder.pending_log)
+        folder.pending_log.unlink(missing_ok=True)
+        for run in children(self.meta.tracking_uri, self.meta.experiment_id, self.meta.parent_run_id):
+            mid = run.data.tags.get("tpp.member_id")
+            if not mid:
+                continue
+            self.box.run_ids[mid] = run.info.run_id
+            self.status[mid] = run.info.status
+            if run.info.status != "FINISHED":  # to be continued: remember how far its curves got
+                for key in run.data.metrics:
+                    if "/" in key:
+                        steps = [m.step for m in self.box.mlflow.get_metric_history(run.info.run_id, key)]
+                        self.last_step[(mid, key)] = max(steps, default=-1)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from study.design import resolve, varying
+        from study.record import logged_params, run_name
+
+        assert self.box is not None
+        if trial.config.get("kind") == "prune":
+            return
+        runs = resolve(self.config, trial.config, trial.trial_id)
+        self.members[trial.trial_id] = runs.ids
+        shown = varying(self.config)
+        created = []
+        for rc, mid in zip(runs.configs, runs.ids, strict=True):
+            if self.status.get(mid) == "FINISHED":
+                continue
+            tags = {"tpp.status": "running", "tpp.trial_id": trial.trial_id}
+            if mid in self.box.run_ids:  # resumed: reopen the existing run (its params again: a write
+                self.box.status(mid, "RUNNING")  # lost to a full disk may have been them; same values)
+                self.box.batch(mid, params=logged_params(runs.point, rc), tags=tags)
+            else:
+                from tpp.run import prune_key
+
+                self.box.create_run(mid, self.meta.experiment_id, run_name(runs.point, rc, shown), {
+                    **tags, "mlflow.parentRunId": self.meta.parent_run_id, "tpp.study": self.meta.name,
+                    "tpp.role": "trial", "tpp.member_id": mid, "tpp.method": runs.point.method,
+                    "tpp.prune_key": prune_key(rc, self.meta.dense_digest),
+                    "tpp.dense_digest": self.meta.dense_digest})
+                self.box.batch(mid, params=logged_params(runs.point, rc))
+                created.append(mid)
+            self.status[mid] = "RUNNING"
+        # created with the next delivery, so that the run, its params and first epochs are one write
+        self.inputs_due.extend(created)
+
+    def _flush(self, force: bool = False) -> None:
+        assert self.box is not None
+        self.box.flush(force)
+        self.flushed = time.monotonic()
+        self._log_due_inputs()
+
+    def _log_due_inputs(self) -> None:
+        """The inputs of the runs created since the last delivery."""
+        assert self.box is not None
+        due = [m for m in self.inputs_due if m in self.box.run_ids]
+        if due:
+            self.inputs_due = [m for m in self.inputs_due if m not in self.box.run_ids]
+            self._log_inputs(due)
+
+    def _log_inputs(self, mids: list[str]) -> None:
+        """The data set and dense-model inputs of runs just created (and, once, the dense model itself).
+
+        Best effort and not through the outbox (it has no such write): skipped while the store is
+        unreachable, and a failure only logged -- the dashboard loses a column, the study nothing."""
+        box = self.box
+        assert box is not None
+        if not mids or box.problem is not None or any(m not in box.run_ids for m in mids):
+            return
+        try:
+            inputs = getattr(self, "_inputs", None)
+            if inputs is None:
+                inputs = self._inputs = study_inputs(box.mlflow, self.meta, self.config, self.study_dir)
+            for mid in mids:
+                log_member_inputs(box.mlflow, box.run_ids[mid], *inputs)
+        except Exception as e:  # noqa: BLE001 - see above
+            log.warning("MLflow: could not log the data set / dense model inputs: %s", str(e)[:300])
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        assert self.box is not None
+        by_member: dict[str, list[tuple[str, float, int]]] = collections.defaultdict(list)
+        for mid, key, value, step in result.get("tpp_rows") or []:
+            if self.status.get(mid) == "RUNNING" and step > self.last_step.get((mid, key), -1):
+                self.last_step[(mid, key)] = step
+                by_member[mid].append((key, value, step))
+        node = str(result.get("tpp_node", ""))
+        for mid, rows in by_member.items():
+            tags = {"tpp.node": node} if self.node.get(mid) != node else None  # a tag write costs a commit
+            self.node[mid] = node
+            self.box.batch(mid, metrics=rows, tags=tags)
+        for mid, reuse in (result.get("tpp_reuse") or {}).items():
+            if self.status.get(mid) == "RUNNING":
+                self.box.batch(mid, tags={"tpp.reuse": reuse})
+        for mid, rec in (result.get("tpp_done") or {}).items():
+            if self.status.get(mid) == "RUNNING":
+                tags = {"tpp.status": rec["status"]}
+                if rec["metrics"].get("diverged_stage_prune"):
+                    tags["tpp.diverged_stage"] = "prune"
+                elif rec["status"] == "diverged":
+                    tags["tpp.diverged_stage"] = "finetune"
+                self.box.batch(mid, metrics=[(k, v, 0) for k, v in rec["metrics"].items()], tags=tags)
+                self._end(mid, rec["status"], flush=False)
+        if result.get("tpp_done") or time.monotonic() - self.flushed >= FLUSH_EVERY_S:
+            self._flush(force=bool(result.get("tpp_done")))  # ends at once: one write per ended run
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.box is not None and time.monotonic() - self.flushed >= FLUSH_EVERY_S:
+            self._flush()
+
+    def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
+        """A trial resumes from its last checkpoint: every epoch before it must be in MLflow by then."""
+        self._flush(force=True)
+
+    def _end(self, mid: str, status: str, extra_tags: dict[str, str] | None = None,
+             flush: bool = True) -> None:
+        assert self.box is not None
+        if extra_tags:
+            self.box.batch(mid, tags=extra_tags)
+        self.box.status(mid, RUN_STATUS.get(status, "FINISHED"))
+        self.status[mid] = RUN_STATUS.get(status, "FINISHED")
+        if flush:
+            self._flush(force=True)
+
+    def _open(self, trial_id: str) -> list[str]:
+        return [m for m in self.members.get(trial_id, []) if self.status.get(m) == "RUNNING"]
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        for mid in self._open(trial.trial_id):  # stopped early by the scheduler: keep what it reached
+            value = last.get(self.config.objective.metric)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.box.batch(mid, metrics=[(self.config.objective.metric, value, 0)])
+            self._end(mid, "completed", {"tpp.status": "completed", "tpp.early_stopped": "true"})
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from study.progress import last_error_line
+
+        error = ""
+        if getattr(trial, "error_file", None) and os.path.isfile(trial.error_file):
+            error = Path(trial.error_file).read_text()[-4000:]
+        if trial.trial_id not in self.members:
+            self.on_trial_start(iteration, trials, trial)  # failed before it ever started
+        # a full disk is no fault of the member: it is stopped, and runs again on resume
+        status = "interrupted" if any(s in error for s in NO_SPACE) else "failed"
+        for mid in self._open(trial.trial_id):
+            self._end(mid, status, {"tpp.status": status, "tpp.error": error or last_error_line(trial)})
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End every still-open member run as KILLED (interrupted), then deliver or save what is queued."""
+        if self.box is None:
+            return
+        for mid, status in list(self.status.items()):
+            if status == "RUNNING":
+                self._end(mid, "interrupted", {"tpp.status": "interrupted"})
+        full = any(s in (self.box.problem or "") for s in NO_SPACE)
+        delivered = self.box.drain(5 if full else 60)
+        self._log_due_inputs()
+        if not delivered:
+            from study.store import StudyFolder
+
+            folder = StudyFolder(self.study_dir)
+            try:
+                self.box.save_pending(folder.pending_log)
+            except OSError as e:  # the disk is full: what is lost here is redone by `resume`
+                print(f"[tpp-study] {len(self.box.ops)} MLflow write(s) could not be kept ({e}); the runs "
+                      "they belong to are not FINISHED, so `resume` runs them again", flush=True)
+                return
+            print(f"[tpp-study] MLflow still unreachable: {len(self.box.ops)} write(s) saved to "
+                  f"{folder.pending_log}; `tpp-study resume {self.meta.name}` delivers them", flush=True)

@@ -1,0 +1,295 @@
+"""The study's record in MLflow: the experiment and parent run, the data set and dense-model inputs, each
+member run's name and params, and the study's outcome read back (collect)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from study.config import OBJECTIVE_TEXT, StudyConfig
+from study.dashboard import EXPERIMENT_TAGS, _dashboard, runs_page_url
+from study.design import PrunePoint
+from study.errors import StudyError
+from study.loading import load_config
+from study.outbox import Outbox
+from study.schema import DENSE_MODEL_TAG
+from study.store import StudyFolder, disk_usage, human_bytes
+from study.text import fmt_duration
+from study.tracking import TrackingUnavailable, children, client, flatten, is_http
+
+if TYPE_CHECKING:
+    from tpp.config import RunConfig
+
+
+def ensure_experiment(c: Any, name: str, study_dir: Path, uri: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    # A local store keeps artifacts in the study folder; a server decides itself (its artifact proxy).
+    location = None if is_http(uri) else (study_dir / "mlartifacts").as_uri()
+    return c.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
+
+
+def start_parent(uri: str, experiment: str, study_dir: Path, name: str, params: dict[str, str],
+                 tags: dict[str, str], artifacts: dict[str, str]) -> tuple[str, str]:
+    """Create the study's parent run (and the experiment's dashboard tags); returns (experiment_id,
+    run_id)."""
+    c = client(uri)
+    exp_id = ensure_experiment(c, experiment, study_dir, uri)
+    _dashboard(c, exp_id, study_dir)
+    run = c.create_run(exp_id, run_name=name, tags={"tpp.study": name, "tpp.role": "study",
+                                                    "tpp.study_dir": str(study_dir), **tags})
+    box = Outbox(uri, {"parent": run.info.run_id})
+    box.batch("parent", params=params)
+    for fname, text in artifacts.items():
+        box.text("parent", text, fname)
+    if not box.drain(60):
+        raise TrackingUnavailable(f"could not write the study's parent run to {uri}")
+    return exp_id, run.info.run_id
+
+
+def data_digest(cfg: Any) -> str:
+    """The data set's identity as the study sees it: name, root, loader kwargs and validation split."""
+    d = cfg.data
+    key = json.dumps({"name": d.name, "root": d.root, "kwargs": d.kwargs, "val_fraction": d.val_fraction},
+                     sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+def data_input(cfg: Any, spec: Any = None) -> Any:
+    """The study's data set as an MLflow dataset input (context "train"): name, digest, source (files
+    under a root, else the loader in tpp.data), and, with the dense model's spec, the tensor schema."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from tpp.data.registry import _DATA, default_root
+
+    d = cfg.data
+    entry = _DATA.get(d.name)
+    if entry is not None and entry.takes_root:
+        source_type, source = "local", {"uri": default_root(d.root)}
+    else:
+        source_type, source = "code", {"tags": {"tpp.data": d.name}}
+    schema = None
+    if spec is not None:
+        features = [{"type": "tensor", "name": "x", "tensor-spec": {"dtype": "float32",
+                                                                    "shape": [-1, *spec.input_shape]}}]
+        targets = [{"type": "tensor", "name": "y", "tensor-spec": {"dtype": "int64", "shape": [-1]}}]
+        schema = json.dumps({"mlflow_tensorspec": {"features": json.dumps(features),
+                                                   "targets": json.dumps(targets)}})
+    profile = json.dumps({"kwargs": d.kwargs, "val_fraction": d.val_fraction,
+                          **({"num_classes": spec.num_classes} if spec is not None else {})}, sort_keys=True)
+    ds = Dataset(name=d.name, digest=data_digest(cfg), source_type=source_type, source=json.dumps(source),
+                 schema=schema, profile=profile)
+    return DatasetInput(ds, [InputTag("mlflow.data.context", "train")])
+
+
+def study_inputs(c: Any, meta: Any, cfg: Any, study_dir: str) -> tuple[Any, str | None]:
+    """(the data set input, the dense model's LoggedModel id) of a study whose dense model is trained:
+    the model is created once (found again by the parent's tag tpp.dense_model_id) with the parent run
+    as its source, and both are logged on the parent run."""
+    from mlflow.entities import LoggedModelOutput
+
+    from study.store import StudyFolder
+    from tpp.checkpoint import load_dense
+
+    folder = StudyFolder(study_dir)
+    dense = load_dense(folder.dense_path) if folder.dense_path.is_file() else None
+    spec = dense.spec if dense is not None else None
+    data = data_input(cfg, spec)
+    parent = c.get_run(meta.parent_run_id)
+    model_id = parent.data.tags.get(DENSE_MODEL_TAG)
+    if model_id is None and dense is not None:
+        dense_cfg = cfg.dense
+        params = {"model": spec.name, "model_kwargs": json.dumps(spec.kwargs, sort_keys=True),
+                  "num_classes": str(spec.num_classes), "input_shape": json.dumps(list(spec.input_shape)),
+                  **({"checkpoint": str(dense_cfg.checkpoint)} if dense_cfg.checkpoint else
+                     {"epochs": str(dense_cfg.epochs), "lr": str(dense_cfg.lr),
+                      "batch_size": str(dense_cfg.batch_size)})}
+        tags = {"tpp.study": meta.name, "tpp.dense_digest": meta.dense_digest or dense.digest(),
+                "tpp.dense_path": str(folder.dense_path)}
+        if "dense_acc" in dense.metrics:  # rounded: tags are shown as text
+            tags["tpp.dense_acc"] = f"{dense.metrics['dense_acc']:.4g}"
+        model = c.create_logged_model(meta.experiment_id, name=f"dense-{spec.name}",
+                                      source_run_id=meta.parent_run_id, tags=tags, params=params,
+                                      model_type="dense")
+        c.finalize_logged_model(model.model_id, "READY")
+        model_id = model.model_id
+        c.log_outputs(meta.parent_run_id, [LoggedModelOutput(model_id, step=0)])
+        c.set_tag(meta.parent_run_id, DENSE_MODEL_TAG, model_id)
+    if not parent.inputs or not parent.inputs.dataset_inputs:
+        c.log_inputs(meta.parent_run_id, datasets=[data])
+    return data, model_id
+
+
+def log_member_inputs(c: Any, run_id: str, data: Any, model_id: str | None) -> None:
+    """A member run's inputs: the study's data set and the dense model it was pruned from."""
+    from mlflow.entities import LoggedModelInput
+
+    c.log_inputs(run_id, datasets=[data], models=[LoggedModelInput(model_id)] if model_id else None)
+
+
+@dataclass
+class StudyResult:
+    """What a finished (or interrupted) study produced and where it is."""
+
+    name: str
+    path: str
+    status: str  # completed | interrupted | failed (every run finished, some failed)
+    tracking_uri: str
+    experiment: str
+    experiment_id: str
+    parent_run_id: str
+    num_runs: int
+    counts: dict[str, int] = field(default_factory=dict)  # member status -> count (MLflow tags)
+    reuse: dict[str, int] = field(default_factory=dict)  # tpp.reuse -> count
+    best: dict[str, Any] | None = None
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    stopped_because: str | None = None  # a clean stop the study made itself (a full disk)
+    wall_s: float = 0.0
+    disk_bytes: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.status]
+
+    @property
+    def mlflow_ui_command(self) -> str:
+        """How to open this study's runs in the MLflow UI: the study's own server, or one to start on
+        its SQLite file (loopback only, no usage telemetry)."""
+        if not self.tracking_uri.startswith("sqlite:"):
+            return f"open the study's MLflow server {self.tracking_uri}"
+        mlflow = Path(sys.executable).with_name("mlflow")
+        exe = str(mlflow) if mlflow.exists() else "mlflow"
+        return (f"MLFLOW_DISABLE_TELEMETRY=true {exe} server --backend-store-uri {self.tracking_uri} "
+                "--host 127.0.0.1 --port 5000")
+
+    def ui_lines(self) -> list[str]:
+        """How to open the study in the MLflow UI: the server command and the runs page's URL."""
+        lines = [f"MLflow UI: {self.mlflow_ui_command}"]
+        if self.experiment_id:  # the runs page in the training workflow, on the study's saved view
+            base = "http://127.0.0.1:5000" if self.tracking_uri.startswith("sqlite:") else self.tracking_uri
+            lines.append(f"           then open {runs_page_url(base, self.experiment_id, self.name)}")
+        return lines
+
+    def summary(self) -> str:
+        c = self.counts
+        finished = sum(c.get(k, 0) for k in ("completed", "diverged", "failed"))
+        lines = [
+            f"Study {self.name}: {self.status} in {fmt_duration(self.wall_s)} -- {c.get('completed', 0)} "
+            f"completed, {c.get('diverged', 0)} diverged, {c.get('failed', 0)} failed, "
+            f"{self.num_runs - finished} not finished, of {self.num_runs} runs",
+            f"Prune stages: {self.reuse.get('computed', 0)} computed and shared by "
+            f"{self.reuse.get('computed', 0) + self.reuse.get('reused', 0)} runs, "
+            f"{self.reuse.get('none', 0)} runs of methods without a penalty stage",
+        ]
+        if self.best:
+            lines.append(f"Best: {self.best['metric']} {self.best['value']:.2f}  ({self.best['run_name']}; "
+                         f"{OBJECTIVE_TEXT.get(self.best['metric'], '')})")
+        lines += [f"Results:   {self.path}  ({human_bytes(self.disk_bytes)} on disk)",
+                  f"MLflow:    {self.tracking_uri}  experiment {self.experiment!r}, "
+                  f"parent run {self.parent_run_id}",
+                  *self.ui_lines()]
+        storage = str(Path(self.path).parent)
+        lines.append(f"Report:    tpp-analyze {self.name} --storage {storage}")
+        if self.status != "completed":
+            lines.append(f"Resume:    tpp-study resume {self.name} --storage {storage}")
+        return "\n".join(lines)
+
+
+def collect(folder: StudyFolder) -> StudyResult:
+    """The study's outcome as recorded in MLflow (the truth, whatever process wrote it)."""
+    meta = folder.read_meta()
+    cfg = load_config(folder.config_path)
+    metric, mode = cfg.objective.metric, cfg.objective.mode
+    counts: dict[str, int] = {}
+    reuse: dict[str, int] = {}
+    runs, best = [], None
+    for r in children(meta.tracking_uri, meta.experiment_id, meta.parent_run_id):
+        tags = r.data.tags
+        status = tags.get("tpp.status", "running")
+        counts[status] = counts.get(status, 0) + 1
+        if "tpp.reuse" in tags:
+            reuse[tags["tpp.reuse"]] = reuse.get(tags["tpp.reuse"], 0) + 1
+        value = r.data.metrics.get(metric)
+        lr = float(r.data.params.get("lr", "nan"))
+        runs.append({"member_id": tags.get("tpp.member_id"), "run_id": r.info.run_id, metric: value,
+                     "run_name": r.info.run_name, "status": status, "run_status": r.info.status})
+        if status in ("completed", "diverged") and value is not None and value == value:
+            key = rank(value, lr, r.info.run_name, mode)
+            if best is None or key < best[0]:
+                best = (key, {"metric": metric, "value": value, "run_name": r.info.run_name, "lr": lr,
+                              "run_id": r.info.run_id})
+    finished = sum(counts.get(k, 0) for k in ("completed", "diverged", "failed"))
+    status = "interrupted" if finished < meta.num_runs else "failed" if counts.get("failed") else "completed"
+    return StudyResult(meta.name, str(folder.path), status, meta.tracking_uri, meta.experiment,
+                       meta.experiment_id, meta.parent_run_id, meta.num_runs, counts, reuse,
+                       best[1] if best else None, sorted(runs, key=lambda t: t["run_name"] or ""),
+                       disk_bytes=disk_usage(folder.path))
+
+
+def _start_parent(cfg: StudyConfig, folder: StudyFolder, uri: str, num_runs: int) -> None:
+    from study.design import points
+
+    artifacts = {"study_config.yaml": cfg.to_yaml()}
+    if cfg.is_design:
+        artifacts["design.json"] = json.dumps([p.as_dict() for p in points(cfg)], indent=1)
+    params = {**flatten(cfg.model_dump(mode="json", exclude={"description"})), "num_trials": str(num_runs)}
+    tags = {"mlflow.note.content": cfg.description} if cfg.description else {}
+    try:
+        exp_id, parent = start_parent(uri, cfg.experiment(), folder.path, cfg.name, params, tags, artifacts)
+    except Exception as e:  # noqa: BLE001
+        raise StudyError(f"mlflow: cannot create the study's runs at {uri}: {e}") from None
+    folder.update_meta(experiment_id=exp_id, parent_run_id=parent)
+
+
+def short(x: float) -> str:
+    """3.2e-3 style: compact, readable in run names."""
+    mant, exp = f"{x:.1e}".split("e")
+    mant = mant.rstrip("0").rstrip(".")
+    return f"{mant}e{int(exp)}"
+
+
+SHORT_NAMES = {"epochs": "ep", "weight_decay": "wd", "warmup_epochs": "wu", "batch_size": "bs"}
+
+
+def run_name(point: PrunePoint, run_cfg: RunConfig, shown: list[str] = ()) -> str:
+    """e.g. `lr=3.2e-3 tpp pr=0.9 g=1e-3 s0` -- the LR first (the UI truncates names), then the
+    prune point, then the other finetune settings that vary in the study (`shown`)."""
+    parts = [f"lr={short(run_cfg.lr)}", point.method, f"pr={point.pr:.3g}"]
+    if point.growth is not None:
+        parts.append(f"g={short(point.growth)}")
+    parts.append(f"s{point.seed}")
+    for key in shown:
+        value = getattr(run_cfg, key)
+        text = value if isinstance(value, str) else short(value) if isinstance(value, float) else str(value)
+        parts.append(text if key == "schedule" else f"{SHORT_NAMES.get(key, key)}={text}")
+    return " ".join(parts)
+
+
+def logged_params(point: PrunePoint, run_cfg: RunConfig) -> dict[str, str]:
+    """A member's MLflow params: the full RunConfig (None-valued settings left out, growth only where
+    the method has a penalty), numbers as numbers, plus `method_label`, `has_penalty`, `log10_lr`."""
+    out = {}
+    for k, v in run_cfg.to_dict().items():
+        if v is None or (k == "growth" and point.growth is None):
+            continue
+        out[k] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list, tuple)) else str(v)
+    out.update(method_label=point.method, has_penalty="1" if point.growth is not None else "0",
+               log10_lr=f"{math.log10(run_cfg.lr):.4f}")
+    return out
+
+
+def rank(value: float, lr: float, name: str, mode: str) -> tuple:
+    """Sort key of the best run, the one definition every output uses: the better objective; ties go
+    to the lower finetuning LR, then to the run name that sorts first."""
+    return (-value if mode == "max" else value, lr, name)
+
+
+EXIT_CODES = {"completed": 0, "interrupted": 1, "failed": 3}  # 2: bad config or cannot start
