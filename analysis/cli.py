@@ -16,7 +16,7 @@ PROG = "tpp-analyze"
 METRIC_CHOICES = ("auto", "test_acc_at_best_val", "best_acc", "last_acc")
 SENSITIVITY_CHOICES = ("regret", "window", "range")
 _API_FIELDS = {"baseline": "--baseline", "methods": "--methods", "metric": "--metric",
-               "sensitivity": "--sensitivity", "group_by": "--group-by"}
+               "sensitivity": "--sensitivity", "group_by": "--group-by", "out": "--out"}
 
 
 class _BadInput(Exception):

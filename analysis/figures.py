@@ -79,19 +79,27 @@ class Tables:
         return pd.Series([group_title(r, self.prep.keys) for _, r in frame.iterrows()], index=frame.index,
                          dtype=object)
 
-    def style(self, title: str, method: str) -> dict:
-        """The series' look in every figure: its method's hue, a shade, a line style and a marker of its
-        own by its position among the method's series (TPP growth 1e-3 and 1e-2 never share a colour)."""
-        mine = [t for t in dict.fromkeys(self.series_of(self.groups)) if t.startswith(method_label(method))]
-        k = mine.index(title) if title in mine else 0
-        return {"color": _shade(color(method), k), "ls": _STYLES[k % len(_STYLES)],
-                "marker": _MARKERS[k % len(_MARKERS)]}
+    def style(self, row: pd.Series) -> dict:
+        """A group's look in every figure: the colour is its method's hue shaded by its growth level (TPP
+        growth 1e-3 and 1e-2 never share a colour, and keep theirs in every panel); the line style and
+        marker follow its finetuning-recipe level."""
+        method = row["method"]
+        mine = self.groups[self.groups["method"] == method]
+        growths = sorted({float(g) for g in mine["growth"] if finite(g)})
+        g = float(row["growth"]) if finite(row["growth"]) else None
+        k = growths.index(g) if g in growths else 0
+        recipe = self.prep.recipe
+        combos = (sorted({tuple(map(str, r)) for r in self.groups[recipe].itertuples(index=False)})
+                  if recipe else [])
+        j = combos.index(tuple(str(row[c]) for c in recipe)) if recipe else 0
+        return {"color": _shade(color(method), k), "ls": _STYLES[j % len(_STYLES)],
+                "marker": _MARKERS[j % len(_MARKERS)]}
 
     def series_handles(self, frame: pd.DataFrame) -> list[Line2D]:
         """One legend entry per series present in `frame`, in its look."""
         out = []
         for s, r in frame.assign(_s=self.series_of(frame)).groupby("_s", sort=False):
-            st = self.style(s, r["method"].iloc[0])
+            st = self.style(r.iloc[0])
             out.append(Line2D([], [], color=st["color"], ls=st["ls"], marker=st["marker"], label=s))
         return out
 
@@ -166,7 +174,7 @@ def fig_acc_vs_lr(t: Tables):
         y, ticks = 0, []
         for s, r in rows.groupby("_s", sort=False):
             r = r.sort_values("lr")
-            st = t.style(s, r["method"].iloc[0])
+            st = t.style(r.iloc[0])
             ax.plot(r["lr"], r["acc"], color=st["color"], ls=st["ls"],
                     marker=st["marker"] if ladder else None, ms=4, lw=1.6, label=s)
             if (r["hi"] > r["lo"]).any():
@@ -281,7 +289,7 @@ def fig_window_vs_pr(t: Tables):
     for ax, (col, ylabel) in zip(axes, panels, strict=True):
         for s, r in g.groupby("_s", sort=False):
             r = r.sort_values("pr")
-            st = t.style(s, r["method"].iloc[0])
+            st = t.style(r.iloc[0])
             if col == "lr_stable_max":
                 ax.plot(r["pr"], r[col], color=st["color"], ls=st["ls"], marker=st["marker"], label=s)
                 for pr, seeds in zip(r["pr"], r["lr_stable_max_seeds"], strict=True):
@@ -328,7 +336,7 @@ def fig_profile(t: Tables):
     for ax, (title, rows) in zip(axes, strata, strict=True):
         for s, r in rows.assign(_s=t.series_of(rows)).groupby("_s", sort=False):
             r = r.sort_values("delta")
-            st = t.style(s, r["method"].iloc[0])
+            st = t.style(r.iloc[0])
             ax.plot(r["delta"], r["window"], color=st["color"], ls=st["ls"], lw=1.6, label=s)
             if (r["hi"] > r["lo"]).any():
                 ax.fill_between(r["delta"], r["lo"], r["hi"], color=st["color"], alpha=0.15, lw=0)
@@ -358,8 +366,8 @@ def fig_trainability(t: Tables):
     for i, y in enumerate(OUTCOMES):
         for j, x in enumerate(preds):
             ax = axes[i, j]
-            for ser, c in t.curves.assign(_s=t.series_of(t.curves)).groupby("_s", sort=False):
-                st = t.style(ser, c["method"].iloc[0])
+            for _, c in t.curves.assign(_s=t.series_of(t.curves)).groupby("_s", sort=False):
+                st = t.style(c.iloc[0])
                 for pr, cc in c.groupby("pr"):
                     ax.scatter(cc[x], cc[y], color=st["color"],
                                marker=_MARKERS[prs.index(pr) % len(_MARKERS)],
@@ -402,7 +410,7 @@ def fig_finetune_curves(t: Tables):
         for ax, lr in zip(row, ends, strict=True):
             sub = mem[np.isclose(mem["pr"], pr) & np.isclose(mem["lr"], lr)]
             for s, g in sub.assign(_s=t.series_of(sub)).groupby("_s", sort=False):
-                st = t.style(s, g["method"].iloc[0])
+                st = t.style(g.iloc[0])
                 c = ep[ep["run_id"].isin(g["run_id"])].pivot_table(index="epoch", columns="run_id",
                                                                   values="test_acc")
                 if c.empty:
@@ -447,7 +455,7 @@ def fig_recipe(t: Tables):
                     continue
                 r = r.assign(_x=[levels.index(v) for v in r[dim]]).sort_values("_x")
                 err = np.vstack([r[col] - r[f"{col}_lo"], r[f"{col}_hi"] - r[col]]).clip(min=0)
-                st = t.style(group_title(r.iloc[0], t.prep.keys), m)
+                st = t.style(r.iloc[0])
                 ax.errorbar(r["_x"], r[col], yerr=err, color=st["color"], capsize=3,
                             marker=_MARKERS[sorted(g["pr"].unique()).index(pr) % len(_MARKERS)],
                             linestyle=_STYLES[combos.index(tuple(map(str, rest))) % len(_STYLES)],
@@ -473,7 +481,7 @@ def fig_budget(t: Tables):
     ax = fig.subplots()
     prs = sorted(c["pr"].unique())
     for ser, r in c.assign(_s=t.series_of(c)).groupby("_s", sort=False):
-        st = t.style(ser, r["method"].iloc[0])
+        st = t.style(r.iloc[0])
         for pr, rr in r.groupby("pr"):
             ax.scatter(rr["iters_total"], rr["best_acc"], color=st["color"],
                        marker=_MARKERS[prs.index(pr) % len(_MARKERS)], label=f"{ser}, PR {fmt_pr(pr)}")
@@ -500,7 +508,7 @@ def fig_speed(t: Tables):
     prs = sorted(c["pr"].unique())
     for ax, (key, label) in zip(axes, axes_of, strict=True):
         for ser, r in c.assign(_s=t.series_of(c)).groupby("_s", sort=False):
-            st = t.style(ser, r["method"].iloc[0])
+            st = t.style(r.iloc[0])
             for pr, rr in r.groupby("pr"):
                 marker = _MARKERS[prs.index(pr) % len(_MARKERS)]
                 ax.scatter(rr[key], rr["best_acc"], color=st["color"], marker=marker,

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import base64
 import html
+import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -137,8 +140,43 @@ def build_report(study: str | StudyData, tracking_uri: str | None = None, out_di
     say("computing measures")
     res = analyze(data, lrs=lrs, metric=metric, baseline=baseline, methods=methods, delta=delta,
                   group_by=group_by, sensitivity=sensitivity)
-    out = Path(out_dir) if out_dir is not None else Path("reports") / data.name
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out_dir) if out_dir is not None else Path("reports") / data.name
+    _check_out(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # written whole into a temporary folder next to it, then moved into place: an interrupted run leaves
+    # the previous report as it was, never a mix of two runs' files
+    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        _build(out, data, res, lrs=lrs, baseline=baseline, delta=delta, say=say)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    _move_into_place(out, final)
+    path = final / "report.html"
+    say(f"report: {path.resolve()}")
+    if log:
+        _log(data, final, say)
+    return path
+
+
+def _check_out(final: Path) -> None:
+    """The output folder is replaced whole: refuse one that holds anything but an earlier report."""
+    ours = (final / "summary.md").is_file() or (final / "report.html").is_file()
+    if final.exists() and (not final.is_dir() or (any(final.iterdir()) and not ours)):
+        raise ValueError(f"out: {final} exists and is not a tpp-analyze report folder (it is replaced "
+                         "whole); accepted: a new folder, or one a previous report was written to")
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _build(out: Path, data: StudyData, res: Results, *, lrs, baseline, delta, say) -> None:
+    """Every file of the report into `out`."""
     notes = list(dict.fromkeys([*data.notes, *res.prep.notes, *_overfit_note(res.curves)]))
     if not res.curves.empty:
         say(f"  {len(res.groups)} groups, {len(res.curves)} curves; LR: {res.prep.lr_axis.describe()}; "
@@ -152,12 +190,7 @@ def build_report(study: str | StudyData, tracking_uri: str | None = None, out_di
     (out / "summary.md").write_text("## Verdict\n\n" + "".join(f"- {x}\n" for x in res.summary.verdict)
                                     + "\n## Summary\n\n" + "".join(f"- {x}\n" for x in res.summary.lines))
     page = _html(data, res, figs, sections, notes, lrs=lrs, baseline=baseline, delta=delta)
-    path = out / "report.html"
-    path.write_text(page, encoding="utf-8")
-    say(f"report: {path.resolve()}")
-    if log:
-        _log(data, out, say)
-    return path
+    (out / "report.html").write_text(page, encoding="utf-8")
 
 
 def _overfit_note(curves: pd.DataFrame) -> list[str]:

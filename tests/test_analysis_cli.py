@@ -125,3 +125,30 @@ def test_the_installed_command(studies, tmp_path):
     assert bad.returncode == 2
     assert bad.stderr == ("tpp-analyze: error: --delta: expected a positive number of accuracy points, "
                           "got 'x'\n")
+
+
+def test_an_interrupted_report_leaves_the_previous_one_whole(studies, tmp_path, monkeypatch, capsys):
+    """#27: the report is built in a temporary folder and moved into place whole; a run that stops midway
+    (here: the figures raise) leaves the earlier report untouched and no half-written folder; a --out that
+    holds other files is refused (it would be replaced)."""
+    import analysis.report as report
+
+    _, uri, _ = studies
+    out = tmp_path / "rep"
+    assert _main("tiny", "--tracking-uri", uri, "--out", str(out), "--no-log", "--quiet") == 0
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def boom(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "make_figures", boom)
+    with pytest.raises(KeyboardInterrupt):
+        _main("tiny", "--tracking-uri", uri, "--out", str(out), "--no-log", "--quiet", "--delta", "3")
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]  # no temporary folder left
+    monkeypatch.undo()
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    assert _main("tiny", "--tracking-uri", uri, "--out", str(other), "--no-log") == 2
+    assert "--out: " in capsys.readouterr().err and (other / "notes.txt").read_text() == "keep me"
