@@ -18,8 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SAMPLERS = ("qmc", "grid", "tpe", "gp")
-DESIGNS = ("grid", "qmc")  # fixed designs; tpe and gp are adaptive (Optuna proposes each trial)
+SAMPLERS = ("qmc", "grid", "tpe")
+DESIGNS = ("grid", "qmc")  # fixed designs; tpe is adaptive (Optuna proposes each trial)
 OBJECTIVES = ("auto", "best_acc", "last_acc", "test_acc_at_best_val", "acc_after_removal")
 # What each objective is, said wherever a study shows its best run (progress, status, the MLflow view).
 OBJECTIVE_TEXT = {"test_acc_at_best_val": "test accuracy at the best-validation epoch (no selection on the "
@@ -377,7 +377,7 @@ class StudyConfig(_Strict):
     space: SpaceCfg
     finetune: FinetuneCfg
     fixed: dict[str, Any] = Field(default_factory=dict)
-    sampler: Literal["qmc", "grid", "tpe", "gp"] = "grid"
+    sampler: Literal["qmc", "grid", "tpe"] = "grid"
     sampler_seed: int = 0
     num_trials: int | None = Field(default=None, ge=1, le=MAX_MEMBERS)
     objective: ObjectiveCfg = Field(default_factory=ObjectiveCfg)
@@ -470,7 +470,7 @@ class StudyConfig(_Strict):
                                  "points over the ranged prune dimensions; accepted: an integer >= 1")
             if self.early_stopping.asha:
                 raise _PathError("early_stopping.asha", "ASHA stops single trials; designs train each prune "
-                                 "group's members together; accepted: false, or sampler tpe/gp")
+                                 "group's members together; accepted: false, or sampler tpe")
         else:
             if self.num_trials is None:
                 raise _PathError("num_trials", f"required for sampler {self.sampler!r}; accepted: an "
@@ -501,6 +501,13 @@ class StudyConfig(_Strict):
 
     def experiment(self) -> str:
         return self.mlflow.experiment or self.name
+
+    def digest(self) -> str:
+        """A digest of the whole config (what a process caches its design under)."""
+        import hashlib
+        import json
+
+        return hashlib.sha256(json.dumps(self.as_input(), sort_keys=True).encode()).hexdigest()[:16]
 
     def as_input(self) -> dict[str, Any]:
         """The config in the form a YAML file gives it (what `load_config` reads back unchanged)."""

@@ -9,7 +9,7 @@
   `finetune.per_trial` splits them); a `prune` unit computes several prune stages at once (lockstep)
   into the study's prune cache so the finetune units that need them start from a ready model.
 
-Adaptive samplers (tpe, gp) have no design: Optuna proposes one (prune point, member) per trial.
+The adaptive sampler (tpe) has no design: Optuna proposes one (prune point, member) per trial.
 """
 
 from __future__ import annotations
@@ -71,6 +71,13 @@ def has_penalty(cfg: StudyConfig, label: str) -> bool:
 
 # --------------------------------------------------------------------------------------------- members
 def members(cfg: StudyConfig, lrs: list[float] | None = None) -> list[dict[str, Any]]:
+    """Finetune settings of every member (`_members`); the design's own (no `lrs`) built once."""
+    if lrs is not None:
+        return _members(cfg, lrs)
+    return [dict(m) for m in _cached(cfg, "members", lambda c: tuple(_members(c, None)))]
+
+
+def _members(cfg: StudyConfig, lrs: list[float] | None = None) -> list[dict[str, Any]]:
     """Finetune settings of every member: the LR ladder crossed with each finetune axis, warmup only
     for the schedules that have one (tpp.schedules.WARMUP_SCHEDULES), onecycle only with one >= 1."""
     from tpp.schedules import WARMUP_SCHEDULES
@@ -133,15 +140,30 @@ def _prune_levels(cfg: StudyConfig) -> list[tuple[float, float | None]]:
 def points(cfg: StudyConfig) -> list[PrunePoint]:
     """Every prune point of a fixed design: methods x (pr, growth) levels x seeds, growth dropped for
     methods without a penalty (and the duplicates that leaves)."""
-    out: list[PrunePoint] = []
+    return list(_cached(cfg, "points", _points))
+
+
+def _points(cfg: StudyConfig) -> tuple[PrunePoint, ...]:
+    out: dict[PrunePoint, None] = {}  # ordered and O(1) per point (a list scan made designs O(n^2))
     pairs = _prune_levels(cfg)
     for m in cfg.methods:
         penalty = has_penalty(cfg, m.shown)
         for (pr, g), seed in itertools.product(pairs, cfg.space.seeds):
-            p = PrunePoint(m.shown, float(pr), float(g) if penalty and g is not None else None, int(seed))
-            if p not in out:
-                out.append(p)
-    return out
+            growth = float(g) if penalty and g is not None else None
+            out[PrunePoint(m.shown, float(pr), growth, int(seed))] = None
+    return tuple(out)
+
+
+_DESIGNS: dict[tuple[str, str], Any] = {}
+
+
+def _cached(cfg: StudyConfig, what: str, build: Any) -> Any:
+    """A design's parts are built once per process and config (every trial start looks them up: the
+    logger, the progress line and the worker each resolve trials against them)."""
+    key = (cfg.digest(), what)
+    if key not in _DESIGNS:
+        _DESIGNS[key] = build(cfg)
+    return _DESIGNS[key]
 
 
 def size(cfg: StudyConfig) -> tuple[int, int]:
@@ -206,6 +228,15 @@ def run_config(cfg: StudyConfig, point: PrunePoint, member: dict[str, Any]) -> R
     return RunConfig.from_dict(d)
 
 
+def point_prune_key(cfg: StudyConfig, point: PrunePoint, dense: Any) -> str:
+    """The prune key of a prune point (tpp.run.prune_key of its first member: members share the stage);
+    `dense` is the DenseModel or its digest. The one place a study builds a prune key."""
+    from tpp.run import prune_key
+
+    return prune_key(run_config(cfg, point, members(cfg)[0] if cfg.is_design else
+                                {"lr": (levels(cfg.finetune.lr) or [cfg.finetune.lr.low])[0]}), dense)
+
+
 def dense_run_config(cfg: StudyConfig) -> RunConfig:
     """The RunConfig the dense stage runs with (model, data, dense settings; the point does not matter)."""
     first = cfg.methods[0]
@@ -235,7 +266,7 @@ class Plan:
         return sum(len(u.members) for u in self.units if u.kind == "finetune")
 
 
-def plan(cfg: StudyConfig, slots: int = 1, max_lockstep: int = 16, train_samples: int = 0) -> Plan:
+def plan(cfg: StudyConfig, slots: int = 1, max_lockstep: int | None = None, train_samples: int = 0) -> Plan:
     """The design's units. Prune stages of methods with a penalty go into `prune` units -- batches of
     one method's stages computed together (lockstep), balanced over `slots` concurrent trials by their
     iteration counts -- when lockstep is on or several finetune units share a stage; the longest units
@@ -245,7 +276,9 @@ def plan(cfg: StudyConfig, slots: int = 1, max_lockstep: int = 16, train_samples
     chunks = [tuple(range(i, min(i + per, len(mems)))) for i in range(0, len(mems), per)]
     work = {i: _prune_iterations(cfg, p, train_samples) for i, p in enumerate(pts)}
     shared = [i for i, p in enumerate(pts) if work[i] and (cfg.lockstep or len(chunks) > 1)]
-    cap = max_lockstep if cfg.lockstep else 1
+    from tpp.lockstep import MAX_MEMBERS
+
+    cap = (max_lockstep or MAX_MEMBERS) if cfg.lockstep else 1
     by_method: dict[str, list[int]] = {}  # one method per lockstep batch (tpp.lockstep.prune_lockstep)
     for i in shared:
         by_method.setdefault(pts[i].method, []).append(i)

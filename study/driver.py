@@ -31,6 +31,7 @@ from study.errors import StudyError
 from study.loading import load_config
 from study.outbox import Outbox
 from study.record import StudyResult, _start_parent, collect
+from study.schema import RUN_STATUS
 from study.store import StudyBusy, StudyFolder, StudyMeta, find_study
 from study.tracking import (
     TrackingUnavailable,
@@ -118,7 +119,7 @@ def _preflight(cfg: StudyConfig) -> int:
     from study.design import dense_run_config
     from tpp.checkpoint import CheckpointError, load_dense
     from tpp.data import DataError
-    from tpp.run import load_run_data, model_spec
+    from tpp.run import load_run_data, model_spec, run_splits
 
     run_cfg = dense_run_config(cfg)
     try:
@@ -130,7 +131,7 @@ def _preflight(cfg: StudyConfig) -> int:
             load_dense(cfg.dense.checkpoint, expected=model_spec(run_cfg, data))
         except CheckpointError as e:
             raise StudyConfigError("dense.checkpoint", str(e).splitlines()[0]) from None
-    return data.num_train - round(cfg.data.val_fraction * data.num_train)
+    return run_splits(run_cfg, data)[0].num_train
 
 
 # ---------------------------------------------------------------------------------------------- dense
@@ -237,7 +238,7 @@ def resume(name_or_path: str, *, storage: str | None = None, address: str | None
             raise StudyError(f"study {meta.name} never got its MLflow parent run; start it again with "
                              f"`tpp-study run {folder.config_path} --if-exists replace`")
         try:
-            check_tracking(meta.tracking_uri, wait_s=0)
+            check_tracking(meta.tracking_uri)
         except TrackingUnavailable as e:
             raise StudyError(f"mlflow.tracking_uri: {e}") from None
         if meta.status == "completed" and not folder.pending_log.is_file():
@@ -349,7 +350,7 @@ def _execute(cfg: StudyConfig, folder: StudyFolder, gpu: float, restore: bool, e
         if best:
             tags["tpp.best_run_id"] = best["run_id"]
         box.batch("parent", metrics=[(k, v, 0) for k, v in metrics.items()], tags=tags)
-        box.status("parent", {"completed": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
+        box.status("parent", RUN_STATUS[status])
         box.drain(5 if DiskGuard.last_stop else 30)
         sqlite_checkpoint(meta.tracking_uri)
     result.wall_s = time.monotonic() - t0

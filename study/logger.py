@@ -74,7 +74,7 @@ class StudyLogger(tune.Callback):
                         self.last_step[(mid, key)] = max(steps, default=-1)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        from study.design import resolve, varying
+        from study.design import point_prune_key, resolve, varying
         from study.record import logged_params, run_name
 
         assert self.box is not None
@@ -92,12 +92,11 @@ class StudyLogger(tune.Callback):
                 self.box.status(mid, "RUNNING")  # lost to a full disk may have been them; same values)
                 self.box.batch(mid, params=logged_params(runs.point, rc), tags=tags)
             else:
-                from tpp.run import prune_key
 
                 self.box.create_run(mid, self.meta.experiment_id, run_name(runs.point, rc, shown), {
                     **tags, "mlflow.parentRunId": self.meta.parent_run_id, "tpp.study": self.meta.name,
                     "tpp.role": "trial", "tpp.member_id": mid, "tpp.method": runs.point.method,
-                    "tpp.prune_key": prune_key(rc, self.meta.dense_digest),
+                    "tpp.prune_key": point_prune_key(self.config, runs.point, self.meta.dense_digest),
                     "tpp.dense_digest": self.meta.dense_digest})
                 self.box.batch(mid, params=logged_params(runs.point, rc))
                 created.append(mid)

@@ -15,7 +15,7 @@ from typing import Any
 from ray import tune
 
 from study.config import StudyConfig, levels
-from study.design import PrunePoint, _prune_iterations, members, points, run_config
+from study.design import PrunePoint, _prune_iterations, members, point_prune_key, points, run_config
 from study.record import rank
 from study.text import fmt_duration
 
@@ -32,8 +32,8 @@ class Progress(tune.Callback):
 
     STATUS_EVERY_S = 30.0
 
-    def __init__(self, study_dir: str, stream: Any = None):
-        self.study_dir, self.stream = study_dir, stream
+    def __init__(self, study_dir: str):
+        self.study_dir = study_dir
         self._reset()
 
     def _reset(self) -> None:
@@ -75,7 +75,7 @@ class Progress(tune.Callback):
         if self.meta.best:
             b = self.meta.best
             self.best = (rank(b["value"], b.get("lr", 0.0), b["run_name"], self.config.objective.mode), b)
-        out = self.stream or sys.stdout
+        out = sys.stdout
         if out.isatty():
             from tqdm import tqdm
 
@@ -86,7 +86,7 @@ class Progress(tune.Callback):
         if self.bar is not None:
             self.bar.write(line)
         else:
-            print(line, file=self.stream or sys.stdout, flush=True)
+            print(line, flush=True)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         from study.design import resolve, varying
@@ -204,7 +204,6 @@ def work(cfg: StudyConfig, train_samples: int, cache_dir: Any, dense_digest: str
     """(training iterations of one member-epoch, iterations of the work left): `runs_left` members'
     finetuning and the prune stages not in the cache yet -- what the progress ETA divides by its rate."""
     from study.prune_cache import PruneCache
-    from tpp.run import prune_key
 
     pts = points(cfg) if cfg.is_design else []
     mems = members(cfg) if cfg.is_design else [{"lr": (levels(cfg.finetune.lr) or [cfg.finetune.lr.low])[0]}]
@@ -213,5 +212,5 @@ def work(cfg: StudyConfig, train_samples: int, cache_dir: Any, dense_digest: str
     epochs = sum(run_config(cfg, pts[0], m).epochs for m in mems) / len(mems) if pts else first.epochs
     cache = PruneCache(cache_dir)
     prune = sum(_prune_iterations(cfg, p, train_samples) for p in pts if p.growth is not None
-                and not cache.has(prune_key(run_config(cfg, p, mems[0]), dense_digest)))
+                and not cache.has(point_prune_key(cfg, p, dense_digest)))
     return float(per_epoch), prune + runs_left * epochs * per_epoch

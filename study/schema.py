@@ -9,4 +9,5 @@ NO_SPACE = ("No space left on device", "database or disk is full")
 DENSE_MODEL_TAG = "tpp.dense_model_id"  # on the parent run: the dense model's MLflow LoggedModel
 
 
+# a member's (or the study's) status -> its MLflow run's status
 RUN_STATUS = {"completed": "FINISHED", "diverged": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}

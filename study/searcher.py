@@ -31,6 +31,8 @@ class DesignSearcher(Searcher):
         self.handed: list[int] = []
         self.by_trial: dict[str, int] = {}
         self.ended: list[int] = []  # prune units that completed or failed
+        self._next = 0  # the first unit that may not have been handed out
+        self._handed: set[int] = set()
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True
@@ -42,13 +44,17 @@ class DesignSearcher(Searcher):
         return prune_unit in self.ended or PruneCache(Path(self.cache_dir)).has(key)
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        pending = [i for i in range(len(self.units)) if i not in self.handed]
-        if not pending:
+        handed = self._handed
+        while self._next < len(self.units) and self._next in handed:
+            self._next += 1  # units before it are all handed out: never scanned again
+        if len(handed) == len(self.units):
             return Searcher.FINISHED
-        ready = next((i for i in pending if self._ready(i)), None)
+        ready = next((i for i in range(self._next, len(self.units)) if i not in handed and self._ready(i)),
+                     None)
         if ready is None:
             return None  # every remaining unit waits for a prune stage still being computed
         self.handed.append(ready)
+        self._handed.add(ready)
         self.by_trial[trial_id] = ready
         return dict(self.units[ready])
 
@@ -64,6 +70,7 @@ class DesignSearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         state = json.loads(Path(checkpoint_path).read_text())
         self.handed, self.by_trial, self.ended = state["handed"], state["by_trial"], state["ended"]
+        self._next, self._handed = 0, set(self.handed)
 
 
 def design_searcher(units: list[Any], keys: dict[int, str], plan: Any, cache_dir: Path) -> DesignSearcher:
@@ -92,8 +99,8 @@ class DefineByRun:
         method = trial.suggest_categorical("method", [m.shown for m in cfg.methods])
         pr = self._suggest(trial, "pr", cfg.space.pr, log=False)
         growth = None
-        # GP cannot model a conditional space (it always gets growth); TPE (group=True) can.
-        if cfg.space.growth is not None and (has_penalty(cfg, method) or cfg.sampler == "gp"):
+        # TPE with group=True models the conditional space (growth only for methods with a penalty)
+        if cfg.space.growth is not None and has_penalty(cfg, method):
             growth = self._suggest(trial, "growth", cfg.space.growth, log=True)
         seed = int(trial.suggest_categorical("seed", list(cfg.space.seeds)))
         member = {"lr": self._suggest(trial, "lr", cfg.finetune.lr, log=True)}

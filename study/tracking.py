@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -28,21 +27,18 @@ def server_healthy(uri: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def check_tracking(uri: str, wait_s: float = 0.0) -> None:
-    """Fail early and clearly when an MLflow server URI does not answer (before anything is trained)."""
+def check_tracking(uri: str) -> None:
+    """Fail early and clearly when a tracking URI is malformed or its MLflow server does not answer
+    (before anything is trained)."""
     if not is_http(uri):
         if not uri.startswith(("sqlite:///", "file:", "postgresql", "mysql", "mssql", "databricks")):
             raise TrackingUnavailable(f"tracking URI {uri!r}: use sqlite:///ABS/PATH.db or http://HOST:PORT")
         return
-    deadline = time.monotonic() + wait_s
-    while not server_healthy(uri):
-        if time.monotonic() >= deadline:
-            raise TrackingUnavailable(
-                f"the MLflow tracking server {uri} does not answer {uri.rstrip('/')}/health; start it first, "
-                "e.g. `mlflow server --backend-store-uri sqlite:///ABS/mlflow.db --host 127.0.0.1 "
-                "--port 5000`, "
-                "or leave --tracking-uri out to use a SQLite file in the study folder")
-        time.sleep(0.5)
+    if not server_healthy(uri):
+        raise TrackingUnavailable(
+            f"the MLflow tracking server {uri} does not answer {uri.rstrip('/')}/health; start it first, "
+            "e.g. `mlflow server --backend-store-uri sqlite:///ABS/mlflow.db --host 127.0.0.1 --port 5000`, "
+            "or leave --tracking-uri out to use a SQLite file in the study folder")
 
 
 def configure_mlflow_env() -> None:

@@ -89,13 +89,11 @@ class DiskGuard(tune.Callback):
 def _searcher(cfg: StudyConfig, folder: StudyFolder, dense: Any, slots: int) -> tuple[Any, int]:
     """(Tune searcher, number of trials): the design's units, or Optuna proposing single members."""
     if cfg.is_design:
-        from study.design import members, plan, run_config
+        from study.design import plan, point_prune_key
         from study.searcher import design_searcher
-        from tpp.run import prune_key
 
         p = plan(cfg, slots, train_samples=folder.read_meta().train_samples)
-        first = members(cfg)[0]
-        keys = {i: prune_key(run_config(cfg, pt, first), dense) for i, pt in enumerate(p.points)}
+        keys = {i: point_prune_key(cfg, pt, dense) for i, pt in enumerate(p.points)}
         return design_searcher(p.units, keys, p, folder.prune_cache), len(p.units)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
@@ -103,8 +101,7 @@ def _searcher(cfg: StudyConfig, folder: StudyFolder, dense: Any, slots: int) -> 
     from study.searcher import DefineByRun
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = (optuna.samplers.TPESampler(seed=cfg.sampler_seed, multivariate=True, group=True)
-               if cfg.sampler == "tpe" else optuna.samplers.GPSampler(seed=cfg.sampler_seed))
+    sampler = optuna.samplers.TPESampler(seed=cfg.sampler_seed, multivariate=True, group=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{folder.optuna_db}")
     return OptunaSearch(space=DefineByRun(cfg), metric=cfg.objective.metric, mode=cfg.objective.mode,
                         sampler=sampler, storage=storage, study_name=cfg.name), cfg.num_trials or 0

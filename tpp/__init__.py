@@ -13,10 +13,9 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tpp.config import RunConfig  # noqa: E402 - after the environment above
-from tpp.methods import METHODS, get_method, list_methods, uses_growth
+from tpp.methods import METHODS, get_method, list_methods
 from tpp.results import DenseModel, PrunedModel, RunResult
 
 __all__ = [
     "METHODS", "DenseModel", "PrunedModel", "RunConfig", "RunResult", "get_method", "list_methods",
-    "uses_growth",
 ]

@@ -30,6 +30,7 @@ class LockstepUnsupported(RuntimeError):
     """The model cannot be run under vmap (e.g. it draws random numbers): train members one by one."""
 
 
+MAX_MEMBERS = 16  # members stacked at once: the study's prune units and a pipeline's finetune groups
 Lockstep = bool | str  # True (whenever the model vectorises), False, or "auto" (where it was measured faster)
 
 
@@ -421,6 +422,7 @@ def prune_lockstep(jobs: list[Any]) -> None:
     leaves the stack at its last iteration or when its loss becomes NaN/inf; each job's `result` and
     model are set as the plain loop would leave them, ready for `tpp.run.finish_prune`."""
     from tpp.methods import StageResult
+    from tpp.methods.stage import note_fit
     from tpp.train import epoch_generator, evaluate
 
     if not jobs:
@@ -453,6 +455,7 @@ def prune_lockstep(jobs: list[Any]) -> None:
             if record is not None:
                 test = j.ctx.data.test_batches(j.cfg.eval_batch_size, device)
                 record["test_acc"] = evaluate(j.ctx.model, test, device, precision)
+                note_fit(j.ctx, record, schedules[i].total_iters)
                 j.ctx.history.append(record)
                 j.ctx.emit(event="epoch", stage="prune", iterations=schedules[i].total_iters,
                            seconds=time.perf_counter() - t0, **record)
@@ -473,7 +476,8 @@ def prune_lockstep(jobs: list[Any]) -> None:
         streams = {s: iter(jobs[active[0]].ctx.data.train_batches(
             cfgs[0].reg_batch_size, epoch_generator(s, "prune", epoch), device)) for s in seeds}
         total = torch.zeros(len(active), device=device)
-        n = 0
+        correct = torch.zeros(len(active), device=device)  # training accuracy, as the plain loop tracks it
+        n = seen = 0
         stack.train(True)
         while active:
             try:
@@ -498,27 +502,32 @@ def prune_lockstep(jobs: list[Any]) -> None:
             n += 1
             penalty.after_step(stack.params, it)
             total += losses.detach()
+            correct += (logits.detach().argmax(-1) == y).sum(1)
+            seen += b
             done = [p for p, i in enumerate(active) if it >= schedules[i].total_iters]
             if done:  # their last iteration: the record of this (truncated) epoch, then the stage's end
-                loss = (total / n).cpu()
-                records = [{"epoch": epoch, "train_loss": float(loss[p]),
+                loss, fit = (total / n).cpu(), (100.0 * correct / seen).cpu()
+                records = [{"epoch": epoch, "train_loss": float(loss[p]), "train_acc": float(fit[p]),
                             "reg": schedules[active[p]].factor(it - 1), "iteration": it} for p in done]
                 why = [None if math.isfinite(r["train_loss"]) else _why(cfgs[active[p]], it)
                        for p, r in zip(done, records, strict=True)]
                 results = [StageResult(it, w) for w in why]
-                total = total[[p for p in range(len(active)) if p not in done]]
+                stay = [p for p in range(len(active)) if p not in done]
+                total, correct = total[stay], correct[stay]
                 members = [m for p, m in enumerate(members) if p not in done]
                 leave(done, results, records)
                 seeds = sorted({m.seed for m in members}) or seeds
         if not active:
             break
-        loss = (total / max(n, 1)).cpu()
+        loss, fit = (total / max(n, 1)).cpu(), (100.0 * correct / max(seen, 1)).cpu()
         test = jobs[active[0]].ctx.data.test_batches(cfgs[0].eval_batch_size, device)
         acc = evaluate_stacked(stack, test, device, precision)
-        records = [{"epoch": epoch, "train_loss": float(loss[p]), "reg": schedules[i].factor(it - 1),
-                    "iteration": it, "test_acc": float(acc[p])} for p, i in enumerate(active)]
+        records = [{"epoch": epoch, "train_loss": float(loss[p]), "train_acc": float(fit[p]),
+                    "reg": schedules[i].factor(it - 1), "iteration": it, "test_acc": float(acc[p])}
+                   for p, i in enumerate(active)]
         for p, i in enumerate(active):
             j = jobs[i]
+            note_fit(j.ctx, records[p], schedules[i].total_iters)
             j.ctx.history.append(records[p])
             j.ctx.emit(event="epoch", stage="prune", iterations=schedules[i].total_iters,
                        seconds=time.perf_counter() - t0, **records[p])

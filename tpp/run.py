@@ -445,22 +445,30 @@ def run_pipeline(members: RunConfig | Sequence[RunConfig], *, dense: DenseModel 
                  on_event: EventFn | None = None, skip: Sequence[int] = (),
                  resume_state: dict[str, Any] | None = None, checkpoint_every: int = 1,
                  checkpoint_min_interval_s: float = 0.0, lockstep: bool | str = "auto",
-                 lockstep_members: int = 16) -> PipelineResult:
+                 lockstep_members: int | None = None) -> PipelineResult:
     """Dense (trained unless given) -> prune stage (given, from `store`, or computed) -> finetuning of
     every member not in `skip`. Events of a member carry `member` (its index); a `pruned` event (with
     the prune stage's `history`) comes before the first member starts, a `member_end` after each.
 
     With `lockstep` (True; "auto": unless `tpp.lockstep.lockstep_refusal` objects, i.e. on a CPU only
     models with a batched `stacked_forward`), members that share their mini-batches
-    (`tpp.lockstep.lockstep_groups`, at most `lockstep_members` at once) train as one vectorised model;
+    (`tpp.lockstep.lockstep_groups`, at most `lockstep_members` at once, default tpp.lockstep.MAX_MEMBERS)
+    train as one vectorised model;
     a model vmap cannot run falls back to one by one (a `notice` event says so, as does "auto").
     Checkpoint events carry {"group": member indices, "done": {index: metrics}, "state": the group's
     state}; passing one back as `resume_state` skips the done
     members and continues that group exactly. Each returned RunResult's metrics hold every stage's
     metrics (`member_metrics`).
     """
-    from tpp.lockstep import LockstepUnsupported, finetune_lockstep, lockstep_groups, use_lockstep
+    from tpp.lockstep import (
+        MAX_MEMBERS,
+        LockstepUnsupported,
+        finetune_lockstep,
+        lockstep_groups,
+        use_lockstep,
+    )
 
+    lockstep_members = lockstep_members or MAX_MEMBERS
     members = check_members([members] if isinstance(members, RunConfig) else members)
     cfg = members[0]
     data = data if data is not None else load_run_data(cfg)

@@ -25,13 +25,12 @@ from tpp.methods.registry import (
     get_method,
     list_methods,
     register_method,
-    uses_growth,
 )
 from tpp.methods.stage import penalty_stage, run_penalty_loop
 
 __all__ = [
     "ENTRY_POINT_GROUP", "METHODS", "FilterPenalty", "Method", "Param", "PenaltyHooks", "PruneContext",
     "StageResult", "WeightPenalty", "discover_methods", "filter_penalty", "get_method", "list_methods",
-    "penalty_stage", "register_method", "run_penalty_loop", "select_by_criterion", "uses_growth",
+    "penalty_stage", "register_method", "run_penalty_loop", "select_by_criterion",
     "weight_penalty",
 ]

@@ -125,11 +125,6 @@ def list_methods() -> list[str]:
     return list(_REGISTRY)
 
 
-def uses_growth(name: str) -> bool:
-    """Whether the penalty growth rate means anything for this method (it has a regularisation stage)."""
-    return get_method(name).regularize
-
-
 class _Methods(Mapping[str, Method]):
     """Read-only {name: Method} view of the registry (plug-ins included)."""
 

@@ -58,13 +58,7 @@ def run_penalty_loop(ctx: PruneContext, hooks: PenaltyHooks, iterations: int | N
         record = {"epoch": epoch, "train_loss": stats.loss, "train_acc": stats.accuracy,
                   "reg": state["factor"], "iteration": state["it"],
                   "test_acc": evaluate(model, test, ctx.device, ctx.precision)}
-        fitted = any(h.get("train_acc", 0) >= OVERFIT_ACC for h in ctx.history)
-        if stats.accuracy >= OVERFIT_ACC and not fitted:
-            ctx.emit(event="notice", message=f"prune stage: training accuracy {stats.accuracy:.1f}% at "
-                     f"iteration {state['it']} of {total} (epoch {epoch}): the stage fits its "
-                     "training set, and from here cross-entropy only scales the network up (JSV after "
-                     "removal grows with it; compare it with the unpruned control, or size the stage in "
-                     "passes over the data: reg_growth_epochs)")
+        note_fit(ctx, record, current())
         ctx.history.append(record)
         ctx.emit(event="epoch", stage="prune", iterations=current(),
                  seconds=time.perf_counter() - t0, **record)
@@ -75,6 +69,18 @@ def run_penalty_loop(ctx: PruneContext, hooks: PenaltyHooks, iterations: int | N
         epoch += 1
     hooks.finish()
     return StageResult(state["it"])
+
+
+def note_fit(ctx: PruneContext, record: dict, total: int) -> None:
+    """The overfit notice, the first time a stage's epoch record reaches OVERFIT_ACC training accuracy
+    (the plain loop and tpp.lockstep's call it before adding the record to `ctx.history`)."""
+    acc = record.get("train_acc", float("nan"))
+    if acc >= OVERFIT_ACC and not any(h.get("train_acc", 0) >= OVERFIT_ACC for h in ctx.history):
+        ctx.emit(event="notice", message=f"prune stage: training accuracy {acc:.1f}% at iteration "
+                 f"{record['iteration']} of {total} (epoch {record['epoch']}): the stage fits its training "
+                 "set, and from here cross-entropy only scales the network up (JSV after removal grows with "
+                 "it; compare it with the unpruned control, or size the stage in passes over the data: "
+                 "reg_growth_epochs)")
 
 
 def penalty_stage(make_hooks: Callable[[PruneContext], PenaltyHooks]) -> StageFn:
