@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "sqlite:////abs/mlflow.db or http://127.0.0.1:5000")
     p.add_argument("--out", default=None, help="output folder (default: DIR/STUDY/report with --storage, "
                                                 "else reports/STUDY)")
-    p.add_argument("--baseline", default="l1", help="the method every other method is compared with, paired "
-                                                    "by seed and LR (default: l1)")
+    p.add_argument("--baseline", default=None, help="the method every other method is compared with, paired "
+                                                    "by seed and LR (default: l1 when the study has it, else "
+                                                    "its first method)")
     p.add_argument("--methods", default=None,
                    help="comma-separated methods to compare with the baseline (default: every other method)")
     p.add_argument("--compare", default=None, metavar="TREATMENT,BASELINE",

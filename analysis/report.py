@@ -76,6 +76,12 @@ class Results:
     summary: Summary
 
 
+def default_baseline(prep: Prepared) -> str:
+    """L1 when the study has it (the paper's baseline), else its first method in report order."""
+    have = list(dict.fromkeys(prep.groups()["method"])) if not prep.points.empty else []
+    return "l1" if "l1" in have or not have else have[0]
+
+
 def check_methods(prep: Prepared, baseline: str, methods: Sequence[str] | None) -> None:
     """One-line errors for a baseline or method the study does not hold."""
     have = sorted(prep.points["method"].unique())
@@ -90,11 +96,12 @@ def check_methods(prep: Prepared, baseline: str, methods: Sequence[str] | None) 
 
 
 def analyze(data: StudyData, *, lrs: tuple[float, float] = (1e-3, 1e-2), metric: str = "auto",
-            baseline: str = "l1", methods: Sequence[str] | None = None, delta: float = 1.0,
+            baseline: str | None = None, methods: Sequence[str] | None = None, delta: float = 1.0,
             group_by: Sequence[str] = (), sensitivity: str = "regret") -> Results:
     """All tables of the report for a loaded study (no files written). `sensitivity`: the primary
     sensitivity measure of the verdict (regret | window | range)."""
     prep = prepare(data, metric, group_by=group_by)
+    baseline = baseline or default_baseline(prep)
     if prep.points.empty:
         empty = pd.DataFrame()
         return Results(prep, empty, empty, empty, empty, empty, empty, empty, empty,
@@ -118,7 +125,8 @@ def analyze(data: StudyData, *, lrs: tuple[float, float] = (1e-3, 1e-2), metric:
 
 
 def build_report(study: str | StudyData, tracking_uri: str | None = None, out_dir: str | Path | None = None,
-                 *, lrs: tuple[float, float] = (1e-3, 1e-2), metric: str = "auto", baseline: str = "l1",
+                 *, lrs: tuple[float, float] = (1e-3, 1e-2), metric: str = "auto",
+                 baseline: str | None = None,
                  methods: Sequence[str] | None = None, delta: float = 1.0, group_by: Sequence[str] = (),
                  sensitivity: str = "regret", log: bool = True,
                  progress: Callable[[str], None] | None = None) -> Path:
@@ -140,6 +148,7 @@ def build_report(study: str | StudyData, tracking_uri: str | None = None, out_di
     say("computing measures")
     res = analyze(data, lrs=lrs, metric=metric, baseline=baseline, methods=methods, delta=delta,
                   group_by=group_by, sensitivity=sensitivity)
+    baseline = baseline or default_baseline(res.prep)
     final = Path(out_dir) if out_dir is not None else Path("reports") / data.name
     _check_out(final)
     final.parent.mkdir(parents=True, exist_ok=True)

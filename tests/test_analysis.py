@@ -472,3 +472,18 @@ def test_lr_regret_leaves_out_diverged_points_and_pairs_over_shared_lrs():
                         "diverged": [False, False, False, False, True, False, False, True]})
     a, b, n = paired_regret(pts, "a", "b", 0)  # shared non-diverged LRs: 1e-3 and 1e-2
     assert n == 2 and a == pytest.approx(2.5) and b == pytest.approx(0.0)
+
+
+def test_a_study_of_one_method_gets_a_report_without_a_baseline(tmp_path):
+    """The default baseline is L1 when the study has it, else its first method: a one-method study (the
+    authors'-schedule MNIST cell) reports its measures and says there is nothing to compare."""
+    from analysis import build_report
+
+    members = [Member("tpp", 0.8, lr, seed, 80.0 + 5 * (lr == 1e-2) + seed, growth=1e-4)
+               for lr in (1e-3, 1e-2) for seed in range(2)]
+    uri, client = new_store(tmp_path)
+    write_study(client, "solo", members, root=tmp_path)
+    out = build_report("solo", uri, tmp_path / "rep", log=False).parent
+    summary = (out / "summary.md").read_text()
+    assert "No paired comparison with TPP: the study has no other method." in summary
+    assert (out / "groups.csv").is_file() and "baseline tpp" in (out / "report.html").read_text()
