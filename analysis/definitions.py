@@ -26,7 +26,8 @@ DEFINITIONS: list[tuple[str, str]] = [
      "range loses on average; it needs no tolerance (it is the area above the robustness profile, per "
      "decade), is computed over the non-diverged LRs, and in a paired comparison both curves of a seed "
      "are scored over the same LRs, those where neither member diverged; its interval over seeds is the "
-     "one below."),
+     "one below. It is relative to the curve's own best, so a curve flat because it is bad (at chance "
+     "everywhere) has none: read it with the best accuracy, as the verdict states both."),
     ("robustness profile",
      "the robust-window width as a function of δ, from 0 to the group's accuracy span (seed mean with its"
      " interval); the tables give it at δ = 1, 2 and 5 points."),
