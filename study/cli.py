@@ -106,19 +106,30 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from study.store import list_studies, live_status
+    from study.record import collect, study_status
+    from study.store import list_studies
 
-    studies = list_studies(args.storage)
+    rows = []
+    for f in list_studies(args.storage):
+        m = f.read_meta()
+        try:
+            res = collect(f) if m.parent_run_id else None
+            finished = sum(res.counts.get(k, 0) for k in ("completed", "diverged", "failed")) if res else 0
+        except Exception:  # noqa: BLE001 - an unreadable store shows as unknown, the others still list
+            res, finished = None, None
+        status = (study_status(f, res) if res or not m.parent_run_id
+                  else "running" if f.holder() else "unknown")
+        rows.append((m, status, finished))
     if args.json:
-        print(json.dumps([{**asdict(f.read_meta()), "status": live_status(f)} for f in studies], indent=2))
+        print(json.dumps([{**asdict(m), "status": st, "finished": n} for m, st, n in rows], indent=2))
         return 0
-    if not studies:
+    if not rows:
         print(f"no studies under {args.storage}")
         return 0
     print(f"{'name':<24} {'status':<12} {'runs':>9}  {'parent run':<32}  tracking URI")
-    for f in studies:
-        m = f.read_meta()
-        print(f"{m.name:<24} {live_status(f):<12} {f'{m.done + m.failed}/{m.num_runs}':>9}  "
+    for m, st, n in rows:
+        done = f"{'?' if n is None else n}/{m.num_runs}"
+        print(f"{m.name:<24} {st:<12} {done:>9}  "
               f"{m.parent_run_id or '-':<32}  {m.tracking_uri}")
     return 0
 
@@ -126,7 +137,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from study.store import disk_usage, find_study, human_bytes, live_status
+    from study.record import collect, study_status
+    from study.store import disk_usage, find_study, human_bytes
     from study.tracking import is_http, server_healthy
 
     try:
@@ -134,33 +146,38 @@ def cmd_status(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         return _err(str(e))
     meta = folder.read_meta()
-    info: dict[str, Any] = {**asdict(meta), "status": live_status(folder), "path": str(folder.path),
-                            "disk_bytes": disk_usage(folder.path), "running_by": folder.holder()}
+    info: dict[str, Any] = {**asdict(meta), "path": str(folder.path), "disk_bytes": disk_usage(folder.path),
+                            "running_by": folder.holder()}
     reachable = not is_http(meta.tracking_uri) or server_healthy(meta.tracking_uri)
+    res = None
     if reachable and meta.parent_run_id:
-        from study.driver import collect
-
         try:
             res = collect(folder)
-            info.update(counts=res.counts, reuse=res.reuse, best=res.best or meta.best, ui=res.ui_lines())
+            info.update(counts=res.counts, reuse=res.reuse, best=res.best, ui=res.ui_lines())
         except Exception as e:  # noqa: BLE001 - status must still print what study.json knows
             info["mlflow_error"] = str(e).splitlines()[0]
+    info["status"] = study_status(folder, res) if res or not meta.parent_run_id else (
+        "running" if info["running_by"] else "unknown")
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
+    counts = info.get("counts", {})
+    finished = sum(counts.get(k, 0) for k in ("completed", "diverged", "failed"))
     print(f"study      {meta.name}  ({info['status']})")
     print(f"folder     {folder.path}  ({human_bytes(info['disk_bytes'])})")
-    print(f"runs       {meta.done + meta.failed}/{meta.num_runs} finished ({meta.failed} failed)"
+    print(f"runs       {finished}/{meta.num_runs} finished ({counts.get('failed', 0)} failed)"
           + (f", running ({info['running_by']})" if info["running_by"] else ""))
-    if "counts" in info:
-        print("by status  " + ", ".join(f"{k} {v}" for k, v in sorted(info["counts"].items())))
+    if counts:
+        print("by status  " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         print("prune      " + ", ".join(f"{k} {v}" for k, v in sorted(info["reuse"].items())))
+    if "mlflow_error" in info:
+        print(f"MLflow     cannot be read: {info['mlflow_error']}")
     best = info.get("best")
     if best:
         name = best.get("run_name") or best.get("trial")
         print(f"best       {best.get('metric', '')} {best['value']:.2f}  {name}")
     print(f"MLflow     {meta.tracking_uri}  experiment {meta.experiment!r}, parent run {meta.parent_run_id}")
-    print(f"updated    {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(meta.updated))}")
+    print(f"created    {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(meta.created))}")
     for line in info.get("ui", []):
         print(line)
     if info["status"] in ("interrupted", "failed"):

@@ -9,7 +9,6 @@ first trial starts.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -20,7 +19,6 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -241,7 +239,7 @@ def resume(name_or_path: str, *, storage: str | None = None, address: str | None
             check_tracking(meta.tracking_uri)
         except TrackingUnavailable as e:
             raise StudyError(f"mlflow.tracking_uri: {e}") from None
-        if meta.status == "completed" and not folder.pending_log.is_file():
+        if not folder.pending_log.is_file():
             result = collect(folder)
             if result.status == "completed":
                 print(f"[{meta.name}] nothing to do: all {meta.num_runs} runs finished", flush=True)
@@ -294,7 +292,7 @@ def _execute(cfg: StudyConfig, folder: StudyFolder, gpu: float, restore: bool, e
     meta = folder.read_meta()
     _replay_pending(folder, meta)
     finished = finished_members(children(meta.tracking_uri, meta.experiment_id, meta.parent_run_id))
-    meta = folder.update_meta(status="running", done=len(finished), failed=0)
+    meta = folder.read_meta()
     box = Outbox(meta.tracking_uri, {"parent": meta.parent_run_id})
     box.status("parent", "RUNNING")
     box.drain(10)
@@ -337,27 +335,21 @@ def _execute(cfg: StudyConfig, folder: StudyFolder, gpu: float, restore: bool, e
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-        with contextlib.suppress(OSError):  # a full disk may refuse even this small file
-            folder.update_meta(status=status)
         metrics = {}
         if result is not None:
             metrics = {f"runs_{k}": float(v) for k, v in result.counts.items()}
             if result.best:
                 metrics[f"best_{result.best['metric']}"] = result.best["value"]
         best = result.best if result else None
-        tags = {"tpp.study_status": status,
-                "mlflow.note.content": study_note(cfg.description, meta.experiment_id, cfg.name, best)}
+        tags = {"mlflow.note.content": study_note(cfg.description, meta.experiment_id, cfg.name, best)}
         if best:
             tags["tpp.best_run_id"] = best["run_id"]
         box.batch("parent", metrics=[(k, v, 0) for k, v in metrics.items()], tags=tags)
-        box.status("parent", RUN_STATUS[status])
+        box.status("parent", RUN_STATUS[status])  # the study's status, as `tpp-study status` reads it
         box.drain(5 if DiskGuard.last_stop else 30)
         sqlite_checkpoint(meta.tracking_uri)
     result.wall_s = time.monotonic() - t0
     result.stopped_because = DiskGuard.last_stop
-    summary = {k: v for k, v in asdict(result).items() if k != "runs"}
-    with contextlib.suppress(OSError):  # a full disk: the summary below still says everything
-        (folder.path / "result.json").write_text(json.dumps(summary, indent=2, default=str))
     print(result.summary(), flush=True)
     if result.stopped_because:
         print(f"tpp-study: stopped: {result.stopped_because}", file=sys.stderr, flush=True)

@@ -60,20 +60,21 @@ class Progress(tune.Callback):
 
     def setup(self, **info: Any) -> None:
         from study.loading import load_config
+        from study.record import collect
         from study.store import StudyFolder
-        from study.tracking import children, finished_members
 
         self._reset()
         folder = StudyFolder(self.study_dir)
         self.meta, self.config = folder.read_meta(), load_config(folder.config_path)
-        self.done, self.failed = self.meta.done, self.meta.failed
-        # a resumed trial reports again the members it finished before the stop: they are counted already
-        self.counted = set(finished_members(children(self.meta.tracking_uri, self.meta.experiment_id,
-                                                     self.meta.parent_run_id)))
+        # where the study stands, from its MLflow record: a resumed trial reports again the members it
+        # finished before the stop, and they are counted already
+        before = collect(folder)
+        self.counted = {r["member_id"] for r in before.runs if r["run_status"] == "FINISHED"}
+        self.done = len(self.counted)
         self.per_epoch, self.work_left = work(self.config, self.meta.train_samples, folder.prune_cache,
                                               self.meta.dense_digest, self.meta.num_runs - self.done)
-        if self.meta.best:
-            b = self.meta.best
+        if before.best:
+            b = before.best
             self.best = (rank(b["value"], b.get("lr", 0.0), b["run_name"], self.config.objective.mode), b)
         out = sys.stdout
         if out.isatty():
@@ -178,15 +179,12 @@ class Progress(tune.Callback):
             self.bar.close()
 
     def _line(self, outcome: str, failed: bool = False) -> None:
-        from study.store import StudyFolder
-
         self.done += not failed
         self.failed += failed
         best = self.best[1] if self.best else None
         shown = f"{best['metric']} {best['value']:.2f} ({best['run_name']})" if best else "-"
         self._print(f"[{self.meta.name}] {self._count()} runs done ({self.failed} failed) | {outcome} | "
                     f"best: {shown} | elapsed {fmt_duration(time.monotonic() - self.t0)}, ETA {self._eta()}")
-        StudyFolder(self.study_dir).update_meta(done=self.done, failed=self.failed, best=best)
 
 
 def last_error_line(trial: Any) -> str:

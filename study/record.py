@@ -203,6 +203,22 @@ class StudyResult:
         return "\n".join(lines)
 
 
+def study_status(folder: StudyFolder, result: StudyResult | None = None) -> str:
+    """The study's status, derived: "running" while a process holds its lock; else from its MLflow record
+    (`collect`, or the `result` already collected): completed, failed (every run finished, some failed) or
+    interrupted; "created" before it has a study run; "unknown" while its tracking store cannot be read."""
+    if folder.holder() is not None:
+        return "running"
+    if not folder.read_meta().parent_run_id:
+        return "created"
+    if result is None:
+        try:
+            result = collect(folder)
+        except Exception:  # noqa: BLE001 - a store that cannot be read says so, it does not stop `list`
+            return "unknown"
+    return result.status
+
+
 def collect(folder: StudyFolder) -> StudyResult:
     """The study's outcome as recorded in MLflow (the truth, whatever process wrote it)."""
     meta = folder.read_meta()

@@ -36,21 +36,19 @@ class StudyBusy(RuntimeError):
 
 @dataclass
 class StudyMeta:
+    """The study's identity: what it is and where its record is. Its status, counts and best run are not
+    kept here: they are read from MLflow and the lock (record.study_status), the one record of them."""
+
     name: str
-    status: str = "created"  # created | running | completed | interrupted | failed
     tracking_uri: str = ""
     experiment: str = ""
     experiment_id: str = ""
     parent_run_id: str = ""
     num_runs: int = 0  # planned member runs
-    done: int = 0  # finished runs (completed + diverged)
-    failed: int = 0
-    best: dict[str, Any] | None = None
     config_digest: str = ""
     dense_digest: str = ""  # the dense weights' identity (prune keys hash it)
     train_samples: int = 0  # samples a member trains on per epoch (the progress ETA's unit of work)
     created: float = field(default_factory=time.time)
-    updated: float = field(default_factory=time.time)
     ray_address: str | None = None
 
     @classmethod
@@ -89,7 +87,6 @@ class StudyFolder:
         return StudyMeta.from_dict(json.loads(self.meta_path.read_text()))
 
     def write_meta(self, meta: StudyMeta) -> None:
-        meta.updated = time.time()
         self.path.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.meta_path, json.dumps(asdict(meta), indent=2, default=str))
 
@@ -141,14 +138,6 @@ class StudyFolder:
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             self._lock_file.close()
             self._lock_file = None
-
-
-def live_status(folder: StudyFolder) -> str:
-    """The recorded status, but 'interrupted' for a 'running' study whose process is gone."""
-    meta = folder.read_meta()
-    if meta.status == "running" and folder.holder() is None:
-        return "interrupted"
-    return meta.status
 
 
 def find_study(name_or_path: str, storage: str | os.PathLike = "./studies") -> StudyFolder:

@@ -25,10 +25,11 @@ from ray import tune
 from test_study_run import check_member_runs, tiny
 
 import study
-from study.driver import DiskGuard, collect
 from study.prune_cache import PruneCache
-from study.store import StudyFolder, live_status
+from study.record import collect, study_status
+from study.store import StudyFolder
 from study.tracking import children
+from study.tuner import DiskGuard
 
 ROOT = Path(__file__).resolve().parents[1]
 TPP_STUDY = str(Path(sys.executable).with_name("tpp-study"))
@@ -88,8 +89,9 @@ def _interrupt_cli(tmp_path: Path, name: str, sig: int) -> tuple[Path, dict[str,
     folder = StudyFolder(storage / name)
     meta = folder.read_meta()
     runs = children(meta.tracking_uri, meta.experiment_id, meta.parent_run_id)
+    assert study_status(folder) == "interrupted"  # derived from MLflow and the (released) lock
     if sig != signal.SIGKILL:
-        assert meta.status == "interrupted"
+        assert collect(folder).status == "interrupted"
         assert not [r for r in runs if r.info.status == "RUNNING"], "runs left RUNNING by a clean stop"
     finished = {r.data.tags["tpp.member_id"]: r.info.run_id for r in runs if r.info.status == "FINISHED"}
     assert len(finished) >= 2, out[-3000:]
@@ -333,7 +335,7 @@ def test_a_full_disk_stops_the_study_cleanly_and_resume_finishes_it(local_ray, s
     assert [line for line in err.splitlines() if line.startswith("tpp-study: stopped:")] == [
         f"tpp-study: stopped: {res.stopped_because}"]
     folder = StudyFolder(small_disk / "full")
-    assert live_status(folder) == "interrupted"  # study.json may be unwritable on a disk full to 0 bytes
+    assert study_status(folder) == "interrupted"  # from MLflow: study.json holds no status
     (small_disk / "filler").unlink()  # space is back
     again = study.resume(str(folder.path))
     assert again.status == "completed"

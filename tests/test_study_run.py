@@ -236,8 +236,12 @@ def test_study_end_to_end_sqlite(local_ray, tmp_path, capsys):
 
     # study metadata, list and status
     meta = folder.read_meta()
-    assert (meta.status, meta.done, meta.num_runs) == ("completed", 8, 8)
-    assert meta.parent_run_id == res.parent_run_id and meta.best["run_name"] == res.best["run_name"]
+    from study.record import collect, study_status
+
+    now = collect(folder)  # status, counts and best are read from MLflow, not kept in study.json
+    assert (study_status(folder), sum(now.counts.values()), meta.num_runs) == ("completed", 8, 8)
+    assert meta.parent_run_id == res.parent_run_id and now.best["run_name"] == res.best["run_name"]
+    assert not hasattr(meta, "status") and not (folder.path / "result.json").exists()
     assert not folder.optuna_db.exists() and folder.dense_path.is_file()  # a design needs no Optuna study
     from study.cli import main
 
@@ -308,7 +312,9 @@ def test_interrupted_study_resumes_without_duplicates(local_ray, tmp_path):
     first = study.run(cfg, storage=str(tmp_path), callbacks=[Interrupt(marker)])
     assert first.status == "interrupted" and first.exit_code == 1 and os.path.exists(marker)
     folder = StudyFolder(first.path)
-    assert folder.read_meta().status == "interrupted"
+    from study.record import study_status
+
+    assert study_status(folder) == "interrupted"
     dense_mtime = folder.dense_path.stat().st_mtime_ns
     finished_before = {r.data.tags["tpp.member_id"]: r.info.run_id for r in child_runs(first)
                        if r.info.status == "FINISHED"}
