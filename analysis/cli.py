@@ -104,6 +104,7 @@ def _resolve(args) -> dict:
     """The checked arguments of build_report, or _BadInput naming the flag."""
     from analysis.load import tracking_uri_problem
     from analysis.locate import LocateError, study_folder, tracking_uri_from_storage
+    from study.store import StudyFolder
 
     lrs = _lr_pair(args.lrs)
     try:
@@ -128,7 +129,7 @@ def _resolve(args) -> dict:
                 uri = tracking_uri_from_storage(args.storage, args.study)
             except LocateError as exc:
                 raise _BadInput("--storage", str(exc).removeprefix("--storage: ")) from None
-        out = out or str(study_folder(args.storage, args.study) / "report")
+        out = out or str(StudyFolder(study_folder(args.storage, args.study)).report_dir)
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     problem = tracking_uri_problem(uri)
     if problem:

@@ -20,12 +20,25 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from study.schema import (
+    ROLE_STUDY,
+    TAG_DIVERGED_STAGE,
+    TAG_MEMBER,
+    TAG_METHOD,
+    TAG_PRUNE_KEY,
+    TAG_REUSE,
+    TAG_ROLE,
+    TAG_STATUS,
+    TAG_STUDY,
+    TAG_TRIAL,
+)
+
 FINISHED = ("completed", "diverged")  # members that are results (diverged ones are measured as divergence)
 PLANNED_KEYS = ("num_trials", "num_samples", "n_trials", "planned_trials")  # parent param/tag names
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _EPOCH_RENAME = {"lr": "epoch_lr"}  # the per-epoch LR must not shadow the member's configured LR
-_TAG_COLUMNS = {"trial_id": "tpp.trial_id", "member_id": "tpp.member_id", "prune_key": "tpp.prune_key",
-                "reuse": "tpp.reuse", "diverged_stage": "tpp.diverged_stage"}
+_TAG_COLUMNS = {"trial_id": TAG_TRIAL, "member_id": TAG_MEMBER, "prune_key": TAG_PRUNE_KEY,
+                "reuse": TAG_REUSE, "diverged_stage": TAG_DIVERGED_STAGE}
 
 
 class StudyNotFoundError(LookupError):
@@ -182,7 +195,7 @@ def load_study(study: str, tracking_uri: str | None = None, *,
     epochs = _epochs_frame(client, children, trials, histories, max_workers or _default_workers(uri))
     params = {k: _typed(v) for k, v in parent.data.params.items()}
     return StudyData(
-        name=parent.data.tags.get("tpp.study") or parent.info.run_name or parent.info.run_id,
+        name=parent.data.tags.get(TAG_STUDY) or parent.info.run_name or parent.info.run_id,
         tracking_uri=uri,
         experiment_id=parent.info.experiment_id,
         experiment_name=exp.name,
@@ -237,7 +250,7 @@ def _study_runs(client) -> list:
             break
     runs = []
     for i in range(0, len(exp_ids), 100):
-        runs.extend(_search_all(client, exp_ids[i:i + 100], "tags.`tpp.role` = 'study'"))
+        runs.extend(_search_all(client, exp_ids[i:i + 100], f"tags.`{TAG_ROLE}` = '{ROLE_STUDY}'"))
     return runs
 
 
@@ -248,7 +261,7 @@ def _studies_frame(client, runs: list) -> pd.DataFrame:
         eid = r.info.experiment_id
         if eid not in exp_names:
             exp_names[eid] = client.get_experiment(eid).name
-        rows.append({"name": r.data.tags.get("tpp.study") or r.info.run_name, "run_id": r.info.run_id,
+        rows.append({"name": r.data.tags.get(TAG_STUDY) or r.info.run_name, "run_id": r.info.run_id,
                      "experiment": exp_names[eid], "status": r.info.status,
                      "start_time": pd.to_datetime(r.info.start_time, unit="ms")})
     cols = ["name", "run_id", "experiment", "status", "start_time"]
@@ -258,7 +271,7 @@ def _studies_frame(client, runs: list) -> pd.DataFrame:
 def _find_parent(client, study: str, uri: str):
     notes: list[str] = []
     runs = _study_runs(client)
-    matches = [r for r in runs if r.data.tags.get("tpp.study") == study]
+    matches = [r for r in runs if r.data.tags.get(TAG_STUDY) == study]
     if not matches:
         matches = [r for r in runs if r.info.run_name == study or r.info.run_id == study]
     if not matches and _RUN_ID.match(study):
@@ -315,7 +328,7 @@ def _typed_column(col: pd.Series) -> pd.Series:
 
 
 def _trial_status(run) -> str:
-    tag = run.data.tags.get("tpp.status")
+    tag = run.data.tags.get(TAG_STATUS)
     if tag:
         return tag
     state = run.info.status
@@ -347,7 +360,7 @@ def _trials_frame(children: list) -> tuple[pd.DataFrame, list[str]]:
         rec = {
             "run_id": r.info.run_id,
             "run_name": r.info.run_name,
-            "method": r.data.tags.get("tpp.method") or params.get("method"),
+            "method": r.data.tags.get(TAG_METHOD) or params.get("method"),
             "status": _trial_status(r),
             "run_status": r.info.status,
             **{col: r.data.tags.get(tag) for col, tag in _TAG_COLUMNS.items()},

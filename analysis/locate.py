@@ -1,12 +1,13 @@
 """Find a study from its folder: ``STORAGE/STUDY/study.json`` (written by tpp-study) names the tracking URI,
-so ``tpp-analyze STUDY --storage DIR`` needs nothing else. Read as plain JSON: no dependency on `study`."""
+so ``tpp-analyze STUDY --storage DIR`` needs nothing else. The folder layout is study.store's (the one
+declaration of it); study.json is read as plain JSON."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-META = "study.json"
+from study.store import META, StudyFolder
 
 
 class LocateError(ValueError):
@@ -14,7 +15,7 @@ class LocateError(ValueError):
 
 
 def study_folder(storage: str | Path, study: str) -> Path:
-    return Path(storage).expanduser() / study
+    return StudyFolder(Path(storage).expanduser() / study).path
 
 
 def tracking_uri_from_storage(storage: str | Path, study: str) -> str:
@@ -36,7 +37,7 @@ def tracking_uri_from_storage(storage: str | Path, study: str) -> str:
         raise LocateError(f"--storage: {meta} has no \"tracking_uri\"")
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):].split("?", 1)[0])
-        local = folder / path.name
+        local = StudyFolder(folder).mlflow_db
         if not path.is_file() and local.is_file():
             return f"sqlite:///{local.resolve()}"
     return uri

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from study.config import StudyConfigError
@@ -109,6 +111,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     from study.record import collect, study_status
     from study.store import list_studies
 
+    if not Path(args.storage).is_dir():
+        return _err(f"--storage: {args.storage} is not a folder (studies live in <storage>/<name>/)")
     rows = []
     for f in list_studies(args.storage):
         m = f.read_meta()
@@ -139,7 +143,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from study.record import collect, study_status
     from study.store import disk_usage, find_study, human_bytes
-    from study.tracking import is_http, server_healthy
+    from study.tracking import TrackingUnavailable, is_http, server_healthy
 
     try:
         folder = find_study(args.study, args.storage)
@@ -154,6 +158,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         try:
             res = collect(folder)
             info.update(counts=res.counts, reuse=res.reuse, best=res.best, ui=res.ui_lines())
+        except TrackingUnavailable as e:  # the store is gone: say so, create nothing
+            return _err(f"mlflow: {e}")
         except Exception as e:  # noqa: BLE001 - status must still print what study.json knows
             info["mlflow_error"] = str(e).splitlines()[0]
     info["status"] = study_status(folder, res) if res or not meta.parent_run_id else (
@@ -181,7 +187,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for line in info.get("ui", []):
         print(line)
     if info["status"] in ("interrupted", "failed"):
-        print(f"resume     tpp-study resume {folder.path}")
+        print(f"resume     tpp-study resume {shlex.quote(str(folder.path))}")
     return 0
 
 

@@ -497,7 +497,9 @@ class StudyConfig(_Strict):
         return self.storage_dir() / self.name
 
     def tracking_uri(self) -> str:
-        return self.mlflow.tracking_uri or f"sqlite:///{self.study_dir() / 'mlflow.db'}"
+        from study.store import StudyFolder
+
+        return self.mlflow.tracking_uri or StudyFolder(self.study_dir()).default_tracking_uri
 
     def experiment(self) -> str:
         return self.mlflow.experiment or self.name

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from study.schema import ROLE_MEMBER, TAG_ROLE, TAG_STATUS, TAG_STUDY
+
 log = logging.getLogger("study.mlflow")
 
 
@@ -72,7 +74,7 @@ def study_view(cfg: Any) -> dict[str, Any]:
     params = ["method_label", "pr", *(["growth"] if penalty else []), "log10_lr", "lr", "seed", *varying(cfg)]
     metrics = [metric, *(m for m in VIEW_METRICS if m != metric)]
     columns = ([f"params.`{p}`" for p in params] + [f"metrics.`{m}`" for m in metrics]
-               + ["tags.`tpp.status`", "attributes.`Dataset`"])
+               + [f"tags.`{TAG_STATUS}`", "attributes.`Dataset`"])
     section = "tpp-study"
     charts = [
         {"uuid": "tpp-parallel", "type": "PARALLEL", "metricSectionId": section, "isGenerated": False,
@@ -83,7 +85,7 @@ def study_view(cfg: Any) -> dict[str, Any]:
          "yaxis": {"key": metric, "type": "METRIC"}, "runsCountToCompare": 1000},
     ]
     return {
-        "searchFilter": f"tags.`tpp.study` = '{cfg.name}' and tags.`tpp.role` = 'trial'",
+        "searchFilter": f"tags.`{TAG_STUDY}` = '{cfg.name}' and tags.`{TAG_ROLE}` = '{ROLE_MEMBER}'",
         "orderByKey": f"metrics.`{metric}`", "orderByAsc": cfg.objective.mode == "min",
         "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [],
         "modelVersionFilter": "All Runs", "selectedColumns": columns,

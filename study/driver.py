@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -23,18 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from study.config import OBJECTIVE_TEXT, StudyConfig, StudyConfigError
-from study.dashboard import study_note
 from study.dense import _dense
 from study.errors import StudyError
 from study.loading import load_config
 from study.outbox import Outbox
-from study.record import StudyResult, _start_parent, collect
-from study.schema import RUN_STATUS
+from study.record import StudyResult, _start_parent, collect, end_parent
 from study.store import StudyBusy, StudyFolder, StudyMeta, find_study
 from study.tracking import (
     TrackingUnavailable,
     check_tracking,
     children,
+    client,
     configure_mlflow_env,
     finished_members,
     flatten,
@@ -163,7 +163,8 @@ def run(config: str | os.PathLike | dict[str, Any] | StudyConfig, *, if_exists: 
     train_samples = _preflight(cfg)
     if if_exists == "error" and folder.path.exists() and any(folder.path.iterdir()):
         raise StudyError(f"study {cfg.name!r} already exists at {folder.path}; continue it with "
-                         f"`tpp-study resume {folder.path}`, or pass --if-exists replace to start over")
+                         f"`tpp-study resume {shlex.quote(str(folder.path))}`, or pass --if-exists "
+                         "replace to start over")
     _lock(folder)
     try:
         if folder.path.exists():
@@ -237,6 +238,7 @@ def resume(name_or_path: str, *, storage: str | None = None, address: str | None
                              f"`tpp-study run {folder.config_path} --if-exists replace`")
         try:
             check_tracking(meta.tracking_uri)
+            client(meta.tracking_uri)  # a SQLite store must be where the study says (never created here)
         except TrackingUnavailable as e:
             raise StudyError(f"mlflow.tracking_uri: {e}") from None
         if not folder.pending_log.is_file():
@@ -263,7 +265,7 @@ def _config_change(saved: StudyConfig, new: StudyConfig, folder: StudyFolder) ->
     keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     return (f"study {saved.name!r} at {folder.path} was started with another config ({', '.join(keys[:8])}"
             f"{' ...' if len(keys) > 8 else ''} differ); resume it as it is with `tpp-study resume "
-            f"{folder.path}`, or start over with --if-exists replace")
+            f"{shlex.quote(str(folder.path))}`, or start over with --if-exists replace")
 
 
 def _sigterm_as_interrupt() -> Any:
@@ -280,10 +282,6 @@ def _sigterm_as_interrupt() -> Any:
 
 def _execute(cfg: StudyConfig, folder: StudyFolder, gpu: float, restore: bool, embedded: bool,
              callbacks: list[Any]) -> StudyResult:
-    from ray import tune
-
-    from study.trainable import TrialContext, trial
-
     t0 = time.monotonic()
     DiskGuard.last_stop = None
     problem = DiskGuard(str(folder.path), cfg.min_free_mb).problem()
@@ -292,7 +290,6 @@ def _execute(cfg: StudyConfig, folder: StudyFolder, gpu: float, restore: bool, e
     meta = folder.read_meta()
     _replay_pending(folder, meta)
     finished = finished_members(children(meta.tracking_uri, meta.experiment_id, meta.parent_run_id))
-    meta = folder.read_meta()
     box = Outbox(meta.tracking_uri, {"parent": meta.parent_run_id})
     box.status("parent", "RUNNING")
     box.drain(10)
@@ -303,18 +300,7 @@ def _execute(cfg: StudyConfig, folder: StudyFolder, gpu: float, restore: bool, e
         if not meta.dense_digest:
             meta = folder.update_meta(dense_digest=dense.digest())
         cfg = _resolve_lockstep(cfg, dense, gpu)
-        ctx = TrialContext(cfg, str(folder.path), finished)
-        trainable = tune.with_resources(tune.with_parameters(trial, dense=dense, ctx=ctx),
-                                        {"cpu": cfg.resources.cpus, "gpu": gpu})
-        if restore and _tune_state_readable(folder.tune_path):
-            print(f"[{cfg.name}] resuming: {len(finished)} of {meta.num_runs} runs had finished", flush=True)
-            tuner = tune.Tuner.restore(str(folder.tune_path), trainable, resume_unfinished=True,
-                                       resume_errored=True)
-        else:
-            if folder.tune_path.exists():  # never reached a saved Tune state: start the trials afresh
-                shutil.rmtree(folder.tune_path)
-            folder.optuna_db.unlink(missing_ok=True)
-            tuner = _tuner(cfg, folder, trainable, dense, gpu, callbacks)
+        tuner = _new_or_restored_tuner(cfg, folder, dense, gpu, restore, finished, callbacks)
         print(f"[{cfg.name}] {meta.num_runs} runs ({cfg.sampler}), {cfg.resources.cpus:g} CPU"
               + (f" + {gpu:g} GPU" if gpu else "") + " per trial; one line per finished run:", flush=True)
         print(f"[{cfg.name}] best = highest {cfg.objective.metric}: "
@@ -335,18 +321,7 @@ def _execute(cfg: StudyConfig, folder: StudyFolder, gpu: float, restore: bool, e
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-        metrics = {}
-        if result is not None:
-            metrics = {f"runs_{k}": float(v) for k, v in result.counts.items()}
-            if result.best:
-                metrics[f"best_{result.best['metric']}"] = result.best["value"]
-        best = result.best if result else None
-        tags = {"mlflow.note.content": study_note(cfg.description, meta.experiment_id, cfg.name, best)}
-        if best:
-            tags["tpp.best_run_id"] = best["run_id"]
-        box.batch("parent", metrics=[(k, v, 0) for k, v in metrics.items()], tags=tags)
-        box.status("parent", RUN_STATUS[status])  # the study's status, as `tpp-study status` reads it
-        box.drain(5 if DiskGuard.last_stop else 30)
+        end_parent(box, cfg, meta.experiment_id, status, result, wait_s=5 if DiskGuard.last_stop else 30)
         sqlite_checkpoint(meta.tracking_uri)
     result.wall_s = time.monotonic() - t0
     result.stopped_because = DiskGuard.last_stop
@@ -354,6 +329,28 @@ def _execute(cfg: StudyConfig, folder: StudyFolder, gpu: float, restore: bool, e
     if result.stopped_because:
         print(f"tpp-study: stopped: {result.stopped_because}", file=sys.stderr, flush=True)
     return result
+
+
+def _new_or_restored_tuner(cfg: StudyConfig, folder: StudyFolder, dense: Any, gpu: float, restore: bool,
+                           finished: dict[str, Any], callbacks: list[Any]) -> Any:
+    """The Tuner of a study: restored from the study folder when it holds a readable Tune state, else new
+    (an unreadable state starts the unfinished runs afresh: finished ones are skipped either way)."""
+    from ray import tune
+
+    from study.trainable import TrialContext, trial
+
+    ctx = TrialContext(cfg, str(folder.path), finished)
+    trainable = tune.with_resources(tune.with_parameters(trial, dense=dense, ctx=ctx),
+                                    {"cpu": cfg.resources.cpus, "gpu": gpu})
+    if restore and _tune_state_readable(folder.tune_path):
+        print(f"[{cfg.name}] resuming: {len(finished)} of {folder.read_meta().num_runs} runs had finished",
+              flush=True)
+        return tune.Tuner.restore(str(folder.tune_path), trainable, resume_unfinished=True,
+                                  resume_errored=True)
+    if folder.tune_path.exists():  # never reached a saved Tune state: start the trials afresh
+        shutil.rmtree(folder.tune_path)
+    folder.optuna_db.unlink(missing_ok=True)
+    return _tuner(cfg, folder, trainable, dense, gpu, callbacks)
 
 
 def _resolve_lockstep(cfg: StudyConfig, dense: Any, gpu: float) -> StudyConfig:

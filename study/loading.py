@@ -19,8 +19,20 @@ OVERRIDE_ALIASES = {"tracking_uri": ("mlflow", "tracking_uri"), "experiment": ("
                     "address": ("ray", "address"), "num_cpus": ("ray", "num_cpus")}
 
 
+MAX_CONFIG_BYTES = 256 * 1024  # a study config is a page of YAML; a 50 MB one took minutes to refuse
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.safe_load, but a key repeated in one mapping is an error (safe_load keeps the last silently)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        """No YAML aliases: `*name` repeats a node without copying it, and nested ones make a few lines
+        expand to billions of values (the "billion laughs"); a study config never needs them."""
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise StudyConfigError("", f"YAML alias at line {mark.line + 1} (*name); accepted: a config "
+                                   "without anchors and aliases (write the values out)")
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
@@ -38,12 +50,18 @@ def read_yaml(path: Path) -> Any:
     """The YAML mapping in `path`: UTF-8 text, no repeated keys; else a one-line StudyConfigError."""
     if not path.is_file():
         raise StudyConfigError("", f"no study config at {path}")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise StudyConfigError("", f"{path} is {path.stat().st_size:,} bytes; accepted: a study config under "
+                               f"{MAX_CONFIG_BYTES // 1024} KB")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise StudyConfigError("", f"{path} is not UTF-8 text (byte {data[e.start]:#04x} at offset "
                                f"{e.start}); accepted: a UTF-8 YAML file") from None
+    if "\x00" in text:
+        raise StudyConfigError("", f"{path} holds a NUL byte at offset {text.index(chr(0))}; accepted: a "
+                               "UTF-8 YAML text file")
     loader = _UniqueKeyLoader(text)  # what yaml.safe_load does, with the repeated-key check
     try:
         return loader.get_single_data()

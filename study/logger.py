@@ -15,7 +15,23 @@ from ray import tune
 
 from study.outbox import Outbox
 from study.record import log_member_inputs, study_inputs
-from study.schema import NO_SPACE, RUN_STATUS
+from study.schema import (
+    NO_SPACE,
+    PARENT_TAG,
+    RUN_STATUS,
+    TAG_DENSE_DIGEST,
+    TAG_DIVERGED_STAGE,
+    TAG_ERROR,
+    TAG_MEMBER,
+    TAG_METHOD,
+    TAG_NODE,
+    TAG_PRUNE_KEY,
+    TAG_REUSE,
+    TAG_ROLE,
+    TAG_STATUS,
+    TAG_STUDY,
+    TAG_TRIAL,
+)
 from study.tracking import children
 
 log = logging.getLogger("study.mlflow")
@@ -62,7 +78,7 @@ class StudyLogger(tune.Callback):
         self.box.load_pending(folder.pending_log)
         folder.pending_log.unlink(missing_ok=True)
         for run in children(self.meta.tracking_uri, self.meta.experiment_id, self.meta.parent_run_id):
-            mid = run.data.tags.get("tpp.member_id")
+            mid = run.data.tags.get(TAG_MEMBER)
             if not mid:
                 continue
             self.box.run_ids[mid] = run.info.run_id
@@ -87,17 +103,17 @@ class StudyLogger(tune.Callback):
         for rc, mid in zip(runs.configs, runs.ids, strict=True):
             if self.status.get(mid) == "FINISHED":
                 continue
-            tags = {"tpp.status": "running", "tpp.trial_id": trial.trial_id}
+            tags = {TAG_STATUS: "running", TAG_TRIAL: trial.trial_id}
             if mid in self.box.run_ids:  # resumed: reopen the existing run (its params again: a write
                 self.box.status(mid, "RUNNING")  # lost to a full disk may have been them; same values)
                 self.box.batch(mid, params=logged_params(runs.point, rc), tags=tags)
             else:
 
                 self.box.create_run(mid, self.meta.experiment_id, run_name(runs.point, rc, shown), {
-                    **tags, "mlflow.parentRunId": self.meta.parent_run_id, "tpp.study": self.meta.name,
-                    "tpp.role": "trial", "tpp.member_id": mid, "tpp.method": runs.point.method,
-                    "tpp.prune_key": point_prune_key(self.config, runs.point, self.meta.dense_digest),
-                    "tpp.dense_digest": self.meta.dense_digest})
+                    **tags, PARENT_TAG: self.meta.parent_run_id, TAG_STUDY: self.meta.name,
+                    TAG_ROLE: "trial", TAG_MEMBER: mid, TAG_METHOD: runs.point.method,
+                    TAG_PRUNE_KEY: point_prune_key(self.config, runs.point, self.meta.dense_digest),
+                    TAG_DENSE_DIGEST: self.meta.dense_digest})
                 self.box.batch(mid, params=logged_params(runs.point, rc))
                 created.append(mid)
             self.status[mid] = "RUNNING"
@@ -145,19 +161,19 @@ class StudyLogger(tune.Callback):
                 by_member[mid].append((key, value, step))
         node = str(result.get("tpp_node", ""))
         for mid, rows in by_member.items():
-            tags = {"tpp.node": node} if self.node.get(mid) != node else None  # a tag write costs a commit
+            tags = {TAG_NODE: node} if self.node.get(mid) != node else None  # a tag write costs a commit
             self.node[mid] = node
             self.box.batch(mid, metrics=rows, tags=tags)
         for mid, reuse in (result.get("tpp_reuse") or {}).items():
             if self.status.get(mid) == "RUNNING":
-                self.box.batch(mid, tags={"tpp.reuse": reuse})
+                self.box.batch(mid, tags={TAG_REUSE: reuse})
         for mid, rec in (result.get("tpp_done") or {}).items():
             if self.status.get(mid) == "RUNNING":
-                tags = {"tpp.status": rec["status"]}
+                tags = {TAG_STATUS: rec["status"]}
                 if rec["metrics"].get("diverged_stage_prune"):
-                    tags["tpp.diverged_stage"] = "prune"
+                    tags[TAG_DIVERGED_STAGE] = "prune"
                 elif rec["status"] == "diverged":
-                    tags["tpp.diverged_stage"] = "finetune"
+                    tags[TAG_DIVERGED_STAGE] = "finetune"
                 self.box.batch(mid, metrics=[(k, v, 0) for k, v in rec["metrics"].items()], tags=tags)
                 self._end(mid, rec["status"], flush=False)
         if result.get("tpp_done") or time.monotonic() - self.flushed >= FLUSH_EVERY_S:
@@ -190,7 +206,7 @@ class StudyLogger(tune.Callback):
             value = last.get(self.config.objective.metric)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.box.batch(mid, metrics=[(self.config.objective.metric, value, 0)])
-            self._end(mid, "completed", {"tpp.status": "completed", "tpp.early_stopped": "true"})
+            self._end(mid, "completed", {TAG_STATUS: "completed", "tpp.early_stopped": "true"})
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         from study.progress import last_error_line
@@ -203,7 +219,7 @@ class StudyLogger(tune.Callback):
         # a full disk is no fault of the member: it is stopped, and runs again on resume
         status = "interrupted" if any(s in error for s in NO_SPACE) else "failed"
         for mid in self._open(trial.trial_id):
-            self._end(mid, status, {"tpp.status": status, "tpp.error": error or last_error_line(trial)})
+            self._end(mid, status, {TAG_STATUS: status, TAG_ERROR: error or last_error_line(trial)})
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.close()
@@ -214,7 +230,7 @@ class StudyLogger(tune.Callback):
             return
         for mid, status in list(self.status.items()):
             if status == "RUNNING":
-                self._end(mid, "interrupted", {"tpp.status": "interrupted"})
+                self._end(mid, "interrupted", {TAG_STATUS: "interrupted"})
         full = any(s in (self.box.problem or "") for s in NO_SPACE)
         delivered = self.box.drain(5 if full else 60)
         self._log_due_inputs()

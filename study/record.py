@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,15 @@ from study.design import PrunePoint
 from study.errors import StudyError
 from study.loading import load_config
 from study.outbox import Outbox
-from study.schema import DENSE_MODEL_TAG
+from study.schema import (
+    DENSE_MODEL_TAG,
+    TAG_DENSE_DIGEST,
+    TAG_MEMBER,
+    TAG_REUSE,
+    TAG_ROLE,
+    TAG_STATUS,
+    TAG_STUDY,
+)
 from study.store import StudyFolder, disk_usage, human_bytes
 from study.text import fmt_duration
 from study.tracking import TrackingUnavailable, children, client, flatten, is_http
@@ -33,7 +42,7 @@ def ensure_experiment(c: Any, name: str, study_dir: Path, uri: str) -> str:
             c.restore_experiment(exp.experiment_id)
         return exp.experiment_id
     # A local store keeps artifacts in the study folder; a server decides itself (its artifact proxy).
-    location = None if is_http(uri) else (study_dir / "mlartifacts").as_uri()
+    location = None if is_http(uri) else StudyFolder(study_dir).artifacts.as_uri()
     return c.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
 
 
@@ -41,10 +50,10 @@ def start_parent(uri: str, experiment: str, study_dir: Path, name: str, params: 
                  tags: dict[str, str], artifacts: dict[str, str]) -> tuple[str, str]:
     """Create the study's parent run (and the experiment's dashboard tags); returns (experiment_id,
     run_id)."""
-    c = client(uri)
+    c = client(uri, create=True)  # the one place a study's store is created
     exp_id = ensure_experiment(c, experiment, study_dir, uri)
     _dashboard(c, exp_id, study_dir)
-    run = c.create_run(exp_id, run_name=name, tags={"tpp.study": name, "tpp.role": "study",
+    run = c.create_run(exp_id, run_name=name, tags={TAG_STUDY: name, TAG_ROLE: "study",
                                                     "tpp.study_dir": str(study_dir), **tags})
     box = Outbox(uri, {"parent": run.info.run_id})
     box.batch("parent", params=params)
@@ -112,7 +121,7 @@ def study_inputs(c: Any, meta: Any, cfg: Any, study_dir: str) -> tuple[Any, str 
                   **({"checkpoint": str(dense_cfg.checkpoint)} if dense_cfg.checkpoint else
                      {"epochs": str(dense_cfg.epochs), "lr": str(dense_cfg.lr),
                       "batch_size": str(dense_cfg.batch_size)})}
-        tags = {"tpp.study": meta.name, "tpp.dense_digest": meta.dense_digest or dense.digest(),
+        tags = {TAG_STUDY: meta.name, TAG_DENSE_DIGEST: meta.dense_digest or dense.digest(),
                 "tpp.dense_path": str(folder.dense_path)}
         if "dense_acc" in dense.metrics:  # rounded: tags are shown as text
             tags["tpp.dense_acc"] = f"{dense.metrics['dense_acc']:.4g}"
@@ -167,7 +176,8 @@ class StudyResult:
             return f"open the study's MLflow server {self.tracking_uri}"
         mlflow = Path(sys.executable).with_name("mlflow")
         exe = str(mlflow) if mlflow.exists() else "mlflow"
-        return (f"MLFLOW_DISABLE_TELEMETRY=true {exe} server --backend-store-uri {self.tracking_uri} "
+        return (f"MLFLOW_DISABLE_TELEMETRY=true {shlex.quote(exe)} server --backend-store-uri "
+                f"{shlex.quote(self.tracking_uri)} "
                 "--host 127.0.0.1 --port 5000")
 
     def ui_lines(self) -> list[str]:
@@ -197,10 +207,31 @@ class StudyResult:
                   f"parent run {self.parent_run_id}",
                   *self.ui_lines()]
         storage = str(Path(self.path).parent)
-        lines.append(f"Report:    tpp-analyze {self.name} --storage {storage}")
+        lines.append(f"Report:    tpp-analyze {self.name} --storage {shlex.quote(storage)}")
         if self.status != "completed":
-            lines.append(f"Resume:    tpp-study resume {self.name} --storage {storage}")
+            lines.append(f"Resume:    tpp-study resume {self.name} --storage {shlex.quote(storage)}")
         return "\n".join(lines)
+
+
+def end_parent(box: Outbox, cfg: StudyConfig, experiment_id: str, status: str, result: StudyResult | None,
+               wait_s: float) -> None:
+    """The study run's last writes: its counts and best run (metrics, tag, the note linking the best run)
+    and its MLflow status, which is the study's status as `tpp-study status` reads it."""
+    from study.dashboard import study_note
+    from study.schema import RUN_STATUS, TAG_BEST_RUN
+
+    metrics = {}
+    if result is not None:
+        metrics = {f"runs_{k}": float(v) for k, v in result.counts.items()}
+        if result.best:
+            metrics[f"best_{result.best['metric']}"] = result.best["value"]
+    best = result.best if result else None
+    tags = {"mlflow.note.content": study_note(cfg.description, experiment_id, cfg.name, best)}
+    if best:
+        tags[TAG_BEST_RUN] = best["run_id"]
+    box.batch("parent", metrics=[(k, v, 0) for k, v in metrics.items()], tags=tags)
+    box.status("parent", RUN_STATUS[status])
+    box.drain(wait_s)
 
 
 def study_status(folder: StudyFolder, result: StudyResult | None = None) -> str:
@@ -229,13 +260,13 @@ def collect(folder: StudyFolder) -> StudyResult:
     runs, best = [], None
     for r in children(meta.tracking_uri, meta.experiment_id, meta.parent_run_id):
         tags = r.data.tags
-        status = tags.get("tpp.status", "running")
+        status = tags.get(TAG_STATUS, "running")
         counts[status] = counts.get(status, 0) + 1
-        if "tpp.reuse" in tags:
-            reuse[tags["tpp.reuse"]] = reuse.get(tags["tpp.reuse"], 0) + 1
+        if TAG_REUSE in tags:
+            reuse[tags[TAG_REUSE]] = reuse.get(tags[TAG_REUSE], 0) + 1
         value = r.data.metrics.get(metric)
         lr = float(r.data.params.get("lr", "nan"))
-        runs.append({"member_id": tags.get("tpp.member_id"), "run_id": r.info.run_id, metric: value,
+        runs.append({"member_id": tags.get(TAG_MEMBER), "run_id": r.info.run_id, metric: value,
                      "run_name": r.info.run_name, "status": status, "run_status": r.info.status})
         if status in ("completed", "diverged") and value is not None and value == value:
             key = rank(value, lr, r.info.run_name, mode)

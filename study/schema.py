@@ -11,3 +11,21 @@ DENSE_MODEL_TAG = "tpp.dense_model_id"  # on the parent run: the dense model's M
 
 # a member's (or the study's) status -> its MLflow run's status
 RUN_STATUS = {"completed": "FINISHED", "diverged": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
+
+# Tags of the study run (role "study") and of each member run (role "trial", nested under it)
+TAG_STUDY = "tpp.study"  # the study's name, on every run of it
+TAG_ROLE = "tpp.role"  # "study" | "trial"
+ROLE_STUDY, ROLE_MEMBER = "study", "trial"
+TAG_MEMBER = "tpp.member_id"  # a member's id: a digest of its settings (what resume finds it again by)
+TAG_STATUS = "tpp.status"  # a member's status: completed | diverged | failed | interrupted | running
+TAG_REUSE = "tpp.reuse"  # computed | reused | none: who carries the prune stage's curves
+TAG_DIVERGED_STAGE = "tpp.diverged_stage"  # prune | finetune
+TAG_TRIAL = "tpp.trial_id"
+TAG_PRUNE_KEY = "tpp.prune_key"
+TAG_METHOD = "tpp.method"  # the method's label
+TAG_DENSE_DIGEST = "tpp.dense_digest"
+TAG_NODE = "tpp.node"
+TAG_ERROR = "tpp.error"
+TAG_BEST_RUN = "tpp.best_run_id"  # on the study run
+PARENT_TAG = "mlflow.parentRunId"
+FINISHED = ("completed", "diverged")  # member statuses that are results (diverged ones count as divergence)

@@ -79,6 +79,13 @@ class StudyFolder:
     optuna_db = property(lambda self: self.path / "optuna.db")
     pending_log = property(lambda self: self.path / "mlflow_pending.json")
     lock_path = property(lambda self: self.path / ".lock")
+    mlflow_db = property(lambda self: self.path / "mlflow.db")  # the default tracking store
+    artifacts = property(lambda self: self.path / "mlartifacts")  # a local store's artifacts
+    report_dir = property(lambda self: self.path / "report")  # where `tpp-analyze --storage` writes
+
+    @property
+    def default_tracking_uri(self) -> str:
+        return f"sqlite:///{self.mlflow_db}"
 
     def exists(self) -> bool:
         return self.meta_path.is_file()

@@ -10,6 +10,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from study.schema import PARENT_TAG, TAG_MEMBER, TAG_STATUS
+
 
 class TrackingUnavailable(RuntimeError):
     """The tracking server cannot be reached."""
@@ -93,7 +95,23 @@ def sqlite_checkpoint(uri: str) -> None:
         con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
-def client(uri: str) -> Any:
+def sqlite_path(uri: str) -> str | None:
+    """The file of a `sqlite:///` URI (None for any other store)."""
+    return uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else None
+
+
+def client(uri: str, create: bool = False) -> Any:
+    """An MlflowClient of `uri`. A SQLite file that does not exist is an error unless `create` (only a new
+    study creates its store): MLflow would silently create an empty one, which then hides the real store
+    from every later command."""
+    path = sqlite_path(uri)
+    if not create and path and path != ":memory:" and not os.path.isfile(path):
+        raise TrackingUnavailable(f"no MLflow database at {path} ({uri}): the study's record was moved or "
+                                  "deleted; give the store's new place with --tracking-uri")
+    return _client(uri)
+
+
+def _client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -118,7 +136,7 @@ def children(uri: str, experiment_id: str, parent_run_id: str) -> list[Any]:
     c = client(uri)
     out, token = [], None
     while True:
-        page = c.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+        page = c.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
                              max_results=1000, page_token=token)
         out.extend(page)
         token = page.token
@@ -128,7 +146,7 @@ def children(uri: str, experiment_id: str, parent_run_id: str) -> list[Any]:
 
 def finished_members(runs: list[Any]) -> dict[str, dict[str, Any]]:
     """{member id: {"status", "metrics"}} of the FINISHED member runs: what a resumed study never re-runs."""
-    return {r.data.tags["tpp.member_id"]: {
-        "status": r.data.tags.get("tpp.status", "completed"),
+    return {r.data.tags[TAG_MEMBER]: {
+        "status": r.data.tags.get(TAG_STATUS, "completed"),
         "metrics": {k: v for k, v in r.data.metrics.items() if "/" not in k}}
-        for r in runs if r.info.status == "FINISHED" and "tpp.member_id" in r.data.tags}
+        for r in runs if r.info.status == "FINISHED" and TAG_MEMBER in r.data.tags}

@@ -22,6 +22,7 @@ from ray import tune
 from study.config import StudyConfig
 from study.design import TrialRuns, members, resolve, run_config
 from study.prune_cache import PruneCache
+from study.store import StudyFolder
 
 STATE_FILE = "state.pt"
 REPORT_EVERY_S = 1.0  # sub-second epochs are reported in batches (see Reporter)
@@ -38,7 +39,7 @@ class TrialContext:
 
     @property
     def cache(self) -> PruneCache:
-        return PruneCache(Path(self.study_dir) / "prune_cache")
+        return PruneCache(StudyFolder(self.study_dir).prune_cache)
 
 
 def _finite(x: Any) -> bool:

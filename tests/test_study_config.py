@@ -388,3 +388,55 @@ def test_lockstep_accepts_true_false_auto_only(tmp_path):
         assert load_config(cfg_with(lockstep=value)).lockstep == value
     with pytest.raises(StudyConfigError, match="lockstep"):
         load_config(cfg_with(lockstep="sometimes"))
+
+
+# ------------------------------------------------------------------------------------ issue #27's holes
+@pytest.mark.parametrize("change, path, fragment", [
+    (dict(finetune__epochs=2.5), "finetune.epochs", "accepted: an integer"),
+    (dict(finetune__epochs="abc"), "finetune.epochs", "accepted: an integer"),
+    (dict(finetune__weight_decay=float("inf")), "finetune.weight_decay", "accepted: a finite number"),
+    (dict(fixed={"reg_lr": float("nan")}), "fixed.reg_lr", "accepted: a finite number"),
+])
+def test_values_that_fail_only_after_training_started_are_refused_up_front(change, path, fragment):
+    with pytest.raises(StudyConfigError) as e:
+        load_config(cfg_with(**change))
+    assert e.value.path == path and fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_yaml_that_would_exhaust_memory_or_is_not_text_is_refused_in_one_line(tmp_path):
+    bomb = tmp_path / "bomb.yaml"  # nine levels of "billion laughs": 10^9 values from 10 lines
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"{chr(98 + i)}: &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 9) + "]" for i in range(8)]
+    bomb.write_text("\n".join(lines) + "\nname: t\n")
+    with pytest.raises(StudyConfigError, match=r"YAML alias at line 2 \(\*name\)"):
+        load_config(bomb)
+    big = tmp_path / "big.yaml"
+    big.write_text("name: t\n" + "# padding\n" * 40_000)
+    with pytest.raises(StudyConfigError, match="accepted: a study config under 256 KB"):
+        load_config(big)
+    nul = tmp_path / "nul.yaml"
+    nul.write_bytes(b"name: t\x00\n")
+    with pytest.raises(StudyConfigError, match="holds a NUL byte at offset 7"):
+        load_config(nul)
+
+
+def test_read_only_commands_never_create_a_store(tmp_path, capsys):
+    """A study whose mlflow.db was deleted: `status` says so in one line (exit 2) and creates nothing;
+    `list` of a storage folder that does not exist is an error too."""
+    import json as _json
+
+    from study.cli import main
+
+    folder = tmp_path / "studies" / "gone"
+    folder.mkdir(parents=True)
+    db = folder / "mlflow.db"
+    (folder / "study.json").write_text(_json.dumps({"name": "gone", "tracking_uri": f"sqlite:///{db}",
+                                                    "experiment_id": "1", "parent_run_id": "abc",
+                                                    "num_runs": 4}))
+    (folder / "study_config.yaml").write_text(yaml.safe_dump(cfg_with(name="gone")))
+    assert main(["status", "gone", "--storage", str(tmp_path / "studies")]) == 2
+    err = capsys.readouterr().err
+    assert f"no MLflow database at {db}" in err and err.count("\n") == 1
+    assert not db.exists()
+    assert main(["list", "--storage", str(tmp_path / "nowhere")]) == 2
+    assert "--storage: " in capsys.readouterr().err

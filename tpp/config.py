@@ -151,6 +151,16 @@ class RunConfig:
         def bad(name: str, accepted: str) -> None:
             raise ValueError(f"{name}: got {getattr(self, name)!r}; accepted: {accepted}")
 
+        for f in dataclasses.fields(self):  # the declared type first: 2.5 epochs or an infinite decay
+            v = getattr(self, f.name)
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if f.type == "int" and not (number and isinstance(v, int)):
+                bad(f.name, "an integer")
+            if f.type in ("float", "float | None") and v is not None and not (number and math.isfinite(v)):
+                bad(f.name, "a finite number" + (", or null" if "None" in f.type else ""))
+            if f.type == "bool" and not isinstance(v, bool):
+                bad(f.name, "true or false")
+
         if self.method not in list_methods():
             bad("method", accepted_methods())
         get_method(self.method).resolve_params(self.method_params)
