@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ray import tune
+from ray.tune.logger import LoggerCallback
 
 from study.outbox import Outbox
 from study.record import log_member_inputs, study_inputs
@@ -40,11 +40,14 @@ log = logging.getLogger("study.mlflow")
 FLUSH_EVERY_S = 5.0  # run starts and epoch curves reach MLflow within this; ends and checkpoints at once
 
 
-class StudyLogger(tune.Callback):
-    """Ray Tune callback on the driver: one run per member, nested under the study's parent run.
+class StudyLogger(LoggerCallback):
+    """Ray Tune logger on the driver: one run per member, nested under the study's parent run.
 
-    Picklable with no live state (Tune pickles callbacks into its experiment state); everything is
-    (re)built in `setup` from `study.json` and the member runs MLflow already holds.
+    A thin adapter over LoggerCallback's log_trial_start / log_trial_result / log_trial_end; queueing and
+    retries live in the outbox. Tune's own MLflowLoggerCallback does not fit: it makes one run per trial
+    (a trial here trains many members) and a second run after a restore. Picklable with no live state
+    (Tune pickles callbacks into its experiment state); everything is (re)built in `setup` from
+    `study.json` and the member runs MLflow already holds.
     """
 
     def __init__(self, study_dir: str):
@@ -89,7 +92,7 @@ class StudyLogger(tune.Callback):
                         steps = [m.step for m in self.box.mlflow.get_metric_history(run.info.run_id, key)]
                         self.last_step[(mid, key)] = max(steps, default=-1)
 
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def log_trial_start(self, trial: Any) -> None:
         from study.design import point_prune_key, resolve, varying
         from study.record import logged_params, run_name
 
@@ -152,7 +155,7 @@ class StudyLogger(tune.Callback):
         except Exception as e:  # noqa: BLE001 - see above
             log.warning("MLflow: could not log the data set / dense model inputs: %s", str(e)[:300])
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
         assert self.box is not None
         by_member: dict[str, list[tuple[str, float, int]]] = collections.defaultdict(list)
         for mid, key, value, step in result.get("tpp_rows") or []:
@@ -200,7 +203,10 @@ class StudyLogger(tune.Callback):
     def _open(self, trial_id: str) -> list[str]:
         return [m for m in self.members.get(trial_id, []) if self.status.get(m) == "RUNNING"]
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def log_trial_end(self, trial: Any, failed: bool = False) -> None:
+        if failed:
+            self._failed(trial)
+            return
         last = trial.last_result or {}
         for mid in self._open(trial.trial_id):  # stopped early by the scheduler: keep what it reached
             value = last.get(self.config.objective.metric)
@@ -208,14 +214,14 @@ class StudyLogger(tune.Callback):
                 self.box.batch(mid, metrics=[(self.config.objective.metric, value, 0)])
             self._end(mid, "completed", {TAG_STATUS: "completed", "tpp.early_stopped": "true"})
 
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def _failed(self, trial: Any) -> None:
         from study.progress import last_error_line
 
         error = ""
         if getattr(trial, "error_file", None) and os.path.isfile(trial.error_file):
             error = Path(trial.error_file).read_text()[-4000:]
         if trial.trial_id not in self.members:
-            self.on_trial_start(iteration, trials, trial)  # failed before it ever started
+            self.log_trial_start(trial)  # failed before it ever started
         # a full disk is no fault of the member: it is stopped, and runs again on resume
         status = "interrupted" if any(s in error for s in NO_SPACE) else "failed"
         for mid in self._open(trial.trial_id):
