@@ -1,7 +1,7 @@
 """The study folder: where everything of one study lives, its metadata file `study.json`, and its lock.
 
     <storage>/<name>/
-        study.json          name, status, tracking URI, parent run id, planned runs, config digest
+        study.json          name, tracking URI, parent run id, planned runs, config digest (identity only)
         study_config.yaml   the resolved config (what `resume` runs again)
         .lock               held (fcntl) by the one process running the study; says who
         dense.pt            the dense model, trained once per study (weights only)
@@ -11,8 +11,8 @@
         mlflow.db           the default MLflow store (when no tracking URI is given)
         mlflow_pending.json MLflow writes a lost server never took, delivered by the next run/resume
 
-MLflow is the record of what finished; `study.json` is a small summary rewritten atomically, so
-`tpp-study list` shows progress without touching Ray or MLflow.
+MLflow is the record of what finished, and the lock says whether a process runs the study; `study.json`
+holds only the study's identity (written atomically), so nothing kept here can disagree with MLflow.
 """
 
 from __future__ import annotations
