@@ -339,7 +339,7 @@ def _new_or_restored_tuner(cfg: StudyConfig, folder: StudyFolder, dense: Any, gp
 
     from study.trainable import TrialContext, trial
 
-    ctx = TrialContext(cfg, str(folder.path), finished)
+    ctx = TrialContext.of(cfg, str(folder.path), finished)
     trainable = tune.with_resources(tune.with_parameters(trial, dense=dense, ctx=ctx),
                                     {"cpu": cfg.resources.cpus, "gpu": gpu})
     if restore and _tune_state_readable(folder.tune_path):

@@ -107,11 +107,12 @@ class StudyLogger(LoggerCallback):
             if self.status.get(mid) == "FINISHED":
                 continue
             tags = {TAG_STATUS: "running", TAG_TRIAL: trial.trial_id}
-            if mid in self.box.run_ids:  # resumed: reopen the existing run (its params again: a write
+            if self.status.get(mid) == "RUNNING":  # a retry of a trial this session started: its run
+                self.box.batch(mid, tags=tags)   # exists or is queued for creation; never a second one
+            elif mid in self.box.run_ids:  # resumed: reopen the existing run (its params again: a write
                 self.box.status(mid, "RUNNING")  # lost to a full disk may have been them; same values)
                 self.box.batch(mid, params=logged_params(runs.point, rc), tags=tags)
             else:
-
                 self.box.create_run(mid, self.meta.experiment_id, run_name(runs.point, rc, shown), {
                     **tags, PARENT_TAG: self.meta.parent_run_id, TAG_STUDY: self.meta.name,
                     TAG_ROLE: "trial", TAG_MEMBER: mid, TAG_METHOD: runs.point.method,

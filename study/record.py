@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from study.config import OBJECTIVE_TEXT, StudyConfig
+from study.config import OBJECTIVE_TEXT, ObjectiveCfg, StudyConfig
 from study.dashboard import EXPERIMENT_TAGS, _dashboard, runs_page_url
 from study.design import PrunePoint
 from study.errors import StudyError
-from study.loading import load_config
+from study.loading import read_yaml
 from study.outbox import Outbox
 from study.schema import (
     DENSE_MODEL_TAG,
@@ -253,8 +253,11 @@ def study_status(folder: StudyFolder, result: StudyResult | None = None) -> str:
 def collect(folder: StudyFolder) -> StudyResult:
     """The study's outcome as recorded in MLflow (the truth, whatever process wrote it)."""
     meta = folder.read_meta()
-    cfg = load_config(folder.config_path)
-    metric, mode = cfg.objective.metric, cfg.objective.mode
+    # Only the objective is needed: read without validating the whole config, whose methods may have
+    # been registered by the script that ran the study (unknown to `tpp-study status`).
+    saved = read_yaml(folder.config_path).get("objective") or {}
+    objective = ObjectiveCfg.model_validate(saved)
+    metric, mode = objective.metric, objective.mode
     counts: dict[str, int] = {}
     reuse: dict[str, int] = {}
     runs, best = [], None

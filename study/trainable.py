@@ -36,6 +36,26 @@ class TrialContext:
     config: StudyConfig
     study_dir: str
     finished: dict[str, dict[str, Any]] = field(default_factory=dict)  # member id -> its recorded result
+    # Methods and criteria the driver's program registered in code (`@register_method` in a script): a
+    # worker never runs that program, so they travel here (cloudpickle takes a script's functions by value).
+    methods: list[Any] = field(default_factory=list)
+    criteria: list[Any] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, config: StudyConfig, study_dir: str, finished: dict[str, dict[str, Any]]) -> TrialContext:
+        """The context of this driver: its config, folder, finished members and code registrations."""
+        from tpp.methods import registry
+        from tpp.pruning import criteria
+
+        return cls(config, study_dir, finished, registry.registered_in_code(), criteria.registered_in_code())
+
+    def install(self) -> None:
+        """Register the driver's code registrations in this (worker) process."""
+        from tpp.methods import registry
+        from tpp.pruning import criteria
+
+        registry.adopt(self.methods)
+        criteria.adopt(self.criteria)
 
     @property
     def cache(self) -> PruneCache:
@@ -240,6 +260,7 @@ def trial(config: dict[str, Any], dense: Any = None, ctx: TrialContext | None = 
 
     assert ctx is not None and dense is not None
     die_with_raylet()
+    ctx.install()
     if config["kind"] == "prune":
         _prune_unit(config, dense, ctx)
         return

@@ -75,6 +75,7 @@ def _load(value: Any, where: str) -> None:
 
 
 _failed: dict[str, str] = {}  # entry point name: why it failed to load
+_FROM_ENTRY_POINTS: set[str] = set()  # method names that plug-ins registered
 
 
 def discover_methods() -> list[str]:
@@ -89,13 +90,33 @@ def discover_methods() -> list[str]:
     _failed.clear()
     found = []
     for ep in entry_points(group=ENTRY_POINT_GROUP):
+        before = dict(_REGISTRY)
         try:
             _load(ep.load(), ep.value)
         except Exception as e:  # anything a plug-in's import raises
             _failed[ep.name] = f"{ep.value}: {type(e).__name__}: {e}".replace("\n", " ")
             continue
+        finally:
+            _FROM_ENTRY_POINTS.update(n for n, m in _REGISTRY.items() if before.get(n) is not m)
         found.append(ep.name)
     return found
+
+
+def registered_in_code() -> list[Method]:
+    """The methods this program registered itself (neither built in nor from a plug-in's entry point).
+
+    Processes that run its work without running the program -- Ray workers -- know only the built-ins
+    and the plug-ins; these must be handed to them (`adopt`)."""
+    _ensure_discovered()
+    return [m for n, m in _REGISTRY.items() if n not in _BUILTIN and n not in _FROM_ENTRY_POINTS]
+
+
+def adopt(methods: list[Method]) -> None:
+    """Register methods another process registered in code (see `registered_in_code`)."""
+    _ensure_discovered()
+    for m in methods:
+        if _REGISTRY.get(m.name) is not m:
+            _add(m)
 
 
 def _ensure_discovered() -> None:

@@ -68,6 +68,18 @@ def register_criterion(name: str, *, description: str,
     return deco
 
 
+def registered_in_code() -> list[Criterion]:
+    """The criteria registered outside this library (by the running program or a plug-in): what a Ray
+    worker, which never runs the program, must be handed (`adopt`)."""
+    return [c for c in CRITERIA.values() if not c.fn.__module__.startswith("tpp.")]
+
+
+def adopt(criteria: list[Criterion]) -> None:
+    """Register criteria another process registered (see `registered_in_code`)."""
+    for c in criteria:
+        CRITERIA[c.name] = c
+
+
 def get_criterion(name: str) -> Criterion:
     if name not in CRITERIA:
         raise ValueError(f"criterion: got {name!r}; accepted: {', '.join(CRITERIA)}")
