@@ -28,10 +28,12 @@ from study.dense import _dense
 from study.errors import StudyError
 from study.loading import load_config
 from study.outbox import Outbox
-from study.record import StudyResult, _start_parent, collect, end_parent
-from study.store import StudyBusy, StudyFolder, StudyMeta, find_study
+from study.record import StudyResult, _start_parent, adopt_artifact_root, collect, end_parent
+from study.schema import TAG_STUDY
+from study.store import StudyBusy, StudyFolder, StudyMeta, find_study, running_from
 from study.tracking import (
     TrackingUnavailable,
+    absolute_uri,
     check_tracking,
     children,
     client,
@@ -89,8 +91,10 @@ def _absolute_paths(cfg: StudyConfig) -> StudyConfig:
     def ab(p: str | None) -> str | None:
         return None if p is None else str(Path(p).expanduser().absolute())
 
+    uri = cfg.mlflow.tracking_uri
     return cfg.model_copy(update={
         "storage": ab(cfg.storage),
+        "mlflow": cfg.mlflow.model_copy(update={"tracking_uri": absolute_uri(uri) if uri else uri}),
         "data": cfg.data.model_copy(update={"root": ab(cfg.data.root)}),
         "dense": cfg.dense.model_copy(update={"checkpoint": ab(cfg.dense.checkpoint)}),
     })
@@ -186,7 +190,8 @@ def run(config: str | os.PathLike | dict[str, Any] | StudyConfig, *, if_exists: 
                              ray_address=cfg.ray.address or os.environ.get("RAY_ADDRESS"))
             folder.write_meta(meta)
             _start_parent(cfg, folder, uri, num_runs)
-            return _execute(cfg, folder, gpu, restore=False, embedded=started and not cfg.ray.address,
+            with running_from(folder):
+                return _execute(cfg, folder, gpu, restore=False, embedded=started and not cfg.ray.address,
                             callbacks=callbacks or [])
         finally:
             if started:
@@ -231,16 +236,27 @@ def resume(name_or_path: str, *, storage: str | None = None, address: str | None
             raise StudyError(f"{folder.config_path} was edited after the study started (digest "
                              f"{config_digest(cfg)} vs {meta.config_digest}); restore it, or start a new "
                              "study with `tpp-study run CONFIG --if-exists replace`")
-        if tracking_uri:
-            meta = folder.update_meta(tracking_uri=tracking_uri)
         if not meta.parent_run_id:
             raise StudyError(f"study {meta.name} never got its MLflow parent run; start it again with "
                              f"`tpp-study run {folder.config_path} --if-exists replace`")
+        from mlflow.exceptions import MlflowException
+
+        uri = absolute_uri(tracking_uri) if tracking_uri else meta.tracking_uri
         try:
-            check_tracking(meta.tracking_uri)
-            client(meta.tracking_uri)  # a SQLite store must be where the study says (never created here)
+            check_tracking(uri)
+            c = client(uri)  # a SQLite store must be where the study says (never created here)
+            if tracking_uri and c.get_run(meta.parent_run_id).data.tags.get(TAG_STUDY) != meta.name:
+                raise TrackingUnavailable(f"{uri} does not hold study {meta.name!r} (its parent run "
+                                          f"{meta.parent_run_id})")
         except TrackingUnavailable as e:
-            raise StudyError(f"mlflow.tracking_uri: {e}") from None
+            field = "--tracking-uri" if tracking_uri else "mlflow.tracking_uri"
+            raise StudyError(f"{field}: {e}") from None
+        except MlflowException as e:
+            raise StudyError(f"--tracking-uri: {uri} does not hold study {meta.name!r}: "
+                             f"{str(e).splitlines()[0][:200]}") from None
+        if tracking_uri and uri != meta.tracking_uri:  # checked: the study's record is there
+            print(f"[{meta.name}] its MLflow store is now {uri}", flush=True)
+            meta = folder.update_meta(tracking_uri=uri)
         if not folder.pending_log.is_file():
             result = collect(folder)
             if result.status == "completed":
@@ -250,7 +266,8 @@ def resume(name_or_path: str, *, storage: str | None = None, address: str | None
         try:
             gpu = _gpu_fraction(cfg)
             embedded = started and not (address or meta.ray_address)
-            return _execute(cfg, folder, gpu, restore=True, embedded=embedded, callbacks=callbacks or [])
+            with running_from(folder):
+                return _execute(cfg, folder, gpu, restore=True, embedded=embedded, callbacks=callbacks or [])
         finally:
             if started:
                 import ray
@@ -288,6 +305,7 @@ def _execute(cfg: StudyConfig, folder: StudyFolder, gpu: float, restore: bool, e
     if problem:
         raise StudyError(problem)
     meta = folder.read_meta()
+    adopt_artifact_root(folder, meta)
     _replay_pending(folder, meta)
     finished = finished_members(children(meta.tracking_uri, meta.experiment_id, meta.parent_run_id))
     box = Outbox(meta.tracking_uri, {"parent": meta.parent_run_id})

@@ -67,7 +67,9 @@ class StudyLogger(LoggerCallback):
         return {"study_dir": self.study_dir}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.study_dir = state["study_dir"]
+        from study.store import where_now
+
+        self.study_dir = where_now(state["study_dir"])
         self._reset()
 
     def setup(self, **info: Any) -> None:

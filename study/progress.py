@@ -56,7 +56,9 @@ class Progress(tune.Callback):
         return {"study_dir": self.study_dir}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(**state)
+        from study.store import where_now
+
+        self.__init__(where_now(state["study_dir"]))
 
     def setup(self, **info: Any) -> None:
         from study.loading import load_config

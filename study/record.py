@@ -3,9 +3,11 @@ member run's name and params, and the study's outcome read back (collect)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from study.schema import (
 )
 from study.store import StudyFolder, disk_usage, human_bytes
 from study.text import fmt_duration
-from study.tracking import TrackingUnavailable, children, client, flatten, is_http
+from study.tracking import TrackingUnavailable, children, client, flatten, is_http, sqlite_path
 
 if TYPE_CHECKING:
     from tpp.config import RunConfig
@@ -44,6 +46,34 @@ def ensure_experiment(c: Any, name: str, study_dir: Path, uri: str) -> str:
     # A local store keeps artifacts in the study folder; a server decides itself (its artifact proxy).
     location = None if is_http(uri) else StudyFolder(study_dir).artifacts.as_uri()
     return c.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
+
+
+def adopt_artifact_root(folder: StudyFolder, meta: Any) -> None:
+    """Keep a moved or copied study's artifacts in itself: point its experiment's artifact root (and its
+    runs') at the folder it is in now, when the store is a SQLite file that still names the old place.
+
+    MLflow has no call that moves an experiment's artifact root, so the two columns holding it
+    (`experiments.artifact_location`, `runs.artifact_uri`, MLflow's schema) are updated in place, in one
+    transaction, and only in a SQLite store (the study's own, or a file the user named)."""
+    import sqlite3
+
+    path = sqlite_path(meta.tracking_uri)
+    if not path or not meta.experiment_id or not os.path.isfile(path):
+        return
+    new, exp = folder.artifacts.as_uri(), int(meta.experiment_id)
+    with contextlib.closing(sqlite3.connect(path, timeout=30)) as con, con:
+        row = con.execute("SELECT artifact_location FROM experiments WHERE experiment_id = ?",
+                          (exp,)).fetchone()
+        old = row[0] if row else None
+        if not old or old == new or not old.startswith("file:"):
+            return
+        con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (new, exp))
+        con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE experiment_id = ? "
+                    "AND substr(artifact_uri, 1, ?) = ?", (new, len(old) + 1, exp, len(old), old))
+        con.execute("UPDATE tags SET value = ? WHERE key = 'tpp.study_dir' AND run_uuid = ?",
+                    (str(folder.path), meta.parent_run_id))
+    print(f"[{meta.name}] the study folder moved: its artifacts are kept under {folder.artifacts}",
+          flush=True)
 
 
 def start_parent(uri: str, experiment: str, study_dir: Path, name: str, params: dict[str, str],

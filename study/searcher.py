@@ -15,11 +15,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from optuna.storages import RDBStorage
 from ray.tune.search import Searcher
 
 from study.config import Range, StudyConfig, levels
 from study.design import PrunePoint, has_penalty
 from study.prune_cache import PruneCache
+from study.store import StudyFolder, where_now
 
 
 class DesignSearcher(Searcher):
@@ -33,6 +35,11 @@ class DesignSearcher(Searcher):
         self.ended: list[int] = []  # prune units that completed or failed
         self._next = 0  # the first unit that may not have been handed out
         self._handed: set[int] = set()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restored from Tune's saved state: the prune cache of the folder the study runs from now."""
+        self.__dict__.update(state)
+        self.cache_dir = str(StudyFolder(where_now(str(Path(state["cache_dir"]).parent))).prune_cache)
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True
@@ -108,3 +115,14 @@ class DefineByRun:
             member[key] = trial.suggest_categorical(key, values) if len(values) > 1 else values[0]
         point = PrunePoint(method, pr, growth if has_penalty(cfg, method) else None, seed)
         return {"kind": "member", **point.as_dict(), "member": member}
+
+
+class FolderOptunaStorage(RDBStorage):
+    """Optuna's SQLite storage of a study folder (`optuna.db`). Tune pickles the Optuna searcher, its
+    storage URL included; restored, the storage opens the `optuna.db` of the folder the study runs from
+    now (a moved or copied study never writes to where it was)."""
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        saved = Path(state["url"][len("sqlite:///"):])
+        state = {**state, "url": f"sqlite:///{StudyFolder(where_now(str(saved.parent))).optuna_db}"}
+        super().__setstate__(state)

@@ -13,6 +13,11 @@
 
 MLflow is the record of what finished, and the lock says whether a process runs the study; `study.json`
 holds only the study's identity (written atomically), so nothing kept here can disagree with MLflow.
+
+A study folder is self-contained: it names its own store relatively (an empty `tracking_uri` in
+`study.json` is its `mlflow.db`), and objects Tune saved with the paths of the place they were made at
+use the folder the study runs from now (`where_now`), so a copied, moved or renamed folder resumes into
+itself. Its `id` travels with every copy: a second writer is refused even through a copy of a live study.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import socket
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -40,7 +47,7 @@ class StudyMeta:
     kept here: they are read from MLflow and the lock (record.study_status), the one record of them."""
 
     name: str
-    tracking_uri: str = ""
+    tracking_uri: str = ""  # "" (in study.json): the study folder's own mlflow.db, wherever it is now
     experiment: str = ""
     experiment_id: str = ""
     parent_run_id: str = ""
@@ -50,6 +57,7 @@ class StudyMeta:
     train_samples: int = 0  # samples a member trains on per epoch (the progress ETA's unit of work)
     created: float = field(default_factory=time.time)
     ray_address: str | None = None
+    id: str = field(default_factory=lambda: secrets.token_hex(8))  # shared by every copy of the folder
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StudyMeta:
@@ -91,11 +99,28 @@ class StudyFolder:
         return self.meta_path.is_file()
 
     def read_meta(self) -> StudyMeta:
-        return StudyMeta.from_dict(json.loads(self.meta_path.read_text()))
+        """The study's identity, its own store's URI resolved to where the folder is now. A damaged
+        `study.json` is a one-line ValueError naming it."""
+        try:
+            saved = json.loads(self.meta_path.read_text())
+            if not isinstance(saved, dict) or "name" not in saved:
+                raise ValueError("not a study record")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{self.meta_path} is damaged ({str(e).splitlines()[0][:120]}); it is the "
+                             "study's identity: restore it from a copy, or start the study again") from None
+        meta = StudyMeta.from_dict(saved)
+        if not meta.tracking_uri:
+            meta.tracking_uri = self.default_tracking_uri
+        return meta
 
     def write_meta(self, meta: StudyMeta) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.meta_path, json.dumps(asdict(meta), indent=2, default=str))
+        saved = asdict(meta)
+        if saved["tracking_uri"] == self.default_tracking_uri:
+            saved["tracking_uri"] = ""  # its own store: found relative to the folder, wherever it moves
+        if self._lock_file is not None:  # a new study's writer: its id is locked from the first write on
+            self._lock_id(meta.id)
+        _write_atomic(self.meta_path, json.dumps(saved, indent=2, default=str))
 
     def update_meta(self, **changes: Any) -> StudyMeta:
         meta = self.read_meta()
@@ -113,38 +138,95 @@ class StudyFolder:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                f.seek(0)
-                try:
-                    who = json.loads(f.read() or "{}")
-                except ValueError:
-                    who = {}
-                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(who.get("started", 0)))
-                return f"pid {who.get('pid', '?')} on {who.get('host', '?')} since {since}"
+                return _who(f)
             fcntl.flock(f, fcntl.LOCK_UN)
         return None
 
     def lock(self) -> None:
         """Hold the study's lock for this process's lifetime (the kernel drops it when the process dies,
-        so a crashed driver leaves no stale lock). Raises StudyBusy naming the live holder."""
+        so a crashed driver leaves no stale lock). Raises StudyBusy naming the live holder.
+
+        Two locks: the folder's `.lock`, and one per study id on this machine, so that a copy of a live
+        study (`cp -a`, same id) cannot be resumed beside it."""
         self.path.mkdir(parents=True, exist_ok=True)
-        f = open(self.lock_path, "a+")  # noqa: SIM115 - held until unlock() or process exit
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            raise StudyBusy(f"study {self.name!r} is being run by {self.holder() or 'another process'}; "
-                            "wait for it, or stop it (Ctrl-C / kill) first") from None
-        f.seek(0)
-        f.truncate()
-        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}))
-        f.flush()
-        self._lock_file = f
+        self._lock_file = _flock(self.lock_path, f"study {self.name!r}")
+        if self.exists():
+            try:
+                self._lock_id(self.read_meta().id)
+            except BaseException:
+                self.unlock()
+                raise
+
+    def _lock_id(self, ident: str) -> None:
+        if getattr(self, "_id_lock", None) is None:
+            self._id_lock = _flock(_id_lock_path(ident), f"study {self.name!r} (id {ident}, also in a copy "
+                                   "of this folder)", where=str(self.path))
 
     def unlock(self) -> None:
-        if self._lock_file is not None:
-            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
-            self._lock_file.close()
-            self._lock_file = None
+        for attr in ("_id_lock", "_lock_file"):
+            f = getattr(self, attr, None)
+            if f is not None:
+                fcntl.flock(f, fcntl.LOCK_UN)
+                f.close()
+                setattr(self, attr, None)
+
+
+def _id_lock_path(ident: str) -> Path:
+    root = Path(tempfile.gettempdir()) / f"tpp-study-locks-{os.getuid()}"
+    root.mkdir(mode=0o700, exist_ok=True)
+    return root / f"{ident}.lock"
+
+
+def _flock(path: Path, what: str, where: str = "") -> Any:
+    """An exclusive lock on `path`, held open; StudyBusy naming the holder when a live process has it."""
+    f = open(path, "a+")  # noqa: SIM115 - held until unlock() or process exit
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _who(f, where)
+        f.close()
+        raise StudyBusy(f"{what} is being run by {holder}; wait for it, or stop it (Ctrl-C / kill) first") \
+            from None
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                        "path": where or str(path.parent)}))
+    f.flush()
+    return f
+
+
+def _who(f: Any, where: str = "") -> str:
+    """The holder a lock file names: "pid 123 on host since ... [at PATH]" (PATH when not `where`)."""
+    f.seek(0)
+    try:
+        who = json.loads(f.read() or "{}")
+    except ValueError:
+        who = {}
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(who.get("started", 0)))
+    at = f" at {who['path']}" if where and who.get("path") and who["path"] != where else ""
+    return f"pid {who.get('pid', '?')} on {who.get('host', '?')} since {since}{at}"
+
+
+_running_at: str | None = None  # the study folder this process runs a study from (see `where_now`)
+
+
+@contextlib.contextmanager
+def running_from(folder: StudyFolder) -> Any:
+    """While the driver runs (or restores) the study in `folder`: see `where_now`."""
+    global _running_at
+    before, _running_at = _running_at, str(folder.path)
+    try:
+        yield
+    finally:
+        _running_at = before
+
+
+def where_now(saved_study_dir: str) -> str:
+    """The study folder an object restored from Tune's saved state must use.
+
+    Tune pickles the callbacks and searchers with the paths they were made with; a folder moved or copied
+    since must write to itself, never to where it was, so they take the folder the driver runs from."""
+    return _running_at or saved_study_dir
 
 
 def find_study(name_or_path: str, storage: str | os.PathLike = "./studies") -> StudyFolder:

@@ -100,6 +100,15 @@ def sqlite_path(uri: str) -> str | None:
     return uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else None
 
 
+def absolute_uri(uri: str) -> str:
+    """`uri` with a relative SQLite path made absolute (a study must find its store from any directory)."""
+    path = sqlite_path(uri)
+    if not path or path == ":memory:" or os.path.isabs(path):
+        return uri
+    rest = uri[len("sqlite:///") + len(path):]
+    return f"sqlite:///{os.path.abspath(os.path.expanduser(path))}{rest}"
+
+
 def client(uri: str, create: bool = False) -> Any:
     """An MlflowClient of `uri`. A SQLite file that does not exist is an error unless `create` (only a new
     study creates its store): MLflow would silently create an empty one, which then hides the real store

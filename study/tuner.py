@@ -17,7 +17,7 @@ from study.config import StudyConfig
 from study.errors import StudyError
 from study.logger import StudyLogger
 from study.progress import Progress
-from study.store import StudyFolder, human_bytes
+from study.store import StudyFolder, human_bytes, where_now
 
 AUTO_GPU_FRACTION = 0.25  # `gpu: auto` on a cluster with GPUs: four trials share one GPU
 
@@ -75,7 +75,7 @@ class DiskGuard(tune.Callback):
         return {"path": self.path, "min_free_mb": self.min_free_mb}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(**state)
+        self.__init__(where_now(state["path"]), state["min_free_mb"])
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         if DiskGuard.last_stop is not None or time.monotonic() - self.checked < self.EVERY_S:
@@ -98,11 +98,11 @@ def _searcher(cfg: StudyConfig, folder: StudyFolder, dense: Any, slots: int) -> 
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    from study.searcher import DefineByRun
+    from study.searcher import DefineByRun, FolderOptunaStorage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=cfg.sampler_seed, multivariate=True, group=True)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{folder.optuna_db}")
+    storage = FolderOptunaStorage(f"sqlite:///{folder.optuna_db}")
     return OptunaSearch(space=DefineByRun(cfg), metric=cfg.objective.metric, mode=cfg.objective.mode,
                         sampler=sampler, storage=storage, study_name=cfg.name), cfg.num_trials or 0
 

@@ -8,6 +8,7 @@ finished MLflow run, none is left RUNNING, and a trial finished before the fault
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -357,8 +358,11 @@ def test_one_study_one_writer(tmp_path):
     # could otherwise end before the fourth attempt has started; it holds its lock all the same
     os.kill(proc.pid, signal.SIGSTOP)
     try:
+        live_copy = tmp_path / "copy" / "busy"  # a copy of the live study (same id) is refused too
+        shutil.copytree(folder.path, live_copy, symlinks=True)
         for argv in (["run", config], ["run", config, "--if-exists", "replace"],
-                     ["run", config, "--if-exists", "resume"], ["resume", "busy"]):
+                     ["run", config, "--if-exists", "resume"], ["resume", "busy"],
+                     ["resume", str(live_copy)]):
             other = subprocess.run([TPP_STUDY, *argv, "--storage", str(storage)], cwd=tmp_path, env=_env(),
                                    capture_output=True, text=True, timeout=120)
             assert other.returncode == 2, (argv, other.stdout[-2000:], other.stderr[-2000:])
@@ -371,3 +375,40 @@ def test_one_study_one_writer(tmp_path):
     by_member = _runs_by_member(res)
     assert res.status == "completed" and len(by_member) == 8 and all(len(v) == 1 for v in by_member.values())
     assert folder.holder() is None
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    """Every file under `root` with its content digest (what "untouched" means)."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+@pytest.mark.slow
+def test_a_copied_study_folder_resumes_into_itself_leaving_the_original_untouched(tmp_path):
+    """A study killed mid-run, its folder copied elsewhere under another parent (`cp -a`), resumed there:
+    the copy finishes into its own store and artifact folder, the original is not written, and with the
+    original deleted the copy's status and report still work."""
+    name = "moved"
+    storage, finished, _ = _interrupt_cli(tmp_path, name, signal.SIGKILL)
+    original = storage / name
+    before = _tree_digest(original)
+    elsewhere = tmp_path / "laptop" / "copied studies"  # another parent, with a space in its path
+    shutil.copytree(original, elsewhere / name, symlinks=True)
+    _resume_and_check(elsewhere, name, finished)
+    assert _tree_digest(original) == before  # nothing written to the original
+    copy = StudyFolder(elsewhere / name)
+    meta = copy.read_meta()
+    assert meta.tracking_uri == copy.default_tracking_uri
+    assert json.loads(copy.meta_path.read_text())["tracking_uri"] == ""  # its own store, relatively
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(meta.tracking_uri)
+    assert c.get_experiment(meta.experiment_id).artifact_location == copy.artifacts.as_uri()
+    assert c.get_run(meta.parent_run_id).info.artifact_uri.startswith(copy.artifacts.as_uri())
+    shutil.rmtree(original)
+    status = subprocess.run([TPP_STUDY, "status", str(copy.path)], cwd=tmp_path, env=_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and "16/16 finished" in status.stdout, status.stdout + status.stderr
+    assert not original.exists()  # status created nothing at the old place
