@@ -169,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {msg}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - one line for the user; the traceback helps nobody here
-        print(f"{PROG}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        from study.tracking import one_line  # SQLAlchemy's errors (a damaged store) run over three lines
+
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 1
     if args.quiet:
         print(path.resolve())

@@ -1,10 +1,10 @@
 """Find a study from its folder: ``STORAGE/STUDY/study.json`` (written by tpp-study) names the tracking URI,
 so ``tpp-analyze STUDY --storage DIR`` needs nothing else. The folder layout is study.store's (the one
-declaration of it); study.json is read as plain JSON."""
+declaration of it), and study.store reads study.json, resolving a study's own store to where the folder
+is now."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from study.store import META, StudyFolder
@@ -30,11 +30,9 @@ def tracking_uri_from_storage(storage: str | Path, study: str) -> str:
         listing = ", ".join(found) if found else "none"
         raise LocateError(f"--storage: no {META} at {meta} (studies under {storage}: {listing})")
     try:
-        uri = json.loads(meta.read_text()).get("tracking_uri")
+        uri = StudyFolder(folder).read_meta().tracking_uri  # its own store, wherever the folder is now
     except (OSError, ValueError) as exc:
-        raise LocateError(f"--storage: {meta} is not readable JSON ({exc})") from None
-    if not isinstance(uri, str) or not uri:
-        raise LocateError(f"--storage: {meta} has no \"tracking_uri\"")
+        raise LocateError(f"--storage: {str(exc).splitlines()[0]}") from None
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):].split("?", 1)[0])
         local = StudyFolder(folder).mlflow_db

@@ -81,6 +81,11 @@ def _err(msg: str) -> int:
     return 2
 
 
+def _interrupted(e: KeyboardInterrupt) -> int:
+    print(f"tpp-study: {e}" if str(e) else "tpp-study: interrupted", file=sys.stderr)
+    return 1
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from study.driver import StudyError, run
 
@@ -91,6 +96,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         result = run(args.config, if_exists=args.if_exists, **overrides)
     except (StudyConfigError, StudyError) as e:
         return _err(str(e))
+    except KeyboardInterrupt as e:
+        return _interrupted(e)
     return result.exit_code
 
 
@@ -100,8 +107,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
     try:
         result = resume(args.study, storage=args.storage, address=args.address,
                         tracking_uri=args.tracking_uri)
-    except (StudyConfigError, StudyError, FileNotFoundError) as e:
+    except (StudyConfigError, StudyError, FileNotFoundError, ValueError) as e:
         return _err(str(e))
+    except KeyboardInterrupt as e:
+        return _interrupted(e)
     return result.exit_code
 
 
@@ -109,13 +118,17 @@ def cmd_list(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from study.record import collect, study_status
-    from study.store import list_studies
+    from study.store import StudyMeta, list_studies
 
     if not Path(args.storage).is_dir():
         return _err(f"--storage: {args.storage} is not a folder (studies live in <storage>/<name>/)")
     rows = []
     for f in list_studies(args.storage):
-        m = f.read_meta()
+        try:
+            m = f.read_meta()
+        except (OSError, ValueError) as e:  # one damaged study.json: said on its row, the others listed
+            rows.append((StudyMeta(name=f.name), f"damaged ({str(e).split('(')[-1].rstrip(')')[:40]})", None))
+            continue
         try:
             res = collect(f) if m.parent_run_id else None
             finished = sum(res.counts.get(k, 0) for k in ("completed", "diverged", "failed")) if res else 0
@@ -143,13 +156,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from study.record import collect, study_status
     from study.store import disk_usage, find_study, human_bytes
-    from study.tracking import TrackingUnavailable, is_http, server_healthy
+    from study.tracking import TrackingUnavailable, is_http, one_line, server_healthy
 
     try:
         folder = find_study(args.study, args.storage)
-    except FileNotFoundError as e:
+        meta = folder.read_meta()
+    except (FileNotFoundError, ValueError) as e:
         return _err(str(e))
-    meta = folder.read_meta()
     info: dict[str, Any] = {**asdict(meta), "path": str(folder.path), "disk_bytes": disk_usage(folder.path),
                             "running_by": folder.holder()}
     reachable = not is_http(meta.tracking_uri) or server_healthy(meta.tracking_uri)
@@ -160,8 +173,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             info.update(counts=res.counts, reuse=res.reuse, best=res.best, ui=res.ui_lines())
         except TrackingUnavailable as e:  # the store is gone: say so, create nothing
             return _err(f"mlflow: {e}")
-        except Exception as e:  # noqa: BLE001 - status must still print what study.json knows
-            info["mlflow_error"] = str(e).splitlines()[0]
+        except Exception as e:  # noqa: BLE001 - a damaged store: one line, and not a success
+            return _err(f"mlflow: {meta.tracking_uri} cannot be read as the study's MLflow store "
+                        f"({one_line(e)})")
     info["status"] = study_status(folder, res) if res or not meta.parent_run_id else (
         "running" if info["running_by"] else "unknown")
     if args.json:
@@ -176,8 +190,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     if counts:
         print("by status  " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         print("prune      " + ", ".join(f"{k} {v}" for k, v in sorted(info["reuse"].items())))
-    if "mlflow_error" in info:
-        print(f"MLflow     cannot be read: {info['mlflow_error']}")
     best = info.get("best")
     if best:
         name = best.get("run_name") or best.get("trial")

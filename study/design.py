@@ -15,11 +15,12 @@ The adaptive sampler (tpe) has no design: Optuna proposes one (prune point, memb
 from __future__ import annotations
 
 import hashlib
+import heapq
 import itertools
 import json
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from study.config import MAX_MEMBERS, Range, StudyConfig, StudyConfigError, _section_of, levels
@@ -274,7 +275,13 @@ def plan(cfg: StudyConfig, slots: int = 1, max_lockstep: int | None = None, trai
     pts, mems = points(cfg), members(cfg)
     per = cfg.finetune.per_trial or len(mems)
     chunks = [tuple(range(i, min(i + per, len(mems)))) for i in range(0, len(mems), per)]
-    work = {i: _prune_iterations(cfg, p, train_samples) for i, p in enumerate(pts)}
+    iterations: dict[PrunePoint, int] = {}  # a stage's length does not depend on its seed
+    work = {}
+    for i, p in enumerate(pts):
+        level = replace(p, seed=0)
+        if level not in iterations:
+            iterations[level] = _prune_iterations(cfg, p, train_samples)
+        work[i] = iterations[level]
     shared = [i for i, p in enumerate(pts) if work[i] and (cfg.lockstep or len(chunks) > 1)]
     from tpp.lockstep import MAX_MEMBERS
 
@@ -306,12 +313,12 @@ def _balance(items: list[int], work: dict[int, int], slots: int, cap: int) -> li
         return []
     n = max(slots, math.ceil(len(items) / cap))
     batches: list[list[int]] = [[] for _ in range(min(n, len(items)))]
-    load = [0] * len(batches)
+    lightest = [(0, b) for b in range(len(batches))]  # open batches as (load, index): a heap
     for i in sorted(items, key=lambda i: -work[i]):
-        open_ = [b for b in range(len(batches)) if len(batches[b]) < cap]
-        b = min(open_, key=lambda b: load[b])
+        load, b = heapq.heappop(lightest)
         batches[b].append(i)
-        load[b] += work[i]
+        if len(batches[b]) < cap:
+            heapq.heappush(lightest, (load + work[i], b))
     return [tuple(b) for b in sorted(batches, key=lambda b: -max(work[i] for i in b)) if b]
 
 

@@ -9,6 +9,7 @@ first trial starts.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -25,21 +26,23 @@ from typing import Any
 
 from study.config import OBJECTIVE_TEXT, StudyConfig, StudyConfigError
 from study.dense import _dense
-from study.errors import StudyError
+from study.errors import StudyError, StudyInterrupted
 from study.loading import load_config
 from study.outbox import Outbox
 from study.record import StudyResult, _start_parent, adopt_artifact_root, collect, end_parent
-from study.schema import TAG_STUDY
 from study.store import StudyBusy, StudyFolder, StudyMeta, find_study, running_from
 from study.tracking import (
     TrackingUnavailable,
     absolute_uri,
+    check_store,
     check_tracking,
     children,
-    client,
     configure_mlflow_env,
+    end_wait_s,
     finished_members,
     flatten,
+    is_http,
+    server_healthy,
     sqlite_checkpoint,
 )
 from study.tuner import DiskGuard, _gpu_fraction, _tune_state_readable, _tuner
@@ -75,6 +78,8 @@ def _start_ray(address: str | None, num_cpus: int | None) -> bool:
     if ray.is_initialized():  # a notebook or test session: reused as is and left running
         return False
     common = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
+    if address:
+        _check_answers(address)
     try:
         if address:
             ray.init(address=address, **common)
@@ -84,6 +89,26 @@ def _start_ray(address: str | None, num_cpus: int | None) -> bool:
         raise StudyError(f"ray.address: cannot start/join Ray at {address or 'a local instance'}: "
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     return True
+
+
+def _check_answers(address: str, timeout_s: float = 10.0) -> None:
+    """A cluster address (`HOST:PORT`, `ray://HOST:PORT`) must accept a connection before `ray.init` joins
+    it: Ray itself retries an address nobody listens on for minutes. ("auto" is Ray's to resolve.)"""
+    import socket
+
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if address == "auto" or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        how = ("`ray start --head --port PORT` on the head" if not address.startswith("ray://")
+               else "a Ray client server (`ray start --head` serves ray:// on port 10001)")
+        why = e.strerror or type(e).__name__
+        raise StudyError(f"ray.address: nothing answers at {address} (tried a TCP connection to "
+                         f"{host}:{port} for {timeout_s:.0f} s: {why}); start {how}, or leave ray.address "
+                         "out for an embedded local Ray") from None
 
 
 def _absolute_paths(cfg: StudyConfig) -> StudyConfig:
@@ -169,17 +194,20 @@ def run(config: str | os.PathLike | dict[str, Any] | StudyConfig, *, if_exists: 
         raise StudyError(f"study {cfg.name!r} already exists at {folder.path}; continue it with "
                          f"`tpp-study resume {shlex.quote(str(folder.path))}`, or pass --if-exists "
                          "replace to start over")
+    uri = cfg.tracking_uri()
+    try:
+        check_tracking(uri)  # before anything is written: a bad URI leaves no folder behind
+    except TrackingUnavailable as e:
+        raise StudyError(f"mlflow.tracking_uri: {e}") from None
+    new_folder = not folder.path.exists()
+    new_storage = not folder.path.parent.exists()
+    begun = False  # the parent run exists: from here on the folder holds a (resumable) study
     _lock(folder)
     try:
         if folder.path.exists():
             for child in folder.path.iterdir():  # replace: everything but the lock we hold
                 if child != folder.lock_path:
                     shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-        uri = cfg.tracking_uri()
-        try:
-            check_tracking(uri)
-        except TrackingUnavailable as e:
-            raise StudyError(f"mlflow.tracking_uri: {e}") from None
         started = _start_ray(cfg.ray.address, cfg.ray.num_cpus)
         try:
             gpu = _gpu_fraction(cfg)
@@ -190,9 +218,10 @@ def run(config: str | os.PathLike | dict[str, Any] | StudyConfig, *, if_exists: 
                              ray_address=cfg.ray.address or os.environ.get("RAY_ADDRESS"))
             folder.write_meta(meta)
             _start_parent(cfg, folder, uri, num_runs)
+            begun = True
             with running_from(folder):
                 return _execute(cfg, folder, gpu, restore=False, embedded=started and not cfg.ray.address,
-                            callbacks=callbacks or [])
+                                callbacks=callbacks or [])
         finally:
             if started:
                 import ray
@@ -200,6 +229,11 @@ def run(config: str | os.PathLike | dict[str, Any] | StudyConfig, *, if_exists: 
                 ray.shutdown()
     finally:
         folder.unlock()
+        if new_folder and not begun:  # it could not start: "nothing started" leaves nothing behind
+            shutil.rmtree(folder.path, ignore_errors=True)
+            if new_storage:
+                with contextlib.suppress(OSError):  # only while empty: another study may have begun there
+                    folder.path.parent.rmdir()
 
 
 def _num_runs(cfg: StudyConfig) -> int:
@@ -213,6 +247,9 @@ def _lock(folder: StudyFolder) -> None:
         folder.lock()
     except StudyBusy as e:
         raise StudyError(str(e)) from None
+    except OSError as e:  # a file given as --storage, read-only media, no permission
+        raise StudyError(f"storage: cannot write the study folder {folder.path} ({e.strerror}); a study "
+                         "needs a writable folder (--storage)") from None
 
 
 def resume(name_or_path: str, *, storage: str | None = None, address: str | None = None,
@@ -239,21 +276,12 @@ def resume(name_or_path: str, *, storage: str | None = None, address: str | None
         if not meta.parent_run_id:
             raise StudyError(f"study {meta.name} never got its MLflow parent run; start it again with "
                              f"`tpp-study run {folder.config_path} --if-exists replace`")
-        from mlflow.exceptions import MlflowException
-
         uri = absolute_uri(tracking_uri) if tracking_uri else meta.tracking_uri
         try:
             check_tracking(uri)
-            c = client(uri)  # a SQLite store must be where the study says (never created here)
-            if tracking_uri and c.get_run(meta.parent_run_id).data.tags.get(TAG_STUDY) != meta.name:
-                raise TrackingUnavailable(f"{uri} does not hold study {meta.name!r} (its parent run "
-                                          f"{meta.parent_run_id})")
+            check_store(uri, meta.parent_run_id, meta.name)
         except TrackingUnavailable as e:
-            field = "--tracking-uri" if tracking_uri else "mlflow.tracking_uri"
-            raise StudyError(f"{field}: {e}") from None
-        except MlflowException as e:
-            raise StudyError(f"--tracking-uri: {uri} does not hold study {meta.name!r}: "
-                             f"{str(e).splitlines()[0][:200]}") from None
+            raise StudyError(f"{'--tracking-uri' if tracking_uri else 'mlflow.tracking_uri'}: {e}") from None
         if tracking_uri and uri != meta.tracking_uri:  # checked: the study's record is there
             print(f"[{meta.name}] its MLflow store is now {uri}", flush=True)
             meta = folder.update_meta(tracking_uri=uri)
@@ -329,17 +357,29 @@ def _execute(cfg: StudyConfig, folder: StudyFolder, gpu: float, restore: bool, e
             if e.errno != errno.ENOSPC:
                 raise
             DiskGuard.last_stop = f"no space left on the device of {folder.path}: {e}"
-        result = collect(folder)
+        try:
+            result = collect(folder)
+        except Exception:
+            if not is_http(meta.tracking_uri) or server_healthy(meta.tracking_uri):
+                raise
+            status = "interrupted"  # every trial ended; only the record is behind
+            saved = folder.pending_log.is_file()
+            kept = f"the writes it missed are saved in {folder.pending_log}; " if saved else ""
+            raise StudyError(f"the MLflow server {meta.tracking_uri} stopped answering; {kept}once it "
+                             f"answers again, `tpp-study resume {shlex.quote(str(folder.path))}` "
+                             f"{'delivers them and ' if saved else ''}finishes the study") from None
         if result.status != "completed" and DiskGuard.last_stop is None:
             # a write that hit the full disk between two checks ended the trials: the disk is the reason
             DiskGuard.last_stop = DiskGuard(str(folder.path), cfg.min_free_mb).problem()
         status = result.status
     except KeyboardInterrupt:
         status = "interrupted"
-        raise
+        raise StudyInterrupted(f"study {cfg.name!r} interrupted; continue it with `tpp-study resume "
+                               f"{shlex.quote(str(folder.path))}`") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-        end_parent(box, cfg, meta.experiment_id, status, result, wait_s=5 if DiskGuard.last_stop else 30)
+        wait_s = 5 if DiskGuard.last_stop else min(30, end_wait_s())
+        end_parent(box, cfg, meta.experiment_id, status, result, wait_s=wait_s)
         sqlite_checkpoint(meta.tracking_uri)
     result.wall_s = time.monotonic() - t0
     result.stopped_because = DiskGuard.last_stop

@@ -32,7 +32,7 @@ from study.schema import (
     TAG_STUDY,
     TAG_TRIAL,
 )
-from study.tracking import children
+from study.tracking import children, end_wait_s
 
 log = logging.getLogger("study.mlflow")
 
@@ -241,7 +241,7 @@ class StudyLogger(LoggerCallback):
             if status == "RUNNING":
                 self._end(mid, "interrupted", {TAG_STATUS: "interrupted"})
         full = any(s in (self.box.problem or "") for s in NO_SPACE)
-        delivered = self.box.drain(5 if full else 60)
+        delivered = self.box.drain(5 if full else end_wait_s())
         self._log_due_inputs()
         if not delivered:
             from study.store import StudyFolder

@@ -35,6 +35,8 @@ class DesignSearcher(Searcher):
         self.ended: list[int] = []  # prune units that completed or failed
         self._next = 0  # the first unit that may not have been handed out
         self._handed: set[int] = set()
+        self._ended: set[int] = set()
+        self._cached: set[str] = set()  # prune stages seen in the cache (they stay there)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restored from Tune's saved state: the prune cache of the folder the study runs from now."""
@@ -44,11 +46,22 @@ class DesignSearcher(Searcher):
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True
 
-    def _ready(self, i: int) -> bool:
+    def _ready(self, i: int, missing: set[str]) -> bool:
+        """Whether unit i can start: it waits for no prune stage, or its stage's unit ended, or the stage
+        is cached. `missing`: stages already looked up and absent in this call (one look per stage, not
+        per waiting unit: a 100k-member design has thousands of units waiting on few stages)."""
         if i not in self.waits_for:
             return True
         key, prune_unit = self.waits_for[i]
-        return prune_unit in self.ended or PruneCache(Path(self.cache_dir)).has(key)
+        if prune_unit in self._ended or key in self._cached:
+            return True
+        if key in missing:
+            return False
+        if PruneCache(Path(self.cache_dir)).has(key):
+            self._cached.add(key)
+            return True
+        missing.add(key)
+        return False
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         handed = self._handed
@@ -56,8 +69,9 @@ class DesignSearcher(Searcher):
             self._next += 1  # units before it are all handed out: never scanned again
         if len(handed) == len(self.units):
             return Searcher.FINISHED
-        ready = next((i for i in range(self._next, len(self.units)) if i not in handed and self._ready(i)),
-                     None)
+        missing: set[str] = set()
+        ready = next((i for i in range(self._next, len(self.units))
+                      if i not in handed and self._ready(i, missing)), None)
         if ready is None:
             return None  # every remaining unit waits for a prune stage still being computed
         self.handed.append(ready)
@@ -67,8 +81,9 @@ class DesignSearcher(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         i = self.by_trial.get(trial_id)
-        if i is not None and self.units[i]["kind"] == "prune" and i not in self.ended:
+        if i is not None and self.units[i]["kind"] == "prune" and i not in self._ended:
             self.ended.append(i)
+            self._ended.add(i)
 
     def save(self, checkpoint_path: str) -> None:
         state = {"handed": self.handed, "by_trial": self.by_trial, "ended": self.ended}
@@ -77,7 +92,7 @@ class DesignSearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         state = json.loads(Path(checkpoint_path).read_text())
         self.handed, self.by_trial, self.ended = state["handed"], state["by_trial"], state["ended"]
-        self._next, self._handed = 0, set(self.handed)
+        self._next, self._handed, self._ended, self._cached = 0, set(self.handed), set(self.ended), set()
 
 
 def design_searcher(units: list[Any], keys: dict[int, str], plan: Any, cache_dir: Path) -> DesignSearcher:

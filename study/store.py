@@ -134,7 +134,7 @@ class StudyFolder:
         """Who holds the lock ("pid 123 on host since ..."), or None when nobody does."""
         if not self.lock_path.is_file():
             return None
-        with open(self.lock_path, "a+") as f:
+        with open(self.lock_path) as f:  # read-only: status works on read-only media
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -20,6 +20,8 @@ import pytest
 import yaml
 from test_study_run import tiny
 
+from study.store import StudyFolder
+
 TPP_STUDY = str(Path(sys.executable).with_name("tpp-study"))
 
 # The plug-in: its own selection (the first units of every group, from an offset), the library's
@@ -134,9 +136,9 @@ def test_a_plugin_method_runs_through_a_real_study_in_ray_workers(plugin_env, tm
 
     from mlflow.tracking import MlflowClient
 
-    meta = json.loads((storage / "plugin" / "study.json").read_text())
-    c = MlflowClient(meta["tracking_uri"])
-    runs = c.search_runs([meta["experiment_id"]], f"tags.`mlflow.parentRunId` = '{meta['parent_run_id']}'")
+    meta = StudyFolder(storage / "plugin").read_meta()  # its store is named relative to the folder
+    c = MlflowClient(meta.tracking_uri)
+    runs = c.search_runs([meta.experiment_id], f"tags.`mlflow.parentRunId` = '{meta.parent_run_id}'")
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
     mine = [r for r in runs if r.data.params["method_label"] == "first"]
     assert len(mine) == 2

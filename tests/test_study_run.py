@@ -184,11 +184,11 @@ def test_study_end_to_end_sqlite(local_ray, tmp_path, capsys):
     assert len(progress) == 8 and progress[-1].startswith("[e2e] 8/8 runs done")
     assert f"--backend-store-uri sqlite:///{db} --host 127.0.0.1 --port 5000" in out
     assert f"tpp-analyze e2e --storage {tmp_path}" in out
-    # the store was written in WAL mode (commits without an fsync each) and its log folded back at the end
+    # the store, written in WAL mode (commits without an fsync each), is left whole in its main file and
+    # in rollback mode at the end (it then opens on read-only media)
     with contextlib.closing(sqlite3.connect(db)) as con:
-        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    wal = db.with_name("mlflow.db-wal")
-    assert not wal.exists() or wal.stat().st_size == 0
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert not db.with_name("mlflow.db-wal").exists()
 
     # the parent run: config params, planned runs, artifacts, dense metrics, description, best run
     c = client(res.tracking_uri)
@@ -413,16 +413,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
+def start_mlflow_server(db: Path, port: int) -> tuple[str, subprocess.Popen]:
     """A real `mlflow server` on 127.0.0.1 (its own process group, so it can be paused and killed)."""
-    port = free_port()
-    db = tmp_path / "server" / "mlflow.db"
-    db.parent.mkdir()
     exe = Path(sys.executable).with_name("mlflow")
     proc = subprocess.Popen([str(exe), "server", "--backend-store-uri", f"sqlite:///{db}",
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                             "--artifacts-destination", str(tmp_path / "server" / "artifacts")],
+                             "--artifacts-destination", str(db.parent / "artifacts")],
                             cwd=db.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
@@ -437,13 +433,26 @@ def mlflow_server(tmp_path):
         assert proc.poll() is None, "mlflow server exited"
         assert time.monotonic() < deadline, "mlflow server did not answer /health"
         time.sleep(0.5)
-    yield uri, proc
-    os.killpg(proc.pid, signal.SIGCONT)
-    os.killpg(proc.pid, signal.SIGTERM)
+    return uri, proc
+
+
+def stop_mlflow_server(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGCONT)
+        os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    db = tmp_path / "server" / "mlflow.db"
+    db.parent.mkdir()
+    uri, proc = start_mlflow_server(db, free_port())
+    yield uri, proc
+    stop_mlflow_server(proc)
 
 
 class PauseServer(tune.Callback):
@@ -476,6 +485,42 @@ def test_study_against_mlflow_server_survives_an_outage(local_ray, tmp_path, mlf
     parent = client(uri).get_run(res.parent_run_id)
     assert parent.info.status == "FINISHED" and "study_config.yaml" in {
         a.path for a in client(uri).list_artifacts(res.parent_run_id)}
+
+
+class KillServer(tune.Callback):
+    """After the first finished trial, kill the tracking server for good."""
+
+    def __init__(self, pgid: int):
+        self.pgid = pgid
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pgid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_server_still_down_at_the_end_is_one_error_and_resume_delivers_everything(local_ray, tmp_path,
+                                                                                      monkeypatch):
+    monkeypatch.setenv("TPP_STUDY_MLFLOW_WAIT_S", "3")  # how long the end waits for the server (default 60)
+    db = tmp_path / "server" / "mlflow.db"
+    db.parent.mkdir()
+    port = free_port()
+    uri, proc = start_mlflow_server(db, port)
+    cfg = tiny("lost", space={"pr": [0.5], "growth": [0.2], "seeds": [0]}, finetune__lr=[1e-3, 1e-2],
+               finetune__per_trial=1, max_concurrent=1)  # the second trial runs with the server gone
+    try:
+        with pytest.raises(study.StudyError, match="stopped answering.*saved in .*tpp-study resume"):
+            study.run(cfg, storage=str(tmp_path / "studies"), tracking_uri=uri,
+                      callbacks=[KillServer(proc.pid)])
+        assert (tmp_path / "studies" / "lost" / "mlflow_pending.json").is_file()
+        proc.wait(timeout=20)
+        uri, proc = start_mlflow_server(db, port)  # the same server back, on the same store
+        res = study.resume(str(tmp_path / "studies" / "lost"))
+        assert res.status == "completed"
+        check_member_runs(res, child_runs(res), epochs=2)  # one run per member, every epoch delivered
+        assert not (tmp_path / "studies" / "lost" / "mlflow_pending.json").exists()
+    finally:
+        stop_mlflow_server(proc)
 
 
 # ---------------------------------------------------------------------------------------------- embedded
