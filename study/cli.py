@@ -58,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="show what a config would run, without running it",
                         description="A dry run: the design as a table (runs per method x PR x growth), the "
                         "prune stages to compute, the work in iterations, balance notes. Nothing starts.")
-    pl.add_argument("config", help="study config (YAML)")
+    pl.add_argument("config", help="study config (YAML), or a study's name or folder (its saved config)")
+    pl.add_argument("--storage", default="./studies",
+                    help="folder holding study folders, for a study given by name (default: ./studies)")
     pl.add_argument("--max-concurrent", type=int, default=None,
                     help="concurrent trials to plan prune units for (default: the config's, else 1)")
 
@@ -207,11 +209,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from study.describe import describe
     from study.design import dense_run_config
     from study.loading import load_config
+    from study.store import find_study
     from tpp.data import DataError
     from tpp.run import load_run_data, run_splits
 
+    source = args.config
+    if not Path(source).is_file():
+        try:
+            source = str(find_study(source, args.storage).config_path)
+        except FileNotFoundError as e:
+            return _err(f"config: {args.config} is neither a config file nor a study: {e}")
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(source)
         run_cfg = dense_run_config(cfg)
         train = run_splits(run_cfg, load_run_data(run_cfg))[0].num_train  # what every stage trains on
     except (StudyConfigError, DataError) as e:

@@ -55,7 +55,7 @@ class Member:
     def metrics(self) -> dict[str, float]:
         out = {"best_acc": self.acc + 1.0 if self.best_acc is None else self.best_acc,
                "last_acc": self.acc - 0.5 if self.last_acc is None else self.last_acc,
-               "best_epoch": float(self.epochs - 1), "acc_after_removal": self.acc_removal,
+               "best_epoch": float(self.epochs), "acc_after_removal": self.acc_removal,
                "loss_after_removal": self.loss_removal, "jsv_after_removal_mean": self.jsv,
                "jsv_after_removal_std": 0.1, "dense_acc": 95.0, "params": 1000.0, "flops": 2000.0,
                "speedup": 2.0, "iters_dense": 100.0, "iters_prune": 0.0 if self.growth is None else 50.0,

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -376,11 +377,18 @@ def test_cli_pretrain_then_run_json(tmp_path):
     assert out["status"] == "completed" and out["config"]["method"] == "tpp"
     assert 0 <= out["best_acc"] <= 100 and out["speedup"] > 1
     assert "[finetune] epoch   1/2" in proc.stderr
+    # off a terminal the prune stage prints its first line, then one per PRUNE_LINE_EVERY_S, and its last
+    prune = [line for line in proc.stderr.splitlines() if line.startswith("[   prune] iteration")]
+    total = prune[-1].split("/")[1].split()[0]
+    assert len(prune) <= 3 and f"iteration {total:>6}/{total}" in prune[-1], prune
     # several LRs: members of one pruned model, one JSON line each, in the order given
     proc = run_cli("run", *common, "--method", "l1", "--pr", "0.5", "--lr", "1e-2", "3e-2", "--epochs", "1",
-                   "--dense", str(dense), "--json", "--quiet")
+                   "--dense", str(dense), "--json")
     lines = [json.loads(line) for line in proc.stdout.strip().splitlines()]
     assert [o["config"]["lr"] for o in lines] == [1e-2, 3e-2]
+    # each member's lines name its LR; epochs count from 1 in the lines and in the metrics alike
+    assert "[finetune lr=0.01] epoch   1/1" in proc.stderr and "[finetune lr=0.03] done: " in proc.stderr
+    assert [o["best_epoch"] for o in lines] == [1, 1] and "at epoch 1" in proc.stderr
     assert lines[0]["acc_after_removal"] == lines[1]["acc_after_removal"]  # one prune stage
 
 
@@ -401,3 +409,35 @@ def test_importing_tpp_makes_idle_openmp_threads_sleep_unless_the_user_chose():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ACTIVE"
+
+
+def test_tpp_list_aligns_every_table_and_lists_the_criteria(capsys):
+    from tpp.cli import main
+    from tpp.pruning.criteria import CRITERIA, register_criterion
+
+    register_criterion("a-plug-in-criterion-with-a-long-name", description="the test's")(lambda inputs: {})
+    try:
+        assert main(["list"]) == 0
+    finally:
+        CRITERIA.pop("a-plug-in-criterion-with-a-long-name")
+    out = capsys.readouterr().out
+    tables = out.split("\ncriteria")
+    assert len(tables) == 2 and "taylor*" in tables[1]
+    assert "a-plug-in-criterion-with-a-long-name  the test's" in out
+    for table in (tables[0].split("methods:\n")[1], tables[1].split(":\n", 1)[1]):
+        rows = [line for line in table.splitlines() if line.startswith("  ")]
+        starts = {re.match(r"  \S+\s+", line).end() for line in rows}  # where the description begins
+        assert len(rows) >= 6 and len(starts) == 1, rows
+
+
+def test_tpp_run_help_groups_the_flags_by_stage(capsys):
+    from tpp.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    titles = [line[:-1] for line in out.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert [t.split(" (")[0] for t in titles[-6:]] == ["model", "data", "dense model", "prune stage",
+                                                      "finetuning", "run"], titles
+    prune = out.split("\nprune stage (")[1].split("\nfinetuning:")[0]
+    assert "--growth" in prune and "--epochs" not in prune and "--method" in prune

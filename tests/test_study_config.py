@@ -1,6 +1,7 @@
 """Study config validation, the search space / designs, and the CLI's refusal to start on a bad config."""
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -440,3 +441,21 @@ def test_read_only_commands_never_create_a_store(tmp_path, capsys):
     assert not db.exists()
     assert main(["list", "--storage", str(tmp_path / "nowhere")]) == 2
     assert "--storage: " in capsys.readouterr().err
+
+
+def test_plan_takes_a_study_by_name_or_folder_as_well_as_a_config(tmp_path, capsys):
+    from study.cli import main
+
+    folder = tmp_path / "studies" / "saved"
+    folder.mkdir(parents=True)
+    (folder / "study.json").write_text(json.dumps({"name": "saved"}))
+    (folder / "study_config.yaml").write_text(yaml.safe_dump(cfg_with(name="saved")))
+    (tmp_path / "saved.yaml").write_text(yaml.safe_dump(cfg_with(name="saved")))
+    outs = []
+    for source in ("saved", str(folder), str(tmp_path / "saved.yaml")):
+        assert main(["plan", source, "--storage", str(tmp_path / "studies")]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] == outs[2] and outs[0].strip()  # the saved config is the study's plan
+    assert main(["plan", "nosuch", "--storage", str(tmp_path / "studies")]) == 2
+    err = capsys.readouterr().err
+    assert "config: nosuch is neither a config file nor a study" in err and err.count("\n") == 1

@@ -14,11 +14,12 @@ import dataclasses
 import json
 import math
 import sys
+import textwrap
 import time
 from typing import Any
 
 from tpp.checkpoint import CheckpointError, load_dense, save_dense, save_pruned
-from tpp.config import RunConfig, fields_of, help_of
+from tpp.config import STAGES, RunConfig, fields_of, help_of, stage_of
 from tpp.data import list_data
 from tpp.methods import METHODS
 from tpp.models import list_models
@@ -28,24 +29,33 @@ from tpp.run import DivergedError
 DENSE_ALSO_READS = ("seed", "bf16", "jsv_samples")
 
 
+_GROUP_TITLES = {"model": "model", "data": "data", "dense": "dense model (trained when --dense is not given)",
+                 "prune": "prune stage (selection, penalty, removal)", "finetune": "finetuning",
+                 "run": "run (seed, device, evaluation, output)"}
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, names: list[str], multi: tuple[str, ...] = ()) -> None:
+    """One flag per RunConfig field, grouped in --help by the stage the field declares."""
     defaults = RunConfig()
+    groups = {stage: parser.add_argument_group(_GROUP_TITLES[stage]) for stage in STAGES
+              if any(stage_of(n) == stage for n in names)}
     for name in names:
         flag, default = "--" + name.replace("_", "-"), getattr(defaults, name)
+        group = groups[stage_of(name)]
         help_text = f"{help_of(name)} (default: {default})"
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif isinstance(default, dict) or name == "prune_layers":
-            parser.add_argument(flag, type=json.loads, default=default, metavar="JSON", help=help_text)
+            group.add_argument(flag, type=json.loads, default=default, metavar="JSON", help=help_text)
         elif isinstance(default, tuple):
-            parser.add_argument(flag, type=float, nargs="+", default=default, help=help_text)
+            group.add_argument(flag, type=float, nargs="+", default=default, help=help_text)
         elif name in multi:
-            parser.add_argument(flag, type=type(default), nargs="+", default=[default],
+            group.add_argument(flag, type=type(default), nargs="+", default=[default],
                                 help=help_text + "; several values: one finetune member each")
         elif name == "data_root":
-            parser.add_argument(flag, default=default, help=help_text)
+            group.add_argument(flag, default=default, help=help_text)
         else:
-            parser.add_argument(flag, type=type(default), default=default, help=help_text)
+            group.add_argument(flag, type=type(default), default=default, help=help_text)
 
 
 def _configs_from_args(args: argparse.Namespace, multi: tuple[str, ...] = ()) -> list[RunConfig]:
@@ -58,28 +68,56 @@ def _configs_from_args(args: argparse.Namespace, multi: tuple[str, ...] = ()) ->
     return [RunConfig.from_dict({**given, key: v}) for v in levels]
 
 
-def _progress(event: dict[str, Any], members: int = 1) -> None:
-    """One line per epoch / stage on stderr, so stdout stays machine-readable with --json."""
+PRUNE_LINE_EVERY_S = 5.0  # off a terminal, one prune-stage progress line per this many seconds
+_last_prune_line = [-math.inf]  # when the last one was printed (monotonic seconds)
+_line_open = [False]  # a terminal line redrawn in place, not yet ended
+
+
+def _say(line: str, redraw: bool = False) -> None:
+    """A progress line on stderr; `redraw`: in place of the previous redrawn one (a terminal only)."""
+    if redraw:
+        print("\r\033[K" + line, end="", file=sys.stderr, flush=True)
+    else:
+        print(("\n" if _line_open[0] else "") + line, file=sys.stderr, flush=True)
+    _line_open[0] = redraw
+
+
+def _progress(event: dict[str, Any], lrs: list[float] | None = None) -> None:
+    """One line per epoch / stage on stderr, so stdout stays machine-readable with --json. With several
+    members (`lrs`), each of a member's lines names its LR. The prune stage reports every few dozen
+    iterations: on a terminal one line redrawn in place, otherwise a line every PRUNE_LINE_EVERY_S."""
     stage = event.get("stage", "")
+    who = f"{stage:>8}"
+    if lrs and len(lrs) > 1 and "member" in event:
+        who += f" lr={lrs[event['member']]:g}"
     if event["event"] == "epoch":
-        member = f" #{event['member']}" if "member" in event and members > 1 else ""
         if stage == "prune":
             where = f"iteration {event['iteration']:>6}/{event['iterations']}"
         else:
             where = f"epoch {event['epoch'] + 1:>3}/{event['epochs']}"
         extra = f"  reg {event['reg']:.3g}" if "reg" in event else f"  lr {event['lr']:.2e}"
-        print(f"[{stage:>8}{member}] {where}  loss {event['train_loss']:.4f}  acc {event['test_acc']:6.2f}%"
-              f"{extra}  ({event['seconds']:.2f} s)", file=sys.stderr, flush=True)
+        line = (f"[{who}] {where}  loss {event['train_loss']:.4f}  acc {event['test_acc']:6.2f}%"
+                f"{extra}  ({event['seconds']:.2f} s)")
+        if stage == "prune":
+            if sys.stderr.isatty():
+                return _say(line, redraw=True)
+            if (event["iteration"] < event["iterations"]
+                    and time.monotonic() - _last_prune_line[0] < PRUNE_LINE_EVERY_S):
+                return None
+            _last_prune_line[0] = time.monotonic()
+        _say(line)
     elif event["event"] == "notice":
-        print(f"[  notice] {event['message']}", file=sys.stderr, flush=True)
+        _say(f"[  notice] {event['message']}")
     elif event["event"] == "stage_end":
         if event.get("diverged"):
-            print(f"[{stage:>8}] diverged: {event['diverged']}", file=sys.stderr, flush=True)
-            return
+            return _say(f"[{who}] diverged: {event['diverged']}")
         keys = [k for k in ("dense_acc", "acc_after_removal", "speedup", "jsv_after_removal_mean", "best_acc")
                 if k in event]
-        print(f"[{stage:>8}] done: " + ", ".join(f"{k}={event[k]:.4g}" for k in keys),
-              file=sys.stderr, flush=True)
+        done = ", ".join(f"{k}={event[k]:.4g}" for k in keys)
+        if "best_epoch" in event:  # counted from 1, as the epoch lines are
+            done += f" at epoch {int(event['best_epoch'])}"
+        _say(f"[{who}] done: {done}")
+    return None
 
 
 def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -109,7 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     dense = load_dense(args.dense, expected=model_spec(cfg, data)) if args.dense else None
     lockstep = {"on": True, "off": False}.get(args.lockstep, "auto")
     out = run_pipeline(members, dense=dense, data=data, lockstep=lockstep,
-                       on_event=None if args.quiet else lambda e: _progress(e, len(members)))
+                       on_event=None if args.quiet else lambda e: _progress(e, [m.lr for m in members]))
     if args.save_pruned and not out.pruned.diverged:
         save_pruned(args.save_pruned, out.pruned)
     for member, result in zip(members, out.members, strict=True):
@@ -125,12 +163,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    print("models:  " + ", ".join(list_models()))
-    print("data:    " + ", ".join(list_data()))
-    print("methods:")
-    for m in METHODS.values():
-        print(f"  {m.name:<10} {m.description}")
+    from tpp.pruning.criteria import CRITERIA
+
+    for title, names in (("models", list_models()), ("data", list_data())):
+        print(textwrap.fill(", ".join(names), width=100, initial_indent=f"{title + ':':<9}",
+                            subsequent_indent=" " * 9, break_on_hyphens=False))
+    _table("methods", {m.name: m.description for m in METHODS.values()})
+    _table("criteria (a method's `criterion`; * needs data batches)",
+           {c.name + ("*" if c.data_driven else ""): c.description for c in CRITERIA.values()})
     return 0
+
+
+def _table(title: str, rows: dict[str, str]) -> None:
+    """A titled two-column list, the names padded to the longest (a plug-in's long name stays aligned)."""
+    print(f"{title}:")
+    width = max(map(len, rows), default=0)
+    for name, text in rows.items():
+        print(f"  {name:<{width}}  {text}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -64,19 +64,20 @@ def history_metrics(history: list[dict[str, Any]], status: str, num_classes: int
 
     best_acc: the maximum test accuracy over epochs -- the paper's convention, selected on the test
     set; test_acc_at_best_val: the test accuracy at the epoch of the best validation accuracy (the
-    honest one, when a validation split exists); last_acc: the last epoch's.
+    honest one, when a validation split exists); last_acc: the last epoch's. Epoch numbers (best_epoch,
+    epoch_at_best_val, diverged_epoch) count from 1, as progress lines do (0: diverged before epoch 1).
     """
     finite = [h for h in history if math.isfinite(h["train_loss"])]
     chance = 100.0 / num_classes
     out: dict[str, float] = {"epochs_run": len(history)}
     if status == "diverged":
-        out["diverged_epoch"] = history[-1]["epoch"] if history else 0
+        out["diverged_epoch"] = history[-1]["epoch"] + 1 if history else 0
     if not finite:
         return {**out, "best_acc": chance, "last_acc": chance}
     best = max(finite, key=lambda h: h["test_acc"])
-    out.update(best_acc=best["test_acc"], best_epoch=best["epoch"], last_acc=finite[-1]["test_acc"])
+    out.update(best_acc=best["test_acc"], best_epoch=best["epoch"] + 1, last_acc=finite[-1]["test_acc"])
     if "val_acc" in finite[0]:
         by_val = max(finite, key=lambda h: h["val_acc"])  # the first epoch of the best, as max() keeps
         out.update(val_best_acc=by_val["val_acc"], test_acc_at_best_val=by_val["test_acc"],
-                   epoch_at_best_val=by_val["epoch"])
+                   epoch_at_best_val=by_val["epoch"] + 1)
     return out
