@@ -57,3 +57,22 @@ def test_make_targets_are_the_readme_commands():
     assert re.search(r"^demo:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci and "set -euo pipefail" in ci
+
+
+def test_the_readme_is_short_and_every_link_and_cited_test_exists():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200  # the rest is one click away, in docs/
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text()):
+            if not target.startswith(("http://", "https://")):
+                assert (page.parent / target).exists(), (page.name, target)
+    linked = set(re.findall(r"\]\(docs/([^)]+\.md)\)", readme))
+    assert linked == {p.name for p in pages[1:]}, linked  # every guide is reachable from the README
+    # every test the reliability table cites exists (a renamed test would leave a row unproven)
+    table = (ROOT / "docs" / "reliability.md").read_text()
+    for path, name in re.findall(r"`(tests/[\w/]+\.py)(?:::(\w+))?", table):
+        source = (ROOT / path).read_text()
+        assert name == "" or f"def {name}(" in source, (path, name)
+    for name in re.findall(r"`(test_\w+)`", table):  # a bare name continues the previous row's file
+        assert any(f"def {name}(" in p.read_text() for p in (ROOT / "tests").glob("test_*.py")), name
