@@ -8,6 +8,7 @@ nothing is re-run and no store is created (a missing SQLite file is an error, no
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -23,6 +24,7 @@ import pandas as pd
 from study.schema import (
     ROLE_STUDY,
     TAG_DIVERGED_STAGE,
+    TAG_EXTENSION,
     TAG_MEMBER,
     TAG_METHOD,
     TAG_PRUNE_KEY,
@@ -194,6 +196,7 @@ def load_study(study: str, tracking_uri: str | None = None, *,
     trials, param_names = _trials_frame(children)
     epochs = _epochs_frame(client, children, trials, histories, max_workers or _default_workers(uri))
     params = {k: _typed(v) for k, v in parent.data.params.items()}
+    notes += extension_notes(parent.data.tags, len(children))
     return StudyData(
         name=parent.data.tags.get(TAG_STUDY) or parent.info.run_name or parent.info.run_id,
         tracking_uri=uri,
@@ -210,6 +213,21 @@ def load_study(study: str, tracking_uri: str | None = None, *,
         notes=notes,
         param_names=param_names,
     )
+
+
+def extension_notes(tags: dict[str, str], runs: int) -> list[str]:
+    """One line per `tpp-study extend` of the study (its study-run tags): when, how many runs it grew by,
+    which settings -- the report joins the member runs of every session."""
+    out = []
+    for key in sorted((k for k in tags if k.startswith(TAG_EXTENSION)),
+                      key=lambda k: int(k[len(TAG_EXTENSION):]) if k[len(TAG_EXTENSION):].isdigit() else 0):
+        try:
+            e = json.loads(tags[key])
+            out.append(f"extended on {e['at']}: {e['runs_before']} -> {e['runs_after']} planned runs "
+                       f"({', '.join(e['changed'])}); the report joins all {runs} member runs")
+        except (ValueError, KeyError, TypeError):
+            out.append(f"the study run's tag {key} is not an extension record this version reads")
+    return out
 
 
 def planned_count(params: dict[str, Any], tags: dict[str, str]) -> int | None:

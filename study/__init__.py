@@ -4,8 +4,9 @@
     result = study.run("study/configs/quick.yaml", num_trials=8, storage="/tmp/studies")
     print(result.summary())
     study.resume("quick", storage="/tmp/studies")
+    study.extend("quick", set={"space.seeds": [0, 1, 2, 3, 4, 5]}, storage="/tmp/studies")
 
-`run`/`resume` are imported lazily so `import study` (and config validation) stays fast and Ray-free.
+`run`/`resume`/`extend` are imported lazily so `import study` (and config validation) stays fast and Ray-free.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 from study.config import StudyConfig, StudyConfigError
 from study.loading import load_config
 
-__all__ = ["StudyConfig", "StudyConfigError", "StudyError", "StudyResult", "load_config", "resume", "run"]
+__all__ = ["StudyConfig", "StudyConfigError", "StudyError", "StudyResult", "extend", "load_config", "resume",
+           "run"]
 
 
 def __getattr__(name: str) -> Any:
@@ -23,4 +25,8 @@ def __getattr__(name: str) -> Any:
         from study import driver
 
         return getattr(driver, name)
+    if name == "extend":
+        from study.extension import extend
+
+        return extend
     raise AttributeError(f"module 'study' has no attribute {name!r}")

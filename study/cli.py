@@ -3,6 +3,7 @@
     tpp-study run study/configs/quick.yaml                    # embedded local Ray, SQLite MLflow
     tpp-study run CONFIG --address auto --tracking-uri http://127.0.0.1:5000 --storage /shared/studies
     tpp-study resume quick                                    # continue an interrupted study
+    tpp-study extend quick --set 'space.seeds=[0,1,2,3,4,5,6,7]'   # grow it: only the new runs run
     tpp-study list                                            # studies under ./studies
     tpp-study status quick
 
@@ -47,6 +48,19 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--num-cpus", type=int, help="CPUs of the embedded local Ray (default: all)")
     r.add_argument("--if-exists", choices=("error", "replace", "resume"), default="error",
                    help="when the study folder exists: refuse (default), delete it first, or resume it")
+
+    e = sub.add_parser("extend", help="add seeds, LRs, PRs, methods or recipe levels to a study",
+                       description="Run only what a grown config adds to a study, into the same study: the "
+                       "dense model, cached prune stages and finished runs are reused. The new config must "
+                       "hold every run of the study (more levels; every other setting unchanged).")
+    e.add_argument("study", metavar="NAME_OR_PATH", help="study name (under --storage) or study folder")
+    e.add_argument("config", nargs="?", help="the grown config (YAML; default: the study's own config)")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one key of the config, a YAML value: --set 'space.seeds=[0,1,2,3,4,5]' "
+                   "(repeatable)")
+    e.add_argument("--storage", default="./studies", help="where to look up NAME (default: ./studies)")
+    e.add_argument("--address", help="Ray cluster to join (default: the one the study used, else local)")
+    e.add_argument("--dry-run", action="store_true", help="say what would be added, change nothing")
 
     s = sub.add_parser("resume", help="continue an interrupted study", description="Continue a study: "
                        "finished trials are kept, unfinished ones continue from their last checkpoint.")
@@ -114,6 +128,34 @@ def cmd_resume(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as e:
         return _interrupted(e)
     return result.exit_code
+
+
+def cmd_extend(args: argparse.Namespace) -> int:
+    import yaml
+
+    from study.errors import StudyError
+    from study.extension import Extension, extend
+
+    sets: dict[str, Any] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            return _err(f"--set: got {item!r}; accepted: KEY=VALUE, e.g. 'space.seeds=[0,1,2,3,4,5]'")
+        try:
+            sets[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            return _err(f"--set {key}: not a YAML value ({str(e).splitlines()[0]})")
+    try:
+        out = extend(args.study, args.config, set=sets, storage=args.storage, address=args.address,
+                     dry_run=args.dry_run)
+    except (StudyConfigError, StudyError, FileNotFoundError, ValueError) as e:
+        return _err(str(e))
+    except KeyboardInterrupt as e:
+        return _interrupted(e)
+    if isinstance(out, Extension):
+        print(out.summary())
+        return 0
+    return out.exit_code
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -189,6 +231,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"folder     {folder.path}  ({human_bytes(info['disk_bytes'])})")
     print(f"runs       {finished}/{meta.num_runs} finished ({counts.get('failed', 0)} failed)"
           + (f", running ({info['running_by']})" if info["running_by"] else ""))
+    for ext in meta.extensions:
+        print(f"extended   {ext['at']}: {ext['runs_before']} -> {ext['runs_after']} runs "
+              f"({', '.join(ext['changed'][:4])}{' ...' if len(ext['changed']) > 4 else ''})")
     if counts:
         print("by status  " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         print("prune      " + ", ".join(f"{k} {v}" for k, v in sorted(info["reuse"].items())))
@@ -232,7 +277,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return {"run": cmd_run, "resume": cmd_resume, "plan": cmd_plan, "list": cmd_list,
+    return {"run": cmd_run, "resume": cmd_resume, "extend": cmd_extend, "plan": cmd_plan, "list": cmd_list,
             "status": cmd_status}[args.command](args)
 
 

@@ -253,6 +253,11 @@ def member_id(point: PrunePoint, run_cfg: RunConfig) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
+def member_ids(cfg: StudyConfig) -> set[str]:
+    """The ids of every member of a fixed design (what an extension must keep, and adds to)."""
+    return {member_id(p, run_config(cfg, p, m)) for p in points(cfg) for m in members(cfg)}
+
+
 # -------------------------------------------------------------------------------------------- the plan
 @dataclass
 class Plan:

@@ -269,6 +269,8 @@ def resume(name_or_path: str, *, storage: str | None = None, address: str | None
     _lock(folder)
     try:
         meta = folder.read_meta()
+        if _finish_extension(folder, meta):
+            cfg = load_config(folder.config_path)
         if meta.config_digest and config_digest(cfg) != meta.config_digest:
             raise StudyError(f"{folder.config_path} was edited after the study started (digest "
                              f"{config_digest(cfg)} vs {meta.config_digest}); restore it, or start a new "
@@ -290,19 +292,39 @@ def resume(name_or_path: str, *, storage: str | None = None, address: str | None
             if result.status == "completed":
                 print(f"[{meta.name}] nothing to do: all {meta.num_runs} runs finished", flush=True)
                 return result
-        started = _start_ray(address or meta.ray_address, cfg.ray.num_cpus)
-        try:
-            gpu = _gpu_fraction(cfg)
-            embedded = started and not (address or meta.ray_address)
-            with running_from(folder):
-                return _execute(cfg, folder, gpu, restore=True, embedded=embedded, callbacks=callbacks or [])
-        finally:
-            if started:
-                import ray
-
-                ray.shutdown()
+        return run_locked(cfg, folder, address or meta.ray_address, restore=True, callbacks=callbacks)
     finally:
         folder.unlock()
+
+
+def _finish_extension(folder: StudyFolder, meta: StudyMeta) -> bool:
+    """An `extend` stopped between recording its config in study.json and putting it in place: put it in
+    place (True), or drop it when study.json never recorded it."""
+    pending = folder.extension_config_path
+    if not pending.is_file():
+        return False
+    if config_digest(load_config(pending)) == meta.config_digest:
+        os.replace(pending, folder.config_path)
+        return True
+    pending.unlink()
+    return False
+
+
+def run_locked(cfg: StudyConfig, folder: StudyFolder, address: str | None, restore: bool,
+               callbacks: list[Any] | None) -> StudyResult:
+    """Run a study whose folder this process has locked and whose record exists: join or start Ray, run
+    (restoring Tune's saved state when `restore`), stop an embedded Ray."""
+    started = _start_ray(address, cfg.ray.num_cpus)
+    try:
+        gpu = _gpu_fraction(cfg)
+        with running_from(folder):
+            return _execute(cfg, folder, gpu, restore=restore, embedded=started and not address,
+                            callbacks=callbacks or [])
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
 
 
 def _config_change(saved: StudyConfig, new: StudyConfig, folder: StudyFolder) -> str:

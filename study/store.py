@@ -58,6 +58,7 @@ class StudyMeta:
     created: float = field(default_factory=time.time)
     ray_address: str | None = None
     id: str = field(default_factory=lambda: secrets.token_hex(8))  # shared by every copy of the folder
+    extensions: list[dict[str, Any]] = field(default_factory=list)  # each `tpp-study extend`: when, what
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StudyMeta:
@@ -86,6 +87,7 @@ class StudyFolder:
     tune_path = property(lambda self: self.path / "tune")
     optuna_db = property(lambda self: self.path / "optuna.db")
     pending_log = property(lambda self: self.path / "mlflow_pending.json")
+    extension_config_path = property(lambda self: self.path / "study_config.extend.yaml")
     lock_path = property(lambda self: self.path / ".lock")
     mlflow_db = property(lambda self: self.path / "mlflow.db")  # the default tracking store
     artifacts = property(lambda self: self.path / "mlartifacts")  # a local store's artifacts
