@@ -16,7 +16,8 @@ PROG = "tpp-analyze"
 METRIC_CHOICES = ("auto", "test_acc_at_best_val", "best_acc", "last_acc")
 SENSITIVITY_CHOICES = ("regret", "window", "range")
 _API_FIELDS = {"baseline": "--baseline", "methods": "--methods", "metric": "--metric",
-               "sensitivity": "--sensitivity", "group_by": "--group-by", "out": "--out"}
+               "sensitivity": "--sensitivity", "group_by": "--group-by", "out": "--out",
+               "max_seeds": "--until-decided", "step": "--seed-step"}
 
 
 class _BadInput(Exception):
@@ -95,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-by", default=None,
                    help="extra comma-separated run parameters to measure separately (method, pr, growth and "
                         "the finetuning recipe keys that vary always are)")
+    p.add_argument("--until-decided", type=int, default=None, metavar="MAX_SEEDS",
+                   help="first add seeds to the study (tpp-study extend, needs --storage) in waves of "
+                        "--seed-step until every primary verdict is decided or MAX_SEEDS is reached; alpha "
+                        "is split over the planned looks, so the answer stays valid under repeated looks")
+    p.add_argument("--seed-step", type=int, default=2, help="seeds added per wave (default: 2)")
     p.add_argument("--no-log", action="store_true", help="do not log the report to the study's MLflow run")
     p.add_argument("--quiet", action="store_true", help="print only where the report is")
     return p
@@ -154,14 +160,26 @@ def main(argv: list[str] | None = None) -> int:
 
     from analysis.load import StudyNotFoundError
     from analysis.report import build_report
+    from study.config import StudyConfigError
+    from study.errors import StudyError
 
     def say(msg: str) -> None:
         if not args.quiet:
             print(msg, flush=True)
 
     try:
+        if args.until_decided is not None:
+            if not args.storage:
+                raise _BadInput("--until-decided", "adds seeds to a study folder: give --storage too")
+            from analysis.grow import seeds_until_decided
+
+            seeds_until_decided(args.study, args.storage, args.until_decided, args.seed_step,
+                                baseline=kw["baseline"], sensitivity=args.sensitivity, progress=say)
         path = build_report(args.study, log=not args.no_log, progress=say, **kw)
-    except (StudyNotFoundError, ValueError) as exc:
+    except _BadInput as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except (StudyNotFoundError, ValueError, StudyError, StudyConfigError, FileNotFoundError) as exc:
         msg = str(exc)
         field = msg.split(":", 1)[0]
         if field in _API_FIELDS:  # name the flag, not the build_report argument

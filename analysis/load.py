@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analysis.sequential import sequential_note
 from study.schema import (
     ROLE_STUDY,
     TAG_DIVERGED_STAGE,
@@ -196,7 +197,7 @@ def load_study(study: str, tracking_uri: str | None = None, *,
     trials, param_names = _trials_frame(children)
     epochs = _epochs_frame(client, children, trials, histories, max_workers or _default_workers(uri))
     params = {k: _typed(v) for k, v in parent.data.params.items()}
-    notes += extension_notes(parent.data.tags, len(children))
+    notes += extension_notes(parent.data.tags, len(children)) + sequential_note(parent.data.tags)
     return StudyData(
         name=parent.data.tags.get(TAG_STUDY) or parent.info.run_name or parent.info.run_id,
         tracking_uri=uri,

@@ -28,6 +28,7 @@ TAG_NODE = "tpp.node"
 TAG_ERROR = "tpp.error"
 TAG_BEST_RUN = "tpp.best_run_id"  # on the study run
 TAG_EXTENSION = "tpp.extension."  # + its number, on the study run: JSON of one `tpp-study extend`
+TAG_SEQUENTIAL = "tpp.sequential"  # on the study run: JSON of a seeds-until-decided run (analysis.sequential)
 TAG_PLANNED = "tpp.num_trials"  # on the study run: the planned member runs, once an extension changed them
 PARENT_TAG = "mlflow.parentRunId"
 FINISHED = ("completed", "diverged")  # member statuses that are results (diverged ones count as divergence)
