@@ -160,8 +160,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from analysis.load import StudyNotFoundError
     from analysis.report import build_report
-    from study.config import StudyConfigError
-    from study.errors import StudyError
 
     def say(msg: str) -> None:
         if not args.quiet:
@@ -179,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     except _BadInput as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    except (StudyNotFoundError, ValueError, StudyError, StudyConfigError, FileNotFoundError) as exc:
+    except (StudyNotFoundError, ValueError, FileNotFoundError) as exc:
         msg = str(exc)
         field = msg.split(":", 1)[0]
         if field in _API_FIELDS:  # name the flag, not the build_report argument
@@ -187,9 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {msg}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - one line for the user; the traceback helps nobody here
-        from study.tracking import one_line  # SQLAlchemy's errors (a damaged store) run over three lines
-
-        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
+        first = (str(exc).strip().splitlines() or [""])[0][:200]  # SQLAlchemy's errors run over 3 lines
+        print(f"{PROG}: error: {type(exc).__name__}: {first}", file=sys.stderr)
         return 1
     if args.quiet:
         print(path.resolve())

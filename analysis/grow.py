@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import study as studies  # the study's public API: analysis drives a study only through it
 from analysis.sequential import Looks, SequentialOutcome, decided
 from analysis.stats import ALPHA, p_floor
-from study.errors import StudyError
+from study.schema import TAG_SEQUENTIAL
+from study.store import find_study
 
 
 def seeds_until_decided(study: str, storage: str, max_seeds: int, step: int = 2, *, alpha: float = ALPHA,
@@ -16,16 +18,14 @@ def seeds_until_decided(study: str, storage: str, max_seeds: int, step: int = 2,
                         address: str | None = None, progress: Any = print) -> SequentialOutcome:
     """Extend the study's seeds by `step` until every primary comparison with the baseline is decided
     at its look's alpha, or `max_seeds` is reached; records the outcome on the study run (tag
-    `tpp.sequential`), which the report states."""
+    `tpp.sequential`), which the report states. Bad input: ValueError naming the field; a wave that
+    does not complete: RuntimeError (resume the study, then run again)."""
     from analysis.load import load_study
     from analysis.locate import tracking_uri_from_storage
     from analysis.report import analyze
-    from study.extension import extend
-    from study.loading import load_config
-    from study.store import find_study
 
     folder = find_study(study, storage)
-    seeds = list(load_config(folder.config_path).space.seeds)
+    seeds = list(studies.load_config(folder.config_path).space.seeds)
     if not isinstance(seeds, list) or not seeds:
         raise ValueError("space.seeds: a list of seeds is needed to add seeds to")
     looks = Looks.plan(len(seeds), max_seeds, step, alpha)
@@ -40,9 +40,12 @@ def seeds_until_decided(study: str, storage: str, max_seeds: int, step: int = 2,
             new = list(range(max(seeds) + 1, max(seeds) + 1 + n - len(seeds)))
             seeds = seeds + new
             progress(f"look {k}/{len(looks.seeds)}: adding seeds {new[0]}..{new[-1]} ({n} in all)")
-            res = extend(study, set={"space.seeds": seeds}, storage=storage, address=address)
+            try:
+                res = studies.extend(study, set={"space.seeds": seeds}, storage=storage, address=address)
+            except (studies.StudyError, studies.StudyConfigError) as e:
+                raise ValueError(str(e)) from None
             if res.status != "completed":
-                raise StudyError(f"the extension to {n} seeds ended {res.status}; resume it, then run again")
+                raise RuntimeError(f"the extension to {n} seeds ended {res.status}; resume it, run again")
         table = analyze(load_study(folder.name, uri), baseline=baseline, sensitivity=sensitivity).comparison
         ok = decided(table, looks.per_look)
         primary = table[table["primary"].astype(bool)]
@@ -52,18 +55,14 @@ def seeds_until_decided(study: str, storage: str, max_seeds: int, step: int = 2,
         if not open_ or k == len(looks.seeds):
             out = SequentialOutcome(list(looks.seeds), alpha, looks.per_look, k, n, not open_, open_,
                                     runs=runs_per_seed * n, runs_at_max=runs_per_seed * looks.seeds[-1])
-            _record(folder, out)
+            _record(uri, folder.read_meta().parent_run_id, out)
             progress(out.sentence())
             return out
     raise AssertionError("unreachable: the last look returns")
 
 
-def _record(folder: Any, out: SequentialOutcome) -> None:
-    from study.outbox import Outbox
-    from study.schema import TAG_SEQUENTIAL
+def _record(uri: str, parent_run_id: str, out: SequentialOutcome) -> None:
+    from analysis.load import client_for
 
-    meta = folder.read_meta()
-    box = Outbox(meta.tracking_uri, {"parent": meta.parent_run_id})
-    box.batch("parent", tags={TAG_SEQUENTIAL: out.to_json()})
-    if not box.drain(30):
-        raise StudyError(f"could not record the outcome on the study run at {meta.tracking_uri}")
+    client, _ = client_for(uri)
+    client.set_tag(parent_run_id, TAG_SEQUENTIAL, out.to_json())

@@ -57,6 +57,12 @@ def runs_route(experiment_id: str, study: str | None = None) -> str:
     return f"#/experiments/{experiment_id}/runs?{query}"
 
 
+def run_route(experiment_id: str, run_id: str) -> str:
+    """The hash route of one run's page, in the training workflow (without the parameter MLflow falls
+    back to the GenAI layout unless the browser remembers the sidebar's switch)."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
 def runs_page_url(base: str, experiment_id: str, study: str | None = None) -> str:
     """e.g. http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning&viewStateShareKey=tpp-x"""
     return f"{base.rstrip('/')}/{runs_route(experiment_id, study)}"
@@ -128,7 +134,7 @@ def study_note(description: str | None, experiment_id: str, study: str,
     its value rounded, and a link to the study's runs, best first."""
     parts = [description.strip()] if description else []
     if best:
-        link = f"#/experiments/{experiment_id}/runs/{best['run_id']}"
+        link = run_route(experiment_id, best["run_id"])
         parts.append(f"**Best run:** [{best['run_name']}]({link}) -- {best['metric']} {best['value']:.4g}")
     parts.append(f"[All runs of this study, best first]({runs_route(experiment_id, study)})")
     return "\n\n".join(parts)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from study.config import OBJECTIVE_TEXT, ObjectiveCfg, StudyConfig
-from study.dashboard import EXPERIMENT_TAGS, _dashboard, runs_page_url
+from study.dashboard import EXPERIMENT_TAGS, _dashboard, run_route, runs_page_url
 from study.design import PrunePoint
 from study.errors import StudyError
 from study.loading import read_yaml
@@ -216,6 +216,8 @@ class StudyResult:
         if self.experiment_id:  # the runs page in the training workflow, on the study's saved view
             base = "http://127.0.0.1:5000" if self.tracking_uri.startswith("sqlite:") else self.tracking_uri
             lines.append(f"           then open {runs_page_url(base, self.experiment_id, self.name)}")
+            if self.parent_run_id:  # the study run: its description, counts, config and the report
+                lines.append(f"Study run: {base}/{run_route(self.experiment_id, self.parent_run_id)}")
         return lines
 
     def summary(self) -> str:

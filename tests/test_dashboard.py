@@ -163,7 +163,10 @@ def test_logged_data_makes_the_dashboard_work(dash):
     note = parent.data.tags[NOTE_TAG]
     assert note.startswith("Dashboard study: *L1* vs TPP, two LRs.")
     if "**Best run:**" in note:  # the driver writes `study_note` once the best run is known
-        assert f"](#/experiments/{dash.experiment_id}/runs/{best})" in note
+        assert f"](#/experiments/{dash.experiment_id}/runs/{best}?workflowType=machine_learning)" in note
+    # the end of a study prints the study run's page, in the training layout
+    assert (f"Study run: http://127.0.0.1:5000/#/experiments/{dash.experiment_id}/runs/{dash.parent_run_id}"
+            "?workflowType=machine_learning") in dash.summary()
 
     # the data set as an MLflow dataset input of the parent and of every member
     from tpp.checkpoint import load_dense
@@ -223,7 +226,8 @@ def test_dashboard_tags_are_idempotent_and_keep_a_users_note(tmp_path):
 def test_study_note_links_the_best_run_and_the_view():
     note = study_note("L1 vs TPP.", "7", "s", {"run_id": "abc", "run_name": "lr=1e-2 tpp pr=0.5 s0",
                                                 "metric": "best_acc", "value": 93.05555555})
-    assert note == ("L1 vs TPP.\n\n**Best run:** [lr=1e-2 tpp pr=0.5 s0](#/experiments/7/runs/abc) -- "
+    assert note == ("L1 vs TPP.\n\n**Best run:** [lr=1e-2 tpp pr=0.5 s0]"
+                    "(#/experiments/7/runs/abc?workflowType=machine_learning) -- "
                     "best_acc 93.06\n\n[All runs of this study, best first]"
                     "(#/experiments/7/runs?workflowType=machine_learning&viewStateShareKey=tpp-s)")
 
