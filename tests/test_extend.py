@@ -163,3 +163,24 @@ def test_a_stop_between_recording_and_placing_the_new_config_is_finished_by_resu
     folder.extension_config_path.write_text(old.to_yaml())  # never recorded: study.json has new's digest
     assert not _finish_extension(folder, folder.read_meta()) and not folder.extension_config_path.exists()
     assert folder.config_path.read_text() == new.to_yaml()
+
+
+def test_a_recipe_level_added_after_the_prune_cache_was_deleted_recomputes_only_the_missing_stage(
+        local_ray, tmp_path):  # noqa: F811
+    storage = str(tmp_path / "studies")
+    first = study.run(tiny("recipe", space={"pr": [0.5, 0.75], "growth": [0.2], "seeds": [0]},
+                           finetune__lr=[1e-2]), storage=storage)
+    folder = StudyFolder(first.path)
+    before = set(_by_member(first))
+    keys = sorted(p.name for p in folder.prune_cache.glob("*.pt") if not p.name.startswith("control-"))
+    assert len(keys) == 2  # tpp at PR 0.5 and 0.75
+    (folder.prune_cache / keys[0]).unlink()  # one stage lost (disk cleanup, a copy without the cache)
+    grown = study.extend("recipe", set={"finetune.epochs": [2, 3]}, storage=storage)  # a recipe level
+    assert grown.status == "completed" and grown.num_runs == 2 * 2 * 2  # (l1, tpp) x 2 PRs x 2 budgets
+    new = [r for m, r in _by_member(grown).items() if m not in before]
+    assert Counter(r.data.tags["tpp.reuse"] for r in new) == {"none": 2, "reused": 2}  # the 2 stages served
+    from study.prune_cache import PruneCache
+
+    # only the deleted stage was computed again (the cache's log counts every computation that started)
+    assert PruneCache(folder.prune_cache).computations() == {keys[0].removesuffix(".pt"): 2,
+                                                              keys[1].removesuffix(".pt"): 1}
