@@ -26,6 +26,7 @@ from study.schema import (
     TAG_METHOD,
     TAG_NODE,
     TAG_PRUNE_KEY,
+    TAG_RERUN,
     TAG_REUSE,
     TAG_ROLE,
     TAG_STATUS,
@@ -119,7 +120,7 @@ class StudyLogger(LoggerCallback):
                     **tags, PARENT_TAG: self.meta.parent_run_id, TAG_STUDY: self.meta.name,
                     TAG_ROLE: "trial", TAG_MEMBER: mid, TAG_METHOD: runs.point.method,
                     TAG_PRUNE_KEY: point_prune_key(self.config, runs.point, self.meta.dense_digest),
-                    TAG_DENSE_DIGEST: self.meta.dense_digest})
+                    TAG_DENSE_DIGEST: self.meta.dense_digest, **rerun_tags(rc, self.study_dir)})
                 self.box.batch(mid, params=logged_params(runs.point, rc))
                 created.append(mid)
             self.status[mid] = "RUNNING"
@@ -255,3 +256,16 @@ class StudyLogger(LoggerCallback):
                 return
             print(f"[tpp-study] MLflow still unreachable: {len(self.box.ops)} write(s) saved to "
                   f"{folder.pending_log}; `tpp-study resume {self.meta.name}` delivers them", flush=True)
+
+
+def rerun_tags(run_cfg: Any, study_dir: str) -> dict[str, str]:
+    """The `tpp run` command that reruns one member alone on the study's dense model: a tag, and the run
+    page's description (a single run equals its lockstep member up to float drift)."""
+    import shlex
+
+    from study.dashboard import NOTE_TAG
+    from study.store import StudyFolder
+    from tpp.cli import run_command
+
+    command = shlex.join(run_command(run_cfg, str(StudyFolder(study_dir).dense_path)))
+    return {TAG_RERUN: command, NOTE_TAG: f"Rerun this member alone:\n\n```\n{command}\n```"}

@@ -285,3 +285,22 @@ def test_printed_url_opens_the_runs_table_in_a_real_browser(dash, tmp_path):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_each_member_run_carries_the_tpp_run_command_that_reruns_it(dash, tmp_path):
+    import shlex
+
+    runs = [r for r in child_runs(dash) if r.data.params["method"] == "tpp"]
+    run = runs[0]
+    command = run.data.tags["tpp.rerun"]
+    assert f"```\n{command}\n```" in run.data.tags[NOTE_TAG]  # also on the run page, as its description
+    argv = shlex.split(command)
+    assert argv[:2] == ["tpp", "run"] and argv[argv.index("--dense") + 1].endswith("dash/dense.pt")
+    proc = subprocess.run([str(Path(sys.executable).with_name("tpp")), *argv[1:], "--quiet"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    alone = json.loads(proc.stdout.strip().splitlines()[-1])
+    # the member alone: its config and (up to the float drift of lockstep vs one by one) its results
+    assert alone["config"]["lr"] == float(run.data.params["lr"]) and alone["config"]["seed"] == 0
+    for key in ("acc_after_removal", "best_acc"):
+        assert alone[key] == pytest.approx(run.data.metrics[key], abs=1.0), key

@@ -441,3 +441,36 @@ def test_tpp_run_help_groups_the_flags_by_stage(capsys):
                                                       "finetuning", "run"], titles
     prune = out.split("\nprune stage (")[1].split("\nfinetuning:")[0]
     assert "--growth" in prune and "--epochs" not in prune and "--method" in prune
+
+
+def test_run_command_is_the_inverse_of_the_parser():
+    """Every member of the shipped configs, as `tpp run` flags, parses back into its exact RunConfig
+    (fields left at None defaults and the JSON, tuple and boolean flags included)."""
+    from pathlib import Path
+
+    from study import design
+    from study.config import StudyConfigError
+    from study.loading import load_config
+    from tpp.cli import _configs_from_args, build_parser, run_command
+
+    configs = sorted((Path(__file__).parents[1] / "study" / "configs").glob("*.yaml"))
+    checked = 0
+    for path in configs:
+        try:
+            cfg = load_config(path)
+        except StudyConfigError:  # a config whose data set is not on this machine (CIFAR, ImageNet)
+            continue
+        if not cfg.is_design:
+            continue
+        for point in design.points(cfg)[:6]:
+            for member in design.members(cfg)[:4]:
+                rc = design.run_config(cfg, point, member)
+                argv = run_command(rc, "/x/dense.pt")
+                args = build_parser().parse_args(argv[1:])
+                assert _configs_from_args(args, multi=("lr",)) == [rc], (path.name, argv)
+                assert args.dense == "/x/dense.pt" and args.json
+                checked += 1
+    assert checked > 100
+    rc = RunConfig(reg_growth_epochs=2.5, stabilize_reg_epochs=1.0, prune_layers={"fc.*": 0.5}, control=False)
+    args = build_parser().parse_args(run_command(rc)[1:])  # fields whose default is None take their type
+    assert _configs_from_args(args, multi=("lr",)) == [rc]

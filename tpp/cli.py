@@ -16,6 +16,7 @@ import math
 import sys
 import textwrap
 import time
+import typing
 from typing import Any
 
 from tpp.checkpoint import CheckpointError, load_dense, save_dense, save_pruned
@@ -52,10 +53,36 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: list[str], multi: 
         elif name in multi:
             group.add_argument(flag, type=type(default), nargs="+", default=[default],
                                 help=help_text + "; several values: one finetune member each")
-        elif name == "data_root":
-            group.add_argument(flag, default=default, help=help_text)
         else:
-            group.add_argument(flag, type=type(default), default=default, help=help_text)
+            group.add_argument(flag, type=_value_type(name), default=default, help=help_text)
+
+
+def _value_type(name: str) -> type:
+    """The type a flag's value is read as: the field's declared type (`float | None` -> float; a field
+    that defaults to None has no type of its own to take it from)."""
+    hint = typing.get_type_hints(RunConfig)[name]
+    kinds = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    return kinds[0]
+
+
+def run_command(cfg: RunConfig, dense: str | None = None) -> list[str]:
+    """The `tpp run` argv that runs `cfg` alone: each setting that differs from its default as its flag
+    (the inverse of the parser: `tpp run` parses it back into `cfg`), the dense checkpoint, --json."""
+    argv, defaults = ["tpp", "run"], RunConfig()
+    for f in dataclasses.fields(RunConfig):
+        value = getattr(cfg, f.name)
+        if value == getattr(defaults, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, dict) or f.name == "prune_layers":
+            argv += [flag, json.dumps(value, sort_keys=True)]
+        elif isinstance(value, (tuple, list)):
+            argv += [flag, *(str(v) for v in value)]
+        else:
+            argv += [flag, str(value)]
+    return [*argv, *(["--dense", dense] if dense else []), "--json"]
 
 
 def _configs_from_args(args: argparse.Namespace, multi: tuple[str, ...] = ()) -> list[RunConfig]:
