@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("config", help="study config (YAML), or a study's name or folder (its saved config)")
     pl.add_argument("--storage", default="./studies",
                     help="folder holding study folders, for a study given by name (default: ./studies)")
+    pl.add_argument("--extend", metavar="STUDY", default=None,
+                    help="plan CONFIG as an extension of STUDY: what it would add (tpp-study extend "
+                    "--dry-run), then its design")
     pl.add_argument("--max-concurrent", type=int, default=None,
                     help="concurrent trials to plan prune units for (default: the config's, else 1)")
 
@@ -270,6 +273,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         train = run_splits(run_cfg, load_run_data(run_cfg))[0].num_train  # what every stage trains on
     except (StudyConfigError, DataError) as e:
         return _err(str(e).splitlines()[0])
+    if args.extend:
+        from study.errors import StudyError
+        from study.extension import extend
+
+        try:
+            print(extend(args.extend, source, storage=args.storage, dry_run=True).summary())
+        except (StudyConfigError, StudyError, FileNotFoundError) as e:
+            return _err(str(e))
     slots = args.max_concurrent or cfg.max_concurrent or 1
     print(describe(cfg, slots, train))
     return 0

@@ -39,6 +39,14 @@ def test_an_extended_study_runs_only_what_is_new_and_equals_the_full_design(loca
     folder = StudyFolder(first.path)
     dense_mtime = folder.dense_path.stat().st_mtime_ns
 
+    grown_cfg = study.load_config(tiny("grow", **BASE), set=GROWN)
+    (tmp_path / "grown.yaml").write_text(grown_cfg.to_yaml())
+    from study.cli import main as tpp_study
+
+    capsys.readouterr()
+    assert tpp_study(["plan", str(tmp_path / "grown.yaml"), "--extend", "grow", "--storage", storage]) == 0
+    said = capsys.readouterr().out
+    assert said.startswith("extend grow: +46 runs (54 in all; the 8 of the study are kept)"), said
     plan = study.extend("grow", set=GROWN, storage=storage, dry_run=True)
     assert (plan.runs_before, plan.runs_after) == (8, 3 * 2 * 3 * 3)  # 3 methods x 2 PRs x 3 seeds x 3 LRs
     assert folder.read_meta().num_runs == 8  # a dry run changes nothing
@@ -65,7 +73,6 @@ def test_an_extended_study_runs_only_what_is_new_and_equals_the_full_design(loca
     assert tags["tpp.num_trials"] == "54" and "tpp.extension.1" in tags
     assert yaml.safe_load(folder.config_path.read_text())["space"]["seeds"] == [0, 1, 2]
     from analysis.cli import main as analyze
-    from study.cli import main as tpp_study
 
     assert tpp_study(["status", "grow", "--storage", storage]) == 0
     assert "extended   " in capsys.readouterr().out
