@@ -26,8 +26,6 @@ def seeds_until_decided(study: str, storage: str, max_seeds: int, step: int = 2,
 
     folder = find_study(study, storage)
     seeds = list(studies.load_config(folder.config_path).space.seeds)
-    if not isinstance(seeds, list) or not seeds:
-        raise ValueError("space.seeds: a list of seeds is needed to add seeds to")
     looks = Looks.plan(len(seeds), max_seeds, step, alpha)
     if looks.first_decisive is None:
         raise ValueError(f"max_seeds: {max_seeds} seeds cannot decide anything at alpha {alpha:g} over "

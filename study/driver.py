@@ -279,11 +279,7 @@ def resume(name_or_path: str, *, storage: str | None = None, address: str | None
             raise StudyError(f"study {meta.name} never got its MLflow parent run; start it again with "
                              f"`tpp-study run {folder.config_path} --if-exists replace`")
         uri = absolute_uri(tracking_uri) if tracking_uri else meta.tracking_uri
-        try:
-            check_tracking(uri)
-            check_store(uri, meta.parent_run_id, meta.name)
-        except TrackingUnavailable as e:
-            raise StudyError(f"{'--tracking-uri' if tracking_uri else 'mlflow.tracking_uri'}: {e}") from None
+        check_record(uri, meta, "--tracking-uri" if tracking_uri else "mlflow.tracking_uri")
         if tracking_uri and uri != meta.tracking_uri:  # checked: the study's record is there
             print(f"[{meta.name}] its MLflow store is now {uri}", flush=True)
             meta = folder.update_meta(tracking_uri=uri)
@@ -327,9 +323,23 @@ def run_locked(cfg: StudyConfig, folder: StudyFolder, address: str | None, resto
             ray.shutdown()
 
 
-def _config_change(saved: StudyConfig, new: StudyConfig, folder: StudyFolder) -> str:
+def changed_keys(saved: StudyConfig, new: StudyConfig) -> list[str]:
+    """The dotted config keys whose values differ between two configs (operational keys left out)."""
     a, b = flatten(_result_config(saved)), flatten(_result_config(new))
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def check_record(uri: str, meta: StudyMeta, field: str = "mlflow.tracking_uri") -> None:
+    """The store at `uri` answers and holds the study's parent run; else StudyError naming `field`."""
+    try:
+        check_tracking(uri)
+        check_store(uri, meta.parent_run_id, meta.name)
+    except TrackingUnavailable as e:
+        raise StudyError(f"{field}: {e}") from None
+
+
+def _config_change(saved: StudyConfig, new: StudyConfig, folder: StudyFolder) -> str:
+    keys = changed_keys(saved, new)
     return (f"study {saved.name!r} at {folder.path} was started with another config ({', '.join(keys[:8])}"
             f"{' ...' if len(keys) > 8 else ''} differ); resume it as it is with `tpp-study resume "
             f"{shlex.quote(str(folder.path))}`, or start over with --if-exists replace")

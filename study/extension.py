@@ -22,8 +22,8 @@ from study.design import member_ids, points
 from study.driver import (
     _absolute_paths,
     _lock,
-    _result_config,
-    check_store,
+    changed_keys,
+    check_record,
     config_digest,
     configure_mlflow_env,
     run_locked,
@@ -34,7 +34,6 @@ from study.outbox import Outbox
 from study.record import StudyResult
 from study.schema import TAG_EXTENSION, TAG_PLANNED
 from study.store import StudyFolder, find_study
-from study.tracking import TrackingUnavailable, check_tracking, flatten
 
 # Settings that are not part of a member's id but change what a study means.
 MUST_MATCH = ("sampler", "sampler_seed", "num_trials", "objective", "early_stopping")
@@ -66,9 +65,7 @@ def plan_extension(old: StudyConfig, new: StudyConfig) -> Extension:
     if not (old.is_design and new.is_design):
         raise StudyError("sampler: only a fixed design (grid, qmc) can be extended; an adaptive sampler's "
                          "study is extended with more num_trials by a new study")
-    changed = sorted(k for k, v in flatten(_result_config(new)).items()
-                     if flatten(_result_config(old)).get(k) != v)
-    changed += sorted(set(flatten(_result_config(old))) - set(flatten(_result_config(new))))
+    changed = changed_keys(old, new)
     fixed = [k for k in changed if k.split(".")[0] in MUST_MATCH]
     if fixed:
         raise StudyError(f"{fixed[0]}: an extension keeps {', '.join(MUST_MATCH)} as the study has them "
@@ -103,11 +100,7 @@ def extend(name_or_path: str, config: str | os.PathLike | dict[str, Any] | None 
         meta = folder.read_meta()
         if meta.config_digest and config_digest(old) != meta.config_digest:
             raise StudyError(f"{folder.config_path} was edited after the study started; restore it first")
-        try:
-            check_tracking(meta.tracking_uri)
-            check_store(meta.tracking_uri, meta.parent_run_id, meta.name)
-        except TrackingUnavailable as e:
-            raise StudyError(f"mlflow.tracking_uri: {e}") from None
+        check_record(meta.tracking_uri, meta)
         print(ext.summary(), flush=True)
         number = len(meta.extensions) + 1
         record = {"number": number, "at": time.strftime("%Y-%m-%d %H:%M:%S"), "runs_before": ext.runs_before,
