@@ -13,7 +13,7 @@ able to decide at all (8 seeds for 5 looks at 0.05) -- `Looks.first_decisive` sa
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 
@@ -94,6 +94,7 @@ class SequentialOutcome:
     undecided: list[str]
     runs: int
     runs_at_max: int
+    decided_at: dict[str, int] = field(default_factory=dict)  # comparison (its method group) -> seeds
 
     @property
     def runs_saved(self) -> int:
@@ -105,7 +106,13 @@ class SequentialOutcome:
         return (f"seeds until decided: {how} at {self.seeds} seeds, look {self.stopped_at_look} of "
                 f"{len(self.looks)} (looks at {', '.join(map(str, self.looks))} seeds; alpha "
                 f"{self.alpha:g} split over the looks: {self.alpha_per_look:.4g} per look); "
-                f"{self.runs} runs, {self.runs_saved} saved against {self.runs_at_max} at the maximum")
+                f"{self.runs} runs, {self.runs_saved} saved against {self.runs_at_max} at the maximum"
+                + (f" (seeds stop where a comparison is decided: {when})" if (when := self._when()) else ""))
+
+    def _when(self) -> str:
+        """e.g. "tpp pr=0.8 g=0.001 at 8; tpp pr=0.9 g=0.001 at 10" for the comparisons decided early."""
+        early = {g: n for g, n in self.decided_at.items() if n < self.seeds}
+        return "; ".join(f"{g} at {n}" for g, n in sorted(early.items(), key=lambda kv: (kv[1], kv[0])))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

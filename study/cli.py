@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--num-cpus", type=int, help="CPUs of the embedded local Ray (default: all)")
     r.add_argument("--if-exists", choices=("error", "replace", "resume"), default="error",
                    help="when the study folder exists: refuse (default), delete it first, or resume it")
+    _add_set(r)
 
     e = sub.add_parser("extend", help="add seeds, LRs, PRs, methods or recipe levels to a study",
                        description="Run only what a grown config adds to a study, into the same study: the "
@@ -55,9 +56,7 @@ def _parser() -> argparse.ArgumentParser:
                        "hold every run of the study (more levels; every other setting unchanged).")
     e.add_argument("study", metavar="NAME_OR_PATH", help="study name (under --storage) or study folder")
     e.add_argument("config", nargs="?", help="the grown config (YAML; default: the study's own config)")
-    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="change one key of the config, a YAML value: --set 'space.seeds=[0,1,2,3,4,5]' "
-                   "(repeatable)")
+    _add_set(e)
     e.add_argument("--storage", default="./studies", help="where to look up NAME (default: ./studies)")
     e.add_argument("--address", help="Ray cluster to join (default: the one the study used, else local)")
     e.add_argument("--dry-run", action="store_true", help="say what would be added, change nothing")
@@ -80,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
                     "--dry-run), then its design")
     pl.add_argument("--max-concurrent", type=int, default=None,
                     help="concurrent trials to plan prune units for (default: the config's, else 1)")
+    _add_set(pl)
 
     ls = sub.add_parser("list", help="list the studies under a storage folder",
                         description="Studies under --storage with status, trials done/total, parent run.")
@@ -93,6 +93,28 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--storage", default="./studies", help="where to look up NAME (default: ./studies)")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     return p
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one key of the config, a YAML value: --set 'space.seeds=[0,1,2,3,4,5]' "
+                   "(repeatable)")
+
+
+def _sets(items: list[str]) -> dict[str, Any]:
+    """The --set KEY=VALUE items as {dotted key: YAML value}; ValueError naming the bad one."""
+    import yaml
+
+    sets: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set: got {item!r}; accepted: KEY=VALUE, e.g. 'space.seeds=[0,1,2,3,4,5]'")
+        try:
+            sets[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {key}: not a YAML value ({str(e).splitlines()[0]})") from None
+    return sets
 
 
 def _err(msg: str) -> int:
@@ -112,8 +134,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                                  "experiment": args.experiment, "storage": args.storage,
                                  "num_trials": args.num_trials, "name": args.name, "num_cpus": args.num_cpus}
     try:
-        result = run(args.config, if_exists=args.if_exists, **overrides)
-    except (StudyConfigError, StudyError) as e:
+        result = run(args.config, if_exists=args.if_exists, set=_sets(args.set), **overrides)
+    except (StudyConfigError, StudyError, ValueError) as e:
         return _err(str(e))
     except KeyboardInterrupt as e:
         return _interrupted(e)
@@ -134,22 +156,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_extend(args: argparse.Namespace) -> int:
-    import yaml
-
     from study.errors import StudyError
     from study.extension import Extension, extend
 
-    sets: dict[str, Any] = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            return _err(f"--set: got {item!r}; accepted: KEY=VALUE, e.g. 'space.seeds=[0,1,2,3,4,5]'")
-        try:
-            sets[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            return _err(f"--set {key}: not a YAML value ({str(e).splitlines()[0]})")
     try:
-        out = extend(args.study, args.config, set=sets, storage=args.storage, address=args.address,
+        out = extend(args.study, args.config, set=_sets(args.set), storage=args.storage, address=args.address,
                      dry_run=args.dry_run)
     except (StudyConfigError, StudyError, FileNotFoundError, ValueError) as e:
         return _err(str(e))
@@ -268,17 +279,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
         except FileNotFoundError as e:
             return _err(f"config: {args.config} is neither a config file nor a study: {e}")
     try:
-        cfg = load_config(source)
+        sets = _sets(args.set)
+        cfg = load_config(source, set=sets)
         run_cfg = dense_run_config(cfg)
         train = run_splits(run_cfg, load_run_data(run_cfg))[0].num_train  # what every stage trains on
-    except (StudyConfigError, DataError) as e:
+    except (StudyConfigError, DataError, ValueError) as e:
         return _err(str(e).splitlines()[0])
     if args.extend:
         from study.errors import StudyError
         from study.extension import extend
 
         try:
-            print(extend(args.extend, source, storage=args.storage, dry_run=True).summary())
+            print(extend(args.extend, source, set=sets, storage=args.storage, dry_run=True).summary())
         except (StudyConfigError, StudyError, FileNotFoundError) as e:
             return _err(str(e))
     slots = args.max_concurrent or cfg.max_concurrent or 1

@@ -231,12 +231,38 @@ class MethodCfg(_Strict):
         return self.label or self.name
 
 
+class ExtraSeeds(_Strict):
+    """More seeds for some prune groups of a grid: those of `method` (a label) at `pr` and `growth`, each
+    any level when left out (a growth matches only methods with a penalty). Seeds-until-decided writes
+    these for the comparisons still undecided, so a decided comparison costs no further runs."""
+
+    method: str | None = None
+    pr: float | None = None
+    growth: float | None = None
+    seeds: list[int] = Field(min_length=1)
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate seeds in {v}; accepted: distinct integers")
+        return v
+
+    def matches(self, method: str, pr: float, growth: float | None) -> bool:
+        def same(want: float | None, got: float | None) -> bool:
+            return want is None or (got is not None and math.isclose(want, got, rel_tol=1e-9))
+
+        return self.method in (None, method) and same(self.pr, pr) and same(self.growth, growth)
+
+
 class SpaceCfg(_Strict):
-    """The searched prune-stage dimensions. `growth` only applies to methods with a penalty."""
+    """The searched prune-stage dimensions. `growth` only applies to methods with a penalty;
+    `extra_seeds` gives some prune groups of a grid more seeds than `seeds`."""
 
     pr: Values
     growth: Values | None = None
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    extra_seeds: list[ExtraSeeds] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod
@@ -471,6 +497,7 @@ class StudyConfig(_Strict):
             if self.early_stopping.asha:
                 raise _PathError("early_stopping.asha", "ASHA stops single trials; designs train each prune "
                                  "group's members together; accepted: false, or sampler tpe")
+            self._check_extra_seeds()
         else:
             if self.num_trials is None:
                 raise _PathError("num_trials", f"required for sampler {self.sampler!r}; accepted: an "
@@ -484,6 +511,21 @@ class StudyConfig(_Strict):
             metric = "test_acc_at_best_val" if self.data.val_fraction else "best_acc"
             object.__setattr__(self, "objective", self.objective.model_copy(update={"metric": metric}))
         return self
+
+    def _check_extra_seeds(self) -> None:
+        """Each entry of space.extra_seeds names levels the grid has (a typo would silently add nothing)."""
+        labels = [m.shown for m in self.methods]
+        for i, e in enumerate(self.space.extra_seeds):
+            where = f"space.extra_seeds[{i}]"
+            if self.sampler != "grid":
+                raise _PathError(where, "extra seeds name grid levels; accepted: sampler grid")
+            if e.method is not None and e.method not in labels:
+                raise _PathError(f"{where}.method", f"got {e.method!r}; accepted: {', '.join(labels)}")
+            for dim in ("pr", "growth"):
+                want, have = getattr(e, dim), levels(getattr(self.space, dim))
+                if want is not None and not any(math.isclose(want, x, rel_tol=1e-9) for x in have):
+                    raise _PathError(f"{where}.{dim}", f"got {want:g}; accepted: a level of space.{dim} "
+                                     f"({', '.join(f'{x:g}' for x in have) or 'none'})")
 
     # ---------------------------------------------------------------------------------- derived
     @property
@@ -516,6 +558,9 @@ class StudyConfig(_Strict):
         raw = self.model_dump(mode="json")
         raw["methods"] = [m["name"] if not (m["label"] or m["settings"]) else
                           {"name": m["name"], "label": m["label"], **m["settings"]} for m in raw["methods"]]
+        extra = raw["space"].pop("extra_seeds")  # only when used: a config without them digests as before
+        if extra:
+            raw["space"]["extra_seeds"] = [{k: v for k, v in e.items() if v is not None} for e in extra]
         return raw
 
     def to_yaml(self) -> str:

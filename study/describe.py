@@ -24,9 +24,8 @@ def describe(cfg: StudyConfig, slots: int = 1, train_samples: int | None = None)
     p = plan(cfg, slots, train_samples=train_samples or 0)
     lrs = sorted({m["lr"] for m in p.members})
     rows = Counter((pt.method, pt.pr, "-" if pt.growth is None else short(pt.growth)) for pt in p.points)
-    seeds = len(cfg.space.seeds)
     table = [["method", "pr", "growth", "seeds", "members", "runs"]]
-    table += [[m, f"{pr:.3g}", g, str(seeds), str(len(p.members)), str(n * len(p.members))]
+    table += [[m, f"{pr:.3g}", g, str(n), str(len(p.members)), str(n * len(p.members))]
               for (m, pr, g), n in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2]))]
     stages = [_prune_iterations(cfg, pt, train_samples or 0) for pt in p.points]
     penalty = [s for s in stages if s]
@@ -52,7 +51,11 @@ def describe(cfg: StudyConfig, slots: int = 1, train_samples: int | None = None)
                 f"iterations each" if train_samples else ""),
              "balance: every method is crossed with the same PRs and seeds, every prune point with the same "
              "members: method differences are paired"]
-    if seeds < 6:
+    if cfg.space.extra_seeds:
+        lines[-1] = ("balance: every method is crossed with the same PRs and seeds, and space.extra_seeds "
+                     "gives some groups more (paired where both sides of a comparison have them); every "
+                     "prune point has the same members")
+    if (seeds := len(cfg.space.seeds)) < 6:
         lines.append(f"note: {seeds} seed(s): a paired sign-flip test over seeds cannot reach p < 0.05 below "
                      "6 seeds, so the report's verdict will call differences ties")
     return "\n".join(lines)

@@ -139,19 +139,23 @@ def _prune_levels(cfg: StudyConfig) -> list[tuple[float, float | None]]:
 
 
 def points(cfg: StudyConfig) -> list[PrunePoint]:
-    """Every prune point of a fixed design: methods x (pr, growth) levels x seeds, growth dropped for
-    methods without a penalty (and the duplicates that leaves)."""
+    """Every prune point of a fixed design: methods x (pr, growth) levels x seeds (and the extra seeds of
+    the groups space.extra_seeds names), growth dropped for methods without a penalty (and the
+    duplicates that leaves)."""
     return list(_cached(cfg, "points", _points))
 
 
 def _points(cfg: StudyConfig) -> tuple[PrunePoint, ...]:
     out: dict[PrunePoint, None] = {}  # ordered and O(1) per point (a list scan made designs O(n^2))
     pairs = _prune_levels(cfg)
+    extra = cfg.space.extra_seeds
     for m in cfg.methods:
         penalty = has_penalty(cfg, m.shown)
-        for (pr, g), seed in itertools.product(pairs, cfg.space.seeds):
+        for pr, g in pairs:
             growth = float(g) if penalty and g is not None else None
-            out[PrunePoint(m.shown, float(pr), growth, int(seed))] = None
+            seeds = [*cfg.space.seeds, *(s for e in extra if e.matches(m.shown, pr, growth) for s in e.seeds)]
+            for seed in seeds:
+                out[PrunePoint(m.shown, float(pr), growth, int(seed))] = None
     return tuple(out)
 
 
@@ -174,6 +178,8 @@ def size(cfg: StudyConfig) -> tuple[int, int]:
     if not cfg.is_design:
         return cfg.num_trials or 0, 1
     sp = cfg.space
+    if sp.extra_seeds:  # a grid: building it is cheap (linear), and exact
+        return len(points(cfg)), n_members
     n_points = 0
     for m in cfg.methods:
         dims = [sp.pr] + ([sp.growth] if has_penalty(cfg, m.shown) and sp.growth is not None else [])

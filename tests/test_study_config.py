@@ -459,3 +459,21 @@ def test_plan_takes_a_study_by_name_or_folder_as_well_as_a_config(tmp_path, caps
     assert main(["plan", "nosuch", "--storage", str(tmp_path / "studies")]) == 2
     err = capsys.readouterr().err
     assert "config: nosuch is neither a config file nor a study" in err and err.count("\n") == 1
+
+
+def test_set_changes_one_key_for_plan_and_run_and_bad_items_are_one_line(tmp_path, capsys):
+    """`--set KEY=VALUE` (a YAML value) works on plan and run as on extend; a malformed item or a value
+    the config refuses is one line naming it, and nothing is created."""
+    from study.cli import main
+
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg_with(name="s")))
+    assert main(["plan", str(tmp_path / "s.yaml"), "--set", "space.seeds=[0, 1, 2]"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:4]]
+    assert {r[3] for r in rows} == {"3"}  # three seeds per group
+    storage = tmp_path / "studies"
+    for item, says in (("space.seeds", "--set: got 'space.seeds'; accepted: KEY=VALUE"),
+                       ("space.seeds=[0, 0]", "space.seeds: duplicate seeds in [0, 0]")):
+        assert main(["run", str(tmp_path / "s.yaml"), "--storage", str(storage), "--set", item]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err
+    assert not storage.exists()
