@@ -24,7 +24,7 @@ demo: venv  ## run the embedded quick study end to end, then its report
 	$(VENV)/bin/tpp-analyze quick --storage $(STUDIES)
 	@echo
 	@echo "Report:    $(abspath $(STUDIES))/quick/report/report.html"
-	@$(VENV)/bin/tpp-study status quick --storage $(STUDIES) | grep -A1 "^MLflow UI"
+	@$(VENV)/bin/tpp-study status quick --storage $(STUDIES) | grep -A2 "^MLflow UI"
 
 test: venv  ## lint and run the whole test suite
 	$(VENV)/bin/ruff check .

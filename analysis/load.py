@@ -23,6 +23,7 @@ import pandas as pd
 
 from analysis.sequential import sequential_note
 from study.schema import (
+    ROLE_MEMBER,
     ROLE_STUDY,
     TAG_DIVERGED_STAGE,
     TAG_EXTENSION,
@@ -192,8 +193,9 @@ def load_study(study: str, tracking_uri: str | None = None, *,
     client, uri = client_for(tracking_uri)
     parent, notes = _find_parent(client, study, uri)
     exp = client.get_experiment(parent.info.experiment_id)
-    children = _search_all(client, [parent.info.experiment_id],
-                           f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = _search_all(client, [parent.info.experiment_id],  # member runs, not the group summaries
+                           f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`{TAG_ROLE}` = "
+                           f"'{ROLE_MEMBER}'")
     trials, param_names = _trials_frame(children)
     epochs = _epochs_frame(client, children, trials, histories, max_workers or _default_workers(uri))
     params = {k: _typed(v) for k, v in parent.data.params.items()}

@@ -164,7 +164,7 @@ def build_report(study: str | StudyData, tracking_uri: str | None = None, out_di
     path = final / "report.html"
     say(f"report: {path.resolve()}")
     if log:
-        _log(data, final, say)
+        _log(data, final, say, res)
     return path
 
 
@@ -216,16 +216,23 @@ def _overfit_note(curves: pd.DataFrame) -> list[str]:
             "control (jsv_retained), or size the stage in passes over the data (reg_growth_epochs)."]
 
 
-def _log(data: StudyData, out: Path, say) -> None:
+def _log(data: StudyData, out: Path, say, res: Results) -> None:
+    """The report onto the study run, and one summary run per group under it (the dashboard's group view)."""
+    from analysis.group_runs import group_contents, log_group_runs
+
     try:
         client, _ = client_for(data.tracking_uri)
         client.log_artifacts(data.parent_run_id, str(out), artifact_path=ARTIFACT_DIR)
+        contents = group_contents(res.groups, res.lr_points, res.prep.keys) if len(res.groups) else {}
+        written, kept = log_group_runs(client, data.experiment_id, data.parent_run_id, data.name, contents)
     except Exception as exc:  # noqa: BLE001 - the report on disk is still good; say why it is not logged
         msg = f"could not log the report to study run {data.parent_run_id}: {type(exc).__name__}: {exc}"
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
         say(f"warning: {msg}")
     else:
-        say(f"logged to run {data.parent_run_id} under {ARTIFACT_DIR}/ (see the study run in the MLflow UI)")
+        say(f"logged to run {data.parent_run_id} under {ARTIFACT_DIR}/ (see the study run in the MLflow UI), "
+            f"with {len(contents)} group summary runs ({written} written, {kept} unchanged) for its group "
+            "view")
 
 
 def _write_tables(out: Path, data: StudyData, res: Results) -> dict[str, str]:

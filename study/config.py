@@ -13,10 +13,10 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SAMPLERS = ("qmc", "grid", "tpe")
 DESIGNS = ("grid", "qmc")  # fixed designs; tpe is adaptive (Optuna proposes each trial)
@@ -231,6 +231,15 @@ class MethodCfg(_Strict):
         return self.label or self.name
 
 
+def _distinct(seeds: list[int]) -> list[int]:
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"duplicate seeds in {seeds}; accepted: distinct integers")
+    return seeds
+
+
+Seeds = Annotated[list[int], AfterValidator(_distinct)]
+
+
 class ExtraSeeds(_Strict):
     """More seeds for some prune groups of a grid: those of `method` (a label) at `pr` and `growth`, each
     any level when left out (a growth matches only methods with a penalty). Seeds-until-decided writes
@@ -239,14 +248,7 @@ class ExtraSeeds(_Strict):
     method: str | None = None
     pr: float | None = None
     growth: float | None = None
-    seeds: list[int] = Field(min_length=1)
-
-    @field_validator("seeds")
-    @classmethod
-    def _unique(cls, v: list[int]) -> list[int]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"duplicate seeds in {v}; accepted: distinct integers")
-        return v
+    seeds: Seeds = Field(min_length=1)
 
     def matches(self, method: str, pr: float, growth: float | None) -> bool:
         def same(want: float | None, got: float | None) -> bool:
@@ -261,7 +263,7 @@ class SpaceCfg(_Strict):
 
     pr: Values
     growth: Values | None = None
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: Seeds = Field(default_factory=lambda: [0], min_length=1)
     extra_seeds: list[ExtraSeeds] = Field(default_factory=list)
 
     @model_validator(mode="before")
@@ -291,12 +293,6 @@ class SpaceCfg(_Strict):
             raise ValueError(f"pruning ratios must lie in (0, 1); got {bounds(v)}")
         return v
 
-    @field_validator("seeds")
-    @classmethod
-    def _unique(cls, v: list[int]) -> list[int]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"duplicate seeds in {v}; accepted: distinct integers")
-        return v
 
 
 class FinetuneCfg(BaseModel):

@@ -11,7 +11,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from study.schema import ROLE_MEMBER, TAG_ROLE, TAG_STATUS, TAG_STUDY
+from study.schema import (
+    GROUP_CURVE,
+    GROUP_MEASURES,
+    GROUP_X,
+    ROLE_GROUP,
+    ROLE_MEMBER,
+    TAG_ROLE,
+    TAG_STATUS,
+    TAG_STUDY,
+)
 
 log = logging.getLogger("study.mlflow")
 
@@ -51,9 +60,16 @@ def view_key(study: str) -> str:
     return "tpp-" + re.sub(r"[^A-Za-z0-9_-]", "-", study)
 
 
-def runs_route(experiment_id: str, study: str | None = None) -> str:
-    """The hash route of the runs page in MLflow's training workflow, on the study's saved view."""
-    query = "workflowType=machine_learning" + (f"&viewStateShareKey={view_key(study)}" if study else "")
+def group_view_key(study: str) -> str:
+    """The key of the study's group view (one summary run per group, written by tpp-analyze)."""
+    return view_key(study) + "--groups"
+
+
+def runs_route(experiment_id: str, study: str | None = None, *, groups: bool = False) -> str:
+    """The hash route of the runs page in MLflow's training workflow, on the study's saved view (its
+    member runs, or with `groups` its group summary runs)."""
+    key = (group_view_key if groups else view_key)(study) if study else None
+    query = "workflowType=machine_learning" + (f"&viewStateShareKey={key}" if key else "")
     return f"#/experiments/{experiment_id}/runs?{query}"
 
 
@@ -63,9 +79,9 @@ def run_route(experiment_id: str, run_id: str) -> str:
     return f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
-def runs_page_url(base: str, experiment_id: str, study: str | None = None) -> str:
+def runs_page_url(base: str, experiment_id: str, study: str | None = None, *, groups: bool = False) -> str:
     """e.g. http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning&viewStateShareKey=tpp-x"""
-    return f"{base.rstrip('/')}/{runs_route(experiment_id, study)}"
+    return f"{base.rstrip('/')}/{runs_route(experiment_id, study, groups=groups)}"
 
 
 def study_view(cfg: Any) -> dict[str, Any]:
@@ -108,24 +124,67 @@ def study_view(cfg: Any) -> dict[str, Any]:
     }
 
 
+def group_view(cfg: Any) -> dict[str, Any]:
+    """The runs page state of the study's group view: its group summary runs (a few dozen, so every one
+    is loaded and charted without "Load more"), in method order, each in its method's colour (tag
+    mlflow.runColor): the seed-mean accuracy against log10 LR, one line per group (a line chart whose x
+    axis is the metric `GROUP_X`), the primary sensitivity measure per group, and a parallel-coordinates
+    chart of the keys against it."""
+    from study.design import has_penalty, varying
+
+    penalty = any(has_penalty(cfg, m.shown) for m in cfg.methods)
+    params = ["method_label", "pr", *(["growth"] if penalty else []), *varying(cfg), "n_seeds"]
+    columns = [f"params.`{p}`" for p in params] + [f"metrics.`{m}`" for m in GROUP_MEASURES]
+    section = "tpp-study-groups"
+    chart = {"metricSectionId": section, "isGenerated": False, "deleted": False}
+    charts = [
+        {**chart, "uuid": "tpp-groups-lr", "type": "LINE", "metricKey": GROUP_CURVE,
+         "selectedMetricKeys": [GROUP_CURVE], "xAxisKey": "metric", "selectedXAxisMetricKey": GROUP_X,
+         "useGlobalXaxisKey": False, "useGlobalLineSmoothing": False, "lineSmoothness": 0,
+         "scaleType": "linear", "xAxisScaleType": "linear", "displayPoints": True, "yAxisKey": "metric",
+         "yAxisExpressions": [], "ignoreOutliers": False,
+         "range": {"xMin": None, "xMax": None, "yMin": None, "yMax": None}},
+        {**chart, "uuid": "tpp-groups-regret", "type": "BAR", "metricKey": GROUP_MEASURES[0]},
+        {**chart, "uuid": "tpp-groups-parallel", "type": "PARALLEL", "selectedParams": params[:-1],
+         "selectedMetrics": [GROUP_MEASURES[0]], "showAllRuns": True},
+    ]
+    return {
+        "searchFilter": f"tags.`{TAG_STUDY}` = '{cfg.name}' and tags.`{TAG_ROLE}` = '{ROLE_GROUP}'",
+        "orderByKey": "params.`method_label`", "orderByAsc": True,
+        "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [],
+        "modelVersionFilter": "All Runs", "selectedColumns": columns,
+        "columnOrder": ["attributes.`Run Name`", *columns],
+        "columnWidths": {"attributes.`Run Name`": 200, **{c: 90 for c in columns}},
+        "runsHiddenMode": "SHOW_ALL",
+        "compareRunCharts": charts,
+        "compareRunSections": [{"uuid": section, "name": f"Study {cfg.name}: every group",
+                                "display": True, "isReordered": False, "deleted": False,
+                                "isGenerated": False}],
+        "isAccordionReordered": True,
+    }
+
+
 def write_study_view(c: Any, experiment_id: str, cfg: Any) -> str:
-    """Save the study's runs view on its experiment (MLflow's "Views" menu); returns its key."""
+    """Save the study's two runs views on its experiment (MLflow's "Views" menu): its member runs, and
+    its group summary runs; returns the member view's key."""
     now = int(time.time() * 1000)
-    key = view_key(cfg.name)
-    value = json.dumps({"name": f"tpp study {cfg.name}", "createdAt": now, "updatedAt": now,
-                        "state": json.dumps(study_view(cfg), separators=(",", ":"))})
-    if len(value) > MAX_VIEW_CHARS:
-        raise ValueError(f"the saved view of study {cfg.name} has {len(value)} characters; "
-                         f"MLflow keeps at most {MAX_VIEW_CHARS}")
-    c.set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + key, value)
-    return key
+    for key, name, state in ((view_key(cfg.name), f"tpp study {cfg.name}", study_view(cfg)),
+                             (group_view_key(cfg.name), f"tpp groups {cfg.name}", group_view(cfg))):
+        value = json.dumps({"name": name, "createdAt": now, "updatedAt": now,
+                            "state": json.dumps(state, separators=(",", ":"))})
+        if len(value) > MAX_VIEW_CHARS:
+            raise ValueError(f"the saved view {name} has {len(value)} characters; MLflow keeps at most "
+                             f"{MAX_VIEW_CHARS}")
+        c.set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + key, value)
+    return view_key(cfg.name)
 
 
 def experiment_note(experiment_id: str, studies: list[str]) -> str:
     """The experiment's description (markdown, one line above its runs table): a link per tpp study."""
-    links = " · ".join(f"[{s}]({runs_route(experiment_id, s)})" for s in sorted(studies))
-    return (f"**tpp studies**, their runs best first: {links} (saved views, also in the *Views* menu; a "
-            "study's description is on its parent run)")
+    links = " · ".join(f"[{s}]({runs_route(experiment_id, s)}) ([every group]"
+                       f"({runs_route(experiment_id, s, groups=True)}))" for s in sorted(studies))
+    return (f"**tpp studies**, their runs best first, and one summary run per group (after `tpp-analyze`): "
+            f"{links} (saved views, also in the *Views* menu; a study's description is on its parent run)")
 
 
 def study_note(description: str | None, experiment_id: str, study: str,
@@ -136,7 +195,9 @@ def study_note(description: str | None, experiment_id: str, study: str,
     if best:
         link = run_route(experiment_id, best["run_id"])
         parts.append(f"**Best run:** [{best['run_name']}]({link}) -- {best['metric']} {best['value']:.4g}")
-    parts.append(f"[All runs of this study, best first]({runs_route(experiment_id, study)})")
+    parts.append(f"[All runs of this study, best first]({runs_route(experiment_id, study)}) · "
+                 f"[Every group's LR curve and measures]({runs_route(experiment_id, study, groups=True)}) "
+                 "(one summary run per group, written by `tpp-analyze`)")
     return "\n\n".join(parts)
 
 
@@ -146,7 +207,9 @@ def _view_studies(tags: dict[str, str]) -> list[str]:
     for k, v in tags.items():
         if k.startswith(VIEW_TAG_PREFIX + "tpp-"):
             with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
-                out.append(json.loads(v)["name"].removeprefix("tpp study "))
+                name = json.loads(v)["name"]
+                if name.startswith("tpp study "):  # not the group views
+                    out.append(name.removeprefix("tpp study "))
     return out
 
 

@@ -216,6 +216,8 @@ class StudyResult:
         if self.experiment_id:  # the runs page in the training workflow, on the study's saved view
             base = "http://127.0.0.1:5000" if self.tracking_uri.startswith("sqlite:") else self.tracking_uri
             lines.append(f"           then open {runs_page_url(base, self.experiment_id, self.name)}")
+            lines.append(f"Groups:    {runs_page_url(base, self.experiment_id, self.name, groups=True)} "
+                         "(every group's LR curve, after tpp-analyze)")
             if self.parent_run_id:  # the study run: its description, counts, config and the report
                 lines.append(f"Study run: {base}/{run_route(self.experiment_id, self.parent_run_id)}")
         return lines

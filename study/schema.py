@@ -14,8 +14,14 @@ RUN_STATUS = {"completed": "FINISHED", "diverged": "FINISHED", "failed": "FAILED
 
 # Tags of the study run (role "study") and of each member run (role "trial", nested under it)
 TAG_STUDY = "tpp.study"  # the study's name, on every run of it
-TAG_ROLE = "tpp.role"  # "study" | "trial"
+TAG_ROLE = "tpp.role"  # "study" | "trial" | "group"
 ROLE_STUDY, ROLE_MEMBER = "study", "trial"
+ROLE_GROUP = "group"  # a group summary run (tpp-analyze): one per method x PR x growth x recipe, per-LR means
+TAG_GROUP = "tpp.group"  # a group summary run's group label, what a new report replaces it by
+TAG_GROUP_DIGEST = "tpp.group_digest"  # a digest of its content: an unchanged group is not rewritten
+GROUP_CURVE = "mean_acc"  # on a group run: the seed-mean accuracy at each LR (step: its ladder index)...
+GROUP_X = "log10_lr"  # ...against log10 of that LR, logged at the same steps (the line chart's x axis)
+GROUP_MEASURES = ("lr_regret", "window_decades", "stable_range", "best_acc", "diverged_members_share")
 TAG_MEMBER = "tpp.member_id"  # a member's id: a digest of its settings (what resume finds it again by)
 TAG_STATUS = "tpp.status"  # a member's status: completed | diverged | failed | interrupted | running
 TAG_REUSE = "tpp.reuse"  # computed | reused | none: who carries the prune stage's curves

@@ -215,9 +215,10 @@ def test_dashboard_tags_are_idempotent_and_keep_a_users_note(tmp_path):
         _dashboard(c, exp_id, folder.path)
         _dashboard(c, exp_id, folder.path)
     tags = c.get_experiment(exp_id).tags
-    assert sorted(k for k in tags if k.startswith(VIEW_TAG_PREFIX)) == [VIEW_TAG_PREFIX + "tpp-a",
-                                                                        VIEW_TAG_PREFIX + "tpp-b-c"]
+    assert sorted(k for k in tags if k.startswith(VIEW_TAG_PREFIX)) == [
+        VIEW_TAG_PREFIX + k for k in ("tpp-a", "tpp-a--groups", "tpp-b-c", "tpp-b-c--groups")]
     assert "[a](#/experiments/" in tags[NOTE_TAG] and "viewStateShareKey=tpp-b-c)" in tags[NOTE_TAG]
+    assert tags[NOTE_TAG].count("([every group](") == 2  # the group views are linked, not taken for studies
     c.set_experiment_tag(exp_id, NOTE_TAG, "my notes")
     _dashboard(c, exp_id, tmp_path / "a")
     assert c.get_experiment(exp_id).tags[NOTE_TAG] == "my notes"
@@ -229,7 +230,10 @@ def test_study_note_links_the_best_run_and_the_view():
     assert note == ("L1 vs TPP.\n\n**Best run:** [lr=1e-2 tpp pr=0.5 s0]"
                     "(#/experiments/7/runs/abc?workflowType=machine_learning) -- "
                     "best_acc 93.06\n\n[All runs of this study, best first]"
-                    "(#/experiments/7/runs?workflowType=machine_learning&viewStateShareKey=tpp-s)")
+                    "(#/experiments/7/runs?workflowType=machine_learning&viewStateShareKey=tpp-s) · "
+                    "[Every group's LR curve and measures]"
+                    "(#/experiments/7/runs?workflowType=machine_learning&viewStateShareKey=tpp-s--groups) "
+                    "(one summary run per group, written by `tpp-analyze`)")
 
 
 # ---------------------------------------------------------------------------------------------- browser
@@ -304,3 +308,59 @@ def test_each_member_run_carries_the_tpp_run_command_that_reruns_it(dash, tmp_pa
     assert alone["config"]["lr"] == float(run.data.params["lr"]) and alone["config"]["seed"] == 0
     for key in ("acc_after_removal", "best_acc"):
         assert alone[key] == pytest.approx(run.data.metrics[key], abs=1.0), key
+
+
+def test_the_group_view_charts_every_group_from_its_summary_runs(dash, tmp_path):
+    """tpp-analyze writes one summary run per group under the study run (the few runs MLflow's charts
+    can show at once), the group view selects exactly them, their values are the report's tables, and a
+    second report with nothing changed rewrites nothing; the member runs and the study's counts are
+    untouched."""
+    import numpy as np
+    import pandas as pd
+
+    from analysis.cli import main as analyze
+    from analysis.group_runs import RUN_COLOR_TAG
+    from analysis.load import load_study
+    from study.dashboard import group_view, group_view_key
+    from study.schema import GROUP_CURVE, GROUP_MEASURES, GROUP_X
+
+    storage = str(Path(dash.path).parent)
+    out = tmp_path / "report"
+    assert analyze(["dash", "--storage", storage, "--out", str(out), "--quiet"]) == 0
+    c = client(dash.tracking_uri)
+    exp = c.get_experiment(dash.experiment_id)
+    state = json.loads(json.loads(exp.tags[VIEW_TAG_PREFIX + group_view_key("dash")])["state"])
+    assert state == group_view(load_config(StudyFolder(dash.path).config_path))
+    groups = c.search_runs([dash.experiment_id], state["searchFilter"])
+    table = pd.read_csv(out / "groups.csv")
+    lr_points = pd.read_csv(out / "lr_points.csv")
+    assert sorted(r.info.run_name for r in groups) == sorted(table["group"]) and len(groups) == 4
+    for r in groups:
+        g = table[table["group"] == r.info.run_name].iloc[0]
+        assert r.data.tags["mlflow.parentRunId"] == dash.parent_run_id and r.info.status == "FINISHED"
+        assert r.data.params["method_label"] == g["method"] and float(r.data.params["pr"]) == g["pr"]
+        assert ("growth" in r.data.params) == (g["method"] == "tpp")
+        for m in GROUP_MEASURES:
+            if np.isfinite(g[m]):
+                assert r.data.metrics[m] == pytest.approx(g[m]), m
+        curve = {h.step: h.value for h in c.get_metric_history(r.info.run_id, GROUP_CURVE)}
+        x = {h.step: h.value for h in c.get_metric_history(r.info.run_id, GROUP_X)}
+        pts = lr_points[(lr_points["group"] == g["group"]) & lr_points["acc"].notna()].sort_values("lr")
+        assert sorted(curve) == sorted(x) and len(curve) == len(pts)
+        assert [x[s] for s in sorted(x)] == pytest.approx(np.log10(pts["lr"]).tolist())
+        assert [curve[s] for s in sorted(curve)] == pytest.approx(pts["acc"].tolist())
+    colours = {r.data.params["method_label"]: r.data.tags[RUN_COLOR_TAG] for r in groups}
+    assert len(set(colours.values())) == 2 and all(re.fullmatch("#[0-9a-f]{6}", v) for v in colours.values())
+    # every group is drawn: the parallel chart's filter keeps them all, the line chart's keys exist
+    parallel = next(ch for ch in state["compareRunCharts"] if ch["type"] == "PARALLEL")
+    assert len(parallel_rows(groups, parallel["selectedParams"][:2], parallel["selectedMetrics"])) == 4
+    line = next(ch for ch in state["compareRunCharts"] if ch["type"] == "LINE")
+    assert (line["metricKey"], line["selectedXAxisMetricKey"]) == (GROUP_CURVE, GROUP_X)
+    # the printed links, the study's counts and the members the report reads are unchanged
+    assert runs_page_url("http://127.0.0.1:5000", dash.experiment_id, "dash", groups=True) in dash.summary()
+    assert len(load_study("dash", dash.tracking_uri, histories=None).trials) == dash.num_runs
+    assert study.collect(StudyFolder(dash.path)).counts == dash.counts
+    # again, nothing changed: every group run is kept (no duplicate, no rewrite)
+    assert analyze(["dash", "--storage", storage, "--out", str(out)]) == 0
+    again = c.search_runs([dash.experiment_id], state["searchFilter"])
+    assert sorted(r.info.run_id for r in again) == sorted(r.info.run_id for r in groups)
