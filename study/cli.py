@@ -188,7 +188,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             rows.append((StudyMeta(name=f.name), f"damaged ({str(e).split('(')[-1].rstrip(')')[:40]})", None))
             continue
         try:
-            res = collect(f) if m.parent_run_id else None
+            res = collect(f, recorded=True) if m.parent_run_id else None
             finished = sum(res.counts.get(k, 0) for k in ("completed", "diverged", "failed")) if res else 0
         except Exception:  # noqa: BLE001 - an unreadable store shows as unknown, the others still list
             res, finished = None, None
@@ -227,7 +227,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     res = None
     if reachable and meta.parent_run_id:
         try:
-            res = collect(folder)
+            res = collect(folder, recorded=True)
             info.update(counts=res.counts, reuse=res.reuse, best=res.best, ui=res.ui_lines())
         except TrackingUnavailable as e:  # the store is gone: say so, create nothing
             return _err(f"mlflow: {e}")

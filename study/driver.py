@@ -284,7 +284,7 @@ def resume(name_or_path: str, *, storage: str | None = None, address: str | None
             print(f"[{meta.name}] its MLflow store is now {uri}", flush=True)
             meta = folder.update_meta(tracking_uri=uri)
         if not folder.pending_log.is_file():
-            result = collect(folder)
+            result = collect(folder, recorded=True)  # one read when the study ended complete
             if result.status == "completed":
                 print(f"[{meta.name}] nothing to do: all {meta.num_runs} runs finished", flush=True)
                 return result

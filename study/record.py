@@ -24,6 +24,7 @@ from study.schema import (
     DENSE_MODEL_TAG,
     TAG_DENSE_DIGEST,
     TAG_MEMBER,
+    TAG_OUTCOME,
     TAG_REUSE,
     TAG_ROLE,
     TAG_STATUS,
@@ -263,6 +264,9 @@ def end_parent(box: Outbox, cfg: StudyConfig, experiment_id: str, status: str, r
     tags = {"mlflow.note.content": study_note(cfg.description, experiment_id, cfg.name, best)}
     if best:
         tags[TAG_BEST_RUN] = best["run_id"]
+    if result is not None:  # what `collect` found, so status and resume read one run instead of them all
+        tags[TAG_OUTCOME] = json.dumps({"num_runs": result.num_runs, "counts": result.counts,
+                                        "reuse": result.reuse, "best": result.best})
     box.batch("parent", metrics=[(k, v, 0) for k, v in metrics.items()], tags=tags)
     box.status("parent", RUN_STATUS[status])
     box.drain(wait_s)
@@ -278,15 +282,21 @@ def study_status(folder: StudyFolder, result: StudyResult | None = None) -> str:
         return "created"
     if result is None:
         try:
-            result = collect(folder)
+            result = collect(folder, recorded=True)
         except Exception:  # noqa: BLE001 - a store that cannot be read says so, it does not stop `list`
             return "unknown"
     return result.status
 
 
-def collect(folder: StudyFolder) -> StudyResult:
-    """The study's outcome as recorded in MLflow (the truth, whatever process wrote it)."""
+def collect(folder: StudyFolder, *, recorded: bool = False) -> StudyResult:
+    """The study's outcome as recorded in MLflow (the truth, whatever process wrote it), from every
+    member run. `recorded`: from the outcome its study run recorded at its end (one read, whatever the
+    study's size; without the member list) when that is still the study's state -- the study run ended,
+    no process holds the study, nothing is waiting for delivery, the planned run count unchanged --
+    else from every member run."""
     meta = folder.read_meta()
+    if recorded and (out := _recorded(folder, meta)) is not None:
+        return out
     # Only the objective is needed: read without validating the whole config, whose methods may have
     # been registered by the script that ran the study (unknown to `tpp-study status`).
     saved = read_yaml(folder.config_path).get("objective") or {}
@@ -310,12 +320,31 @@ def collect(folder: StudyFolder) -> StudyResult:
             if best is None or key < best[0]:
                 best = (key, {"metric": metric, "value": value, "run_name": r.info.run_name, "lr": lr,
                               "run_id": r.info.run_id})
-    finished = sum(counts.get(k, 0) for k in ("completed", "diverged", "failed"))
-    status = "interrupted" if finished < meta.num_runs else "failed" if counts.get("failed") else "completed"
-    return StudyResult(meta.name, str(folder.path), status, meta.tracking_uri, meta.experiment,
-                       meta.experiment_id, meta.parent_run_id, meta.num_runs, counts, reuse,
+    return StudyResult(meta.name, str(folder.path), _status_of(counts, meta.num_runs), meta.tracking_uri,
+                       meta.experiment, meta.experiment_id, meta.parent_run_id, meta.num_runs, counts, reuse,
                        best[1] if best else None, sorted(runs, key=lambda t: t["run_name"] or ""),
                        disk_bytes=disk_usage(folder.path))
+
+
+def _status_of(counts: dict[str, int], num_runs: int) -> str:
+    finished = sum(counts.get(k, 0) for k in ("completed", "diverged", "failed"))
+    return "interrupted" if finished < num_runs else "failed" if counts.get("failed") else "completed"
+
+
+def _recorded(folder: StudyFolder, meta: Any) -> StudyResult | None:
+    if folder.pending_log.is_file() or not meta.parent_run_id:
+        return None
+    parent = client(meta.tracking_uri).get_run(meta.parent_run_id)
+    try:
+        out = json.loads(parent.data.tags[TAG_OUTCOME])
+    except (KeyError, ValueError):
+        return None
+    if parent.info.status == "RUNNING" or out.get("num_runs") != meta.num_runs:
+        return None
+    counts = {k: int(v) for k, v in out["counts"].items()}
+    return StudyResult(meta.name, str(folder.path), _status_of(counts, meta.num_runs), meta.tracking_uri,
+                       meta.experiment, meta.experiment_id, meta.parent_run_id, meta.num_runs, counts,
+                       out["reuse"], out["best"], disk_bytes=disk_usage(folder.path))
 
 
 def _start_parent(cfg: StudyConfig, folder: StudyFolder, uri: str, num_runs: int) -> None:

@@ -33,6 +33,7 @@ TAG_DENSE_DIGEST = "tpp.dense_digest"
 TAG_NODE = "tpp.node"
 TAG_ERROR = "tpp.error"
 TAG_BEST_RUN = "tpp.best_run_id"  # on the study run
+TAG_OUTCOME = "tpp.outcome"  # on the study run, at its end: JSON of its counts, prune reuse and best run
 TAG_RERUN = "tpp.rerun"  # on a member run: the `tpp run` command that reruns it alone
 TAG_EXTENSION = "tpp.extension."  # + its number, on the study run: JSON of one `tpp-study extend`
 TAG_SEQUENTIAL = "tpp.sequential"  # on the study run: JSON of a seeds-until-decided run (analysis.sequential)

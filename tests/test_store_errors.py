@@ -198,3 +198,37 @@ def test_a_cluster_address_nobody_answers_is_one_line_within_seconds_and_leaves_
     assert time.monotonic() - t0 < 30  # Ray alone retries such an address for minutes
     _one_line_error(proc, f"ray.address: nothing answers at {address}")
     assert not (tmp_path / "studies").exists()
+
+
+def test_status_of_an_ended_study_reads_its_recorded_outcome_and_falls_back_when_it_may_be_stale(finished,
+                                                                                                 tmp_path):
+    """`status`, `list` and a resume with nothing to do read the outcome the study run recorded at its
+    end (one read at any size) -- equal to the count over every member run -- and count the member runs
+    again whenever the record may be stale: the study run not ended, or the planned runs changed."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from study.record import collect
+    from study.schema import TAG_OUTCOME
+    from study.store import StudyFolder
+
+    folder = StudyFolder(_copy(finished, tmp_path) / "ok")
+    full, quick = collect(folder), collect(folder, recorded=True)
+    assert (quick.status, quick.counts, quick.reuse, quick.best) == (full.status, full.counts, full.reuse,
+                                                                     full.best)
+    assert full.runs and not quick.runs  # the quick one did not read the member runs
+    meta = folder.read_meta()
+    c = MlflowClient(meta.tracking_uri)
+    record = c.get_run(meta.parent_run_id).data.tags[TAG_OUTCOME]
+    c.set_tag(meta.parent_run_id, TAG_OUTCOME, json.dumps({**json.loads(record), "counts": {"completed": 1}}))
+    assert collect(folder, recorded=True).counts == {"completed": 1}  # the record is what it read
+    folder.update_meta(num_runs=meta.num_runs + 1)  # e.g. an extension: the record predates it
+    assert collect(folder, recorded=True).counts == full.counts
+    folder.update_meta(num_runs=meta.num_runs)
+    c.update_run(meta.parent_run_id, status="RUNNING")  # a process that never ended it
+    assert collect(folder, recorded=True).counts == full.counts
+    c.update_run(meta.parent_run_id, status="FINISHED")
+    c.set_tag(meta.parent_run_id, TAG_OUTCOME, record)
+    proc = _cli(TPP_STUDY, "resume", "ok", "--storage", str(folder.path.parent), cwd=tmp_path)
+    assert proc.returncode == 0 and "nothing to do" in proc.stdout, proc.stdout + proc.stderr
