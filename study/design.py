@@ -252,6 +252,27 @@ def dense_run_config(cfg: StudyConfig) -> RunConfig:
     return run_config(cfg, point, members(cfg, lrs[:1])[0])
 
 
+def member_param_keys(cfg: StudyConfig) -> frozenset[str] | None:
+    """The RunConfig fields that differ between the members of a fixed design (and the prune point's
+    method, pr, seed, lr, growth, always): what a member run logs as its own params. The rest is the same
+    for every member: it is on the study run (its config), and in each member's `run_config` param.
+    None for an adaptive sampler (its trials may set any searched field): every field is logged."""
+    if not cfg.is_design:
+        return None
+    return _cached(cfg, "param_keys", _member_param_keys)
+
+
+def _member_param_keys(cfg: StudyConfig) -> frozenset[str]:
+    pts, mems = points(cfg), members(cfg)
+    # a field varies by prune point (method and its settings, pr, growth, seed) or by member (the
+    # finetune axes): one config per method's first point, and one per member of the first point
+    firsts = {p.method: p for p in reversed(pts)}.values()
+    configs = [run_config(cfg, p, mems[0]).to_dict() for p in firsts]
+    configs += [run_config(cfg, pts[0], m).to_dict() for m in mems]
+    varying = {k for k in configs[0] if any(c.get(k) != configs[0][k] for c in configs)}
+    return frozenset(varying | {"method", "pr", "growth", "seed", "lr"})
+
+
 def member_id(point: PrunePoint, run_cfg: RunConfig) -> str:
     """Stable id of one member: its method label and every setting of every stage but I/O."""
     d = run_cfg.section("model", "data", "dense", "prune", "finetune")

@@ -12,12 +12,13 @@ incomparable and is refused, naming the keys that differ.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from study.config import StudyConfig
+from study.config import Range, StudyConfig
 from study.design import member_ids, points
 from study.driver import (
     _absolute_paths,
@@ -76,10 +77,24 @@ def plan_extension(old: StudyConfig, new: StudyConfig) -> Extension:
         raise StudyError(f"the new config drops or changes {len(lost)} of the study's {len(before)} members "
                          f"({', '.join(changed[:6]) or 'no key'} differ): an extension may only add levels "
                          "(seeds, LR ladder points, PR or growth levels, methods, recipe levels) and keep "
-                         "every other setting, or old and new runs would not be comparable")
+                         "every other setting, or old and new runs would not be comparable"
+                         + _ladder_hint(old.finetune.lr, new.finetune.lr))
     if before == after:
         raise StudyError(f"the new config adds no run to study {old.name!r} (it has all {len(before)})")
     return Extension(old.name, len(before), len(after), len(points(old)), len(points(new)), changed)
+
+
+def _ladder_hint(old: Any, new: Any) -> str:
+    """For a ladder whose new ends are not whole steps of the old one: the ends that keep its points."""
+    if not (isinstance(old, Range) and isinstance(new, Range) and old.per_decade and
+            old.per_decade == new.per_decade) or set(old.ladder()) <= set(new.ladder()):
+        return ""
+
+    def snap(anchor: float, end: float) -> float:
+        return anchor * 10 ** (round(math.log10(end / anchor) * old.per_decade) / old.per_decade)
+
+    return (f"; finetune.lr: a ladder keeps its points when its ends move by whole steps: low "
+            f"{snap(old.low, new.low)!r}, high {snap(old.high, new.high)!r} (nearest to the ones given)")
 
 
 def extend(name_or_path: str, config: str | os.PathLike | dict[str, Any] | None = None, *,

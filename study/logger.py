@@ -96,7 +96,7 @@ class StudyLogger(LoggerCallback):
                         self.last_step[(mid, key)] = max(steps, default=-1)
 
     def log_trial_start(self, trial: Any) -> None:
-        from study.design import point_prune_key, resolve, varying
+        from study.design import member_param_keys, point_prune_key, resolve, varying
         from study.record import logged_params, run_name
 
         assert self.box is not None
@@ -105,6 +105,7 @@ class StudyLogger(LoggerCallback):
         runs = resolve(self.config, trial.config, trial.trial_id)
         self.members[trial.trial_id] = runs.ids
         shown = varying(self.config)
+        keys = member_param_keys(self.config)
         created = []
         for rc, mid in zip(runs.configs, runs.ids, strict=True):
             if self.status.get(mid) == "FINISHED":
@@ -114,14 +115,14 @@ class StudyLogger(LoggerCallback):
                 self.box.batch(mid, tags=tags)   # exists or is queued for creation; never a second one
             elif mid in self.box.run_ids:  # resumed: reopen the existing run (its params again: a write
                 self.box.status(mid, "RUNNING")  # lost to a full disk may have been them; same values)
-                self.box.batch(mid, params=logged_params(runs.point, rc), tags=tags)
+                self.box.batch(mid, params=logged_params(runs.point, rc, keys), tags=tags)
             else:
                 self.box.create_run(mid, self.meta.experiment_id, run_name(runs.point, rc, shown), {
                     **tags, PARENT_TAG: self.meta.parent_run_id, TAG_STUDY: self.meta.name,
                     TAG_ROLE: "trial", TAG_MEMBER: mid, TAG_METHOD: runs.point.method,
                     TAG_PRUNE_KEY: point_prune_key(self.config, runs.point, self.meta.dense_digest),
                     TAG_DENSE_DIGEST: self.meta.dense_digest, **rerun_tags(rc, self.study_dir)})
-                self.box.batch(mid, params=logged_params(runs.point, rc))
+                self.box.batch(mid, params=logged_params(runs.point, rc, keys))
                 created.append(mid)
             self.status[mid] = "RUNNING"
         # created with the next delivery, so that the run, its params and first epochs are one write

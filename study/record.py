@@ -369,6 +369,8 @@ def short(x: float) -> str:
     return f"{mant}e{int(exp)}"
 
 
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param's value
+
 SHORT_NAMES = {"epochs": "ep", "weight_decay": "wd", "warmup_epochs": "wu", "batch_size": "bs"}
 
 
@@ -386,16 +388,26 @@ def run_name(point: PrunePoint, run_cfg: RunConfig, shown: list[str] = ()) -> st
     return " ".join(parts)
 
 
-def logged_params(point: PrunePoint, run_cfg: RunConfig) -> dict[str, str]:
-    """A member's MLflow params: the full RunConfig (None-valued settings left out, growth only where
-    the method has a penalty), numbers as numbers, plus `method_label`, `has_penalty`, `log10_lr`."""
+def logged_params(point: PrunePoint, run_cfg: RunConfig,
+                  keys: frozenset[str] | None = None) -> dict[str, str]:
+    """A member's MLflow params: the RunConfig fields in `keys` (those that vary in the study, see
+    design.member_param_keys; all when None) with None-valued settings left out and growth only where the
+    method has a penalty, numbers as numbers; plus `method_label`, `has_penalty`, `log10_lr`, and the
+    full resolved config as one JSON param `run_config` (one row instead of ~45: params are most of what
+    a member's run costs the driver to create)."""
+    config = run_cfg.to_dict()
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    if len(text) > MAX_PARAM_CHARS:  # too long for one MLflow param: every field on its own
+        keys = None
     out = {}
-    for k, v in run_cfg.to_dict().items():
-        if v is None or (k == "growth" and point.growth is None):
+    for k, v in config.items():
+        if v is None or (k == "growth" and point.growth is None) or (keys is not None and k not in keys):
             continue
         out[k] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list, tuple)) else str(v)
     out.update(method_label=point.method, has_penalty="1" if point.growth is not None else "0",
                log10_lr=f"{math.log10(run_cfg.lr):.4f}")
+    if keys is not None:
+        out["run_config"] = text
     return out
 
 

@@ -84,10 +84,13 @@ class Reporter:
     epoch, a checkpoint, a finished member, or when `every_s` passed (always, with `every_s` 0: ASHA
     counts reports as epochs); the rows in between travel with it. A worker that dies loses only
     unreported rows, which it re-runs from its last checkpoint (always reported at once).
+
+    `shared`: metric names a member's result leaves out because they are the same for every member
+    and logged once on the study run (the dense model's: accuracy, JSV, cost).
     """
 
-    def __init__(self, runs: TrialRuns, objective: str, every_s: float):
-        self.runs, self.objective, self.every_s = runs, objective, every_s
+    def __init__(self, runs: TrialRuns, objective: str, every_s: float, shared: frozenset[str] = frozenset()):
+        self.runs, self.objective, self.every_s, self.shared = runs, objective, every_s, shared
         self.rows: list[tuple[str, str, float, int]] = []
         self.done: dict[str, dict[str, Any]] = {}
         self.reuse: dict[str, str] = {}
@@ -137,7 +140,8 @@ class Reporter:
 
     def finished(self, index: int, status: str, metrics: dict[str, Any]) -> None:
         # 6 significant digits: what the MLflow UI shows as text (93.0555555... otherwise), far below noise
-        final = {k: float(f"{float(v):.6g}") for k, v in metrics.items() if _finite(v)}
+        final = {k: float(f"{float(v):.6g}") for k, v in metrics.items()
+                 if _finite(v) and k not in self.shared}
         self.done[self.runs.ids[index]] = {"status": status, "metrics": final}
         if _finite(final.get(self.objective)):
             self.best = max(self.best, final[self.objective])
@@ -266,7 +270,8 @@ def trial(config: dict[str, Any], dense: Any = None, ctx: TrialContext | None = 
         return
     cfg = ctx.config
     runs = resolve(cfg, config, tune.get_context().get_trial_id())
-    reporter = Reporter(runs, cfg.objective.metric, 0.0 if cfg.early_stopping.asha else REPORT_EVERY_S)
+    reporter = Reporter(runs, cfg.objective.metric, 0.0 if cfg.early_stopping.asha else REPORT_EVERY_S,
+                        shared=frozenset(dense.metrics))
     skip = [i for i, mid in enumerate(runs.ids) if mid in ctx.finished]
     resume_state = _resume_state()
     for i, rec in (resume_state or {}).get("done", {}).items():  # done before a retry: make sure it is logged

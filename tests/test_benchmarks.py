@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["regularizer_overhead", "pruned_speedup", "jsv_cost", "data_path", "gpu_throughput", "lockstep",
-           "lockstep_study", "study_overhead", "mlflow_store", "design_scale"]
+           "lockstep_study", "study_overhead", "mlflow_store", "design_scale", "study_scale"]
 
 
 def test_every_script_is_listed():

@@ -44,7 +44,7 @@ from study.schema import DENSE_MODEL_TAG
 from study.store import StudyFolder
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-NUMERIC = ("pr", "lr", "log10_lr", "seed", "has_penalty", "epochs", "batch_size")
+NUMERIC = ("pr", "lr", "log10_lr", "seed", "has_penalty")
 MEASURED = ("test_acc", "val_acc", "train_loss", "jsv_mean", "reg")
 
 
@@ -150,6 +150,8 @@ def test_logged_data_makes_the_dashboard_work(dash):
         p = r.data.params
         assert not [k for k, v in p.items() if v.strip().lower() in ("none", "nan", "null", "")], p
         assert all(_number(p[k]) for k in NUMERIC), p
+        # what every member shares is not repeated as params: it is in the one `run_config` param
+        assert "epochs" not in p and json.loads(p["run_config"])["epochs"] == cfg.finetune.epochs
         assert p["has_penalty"] in ("0", "1") and ("growth" in p) == (p["has_penalty"] == "1")
         assert "growth" not in p or _number(p["growth"])
         assert float(p["log10_lr"]) == pytest.approx(math.log10(float(p["lr"])), abs=1e-4)
@@ -194,7 +196,7 @@ def test_logged_data_makes_the_dashboard_work(dash):
 
     # constant per-stage values (the prune stage's fixed LR) are params, not flat curves: a curve may be
     # flat only where it is a measurement (a diverged or stuck member's accuracy)
-    assert all("reg_lr" in r.data.params for r in runs)
+    assert all("reg_lr" in json.loads(r.data.params["run_config"]) for r in runs)
     for r in runs:
         for key in (k for k in r.data.metrics if "/" in k):
             values = {m.value for m in c.get_metric_history(r.info.run_id, key)}

@@ -191,3 +191,21 @@ def test_a_recipe_level_added_after_the_prune_cache_was_deleted_recomputes_only_
     # only the deleted stage was computed again (the cache's log counts every computation that started)
     assert PruneCache(folder.prune_cache).computations() == {keys[0].removesuffix(".pt"): 2,
                                                               keys[1].removesuffix(".pt"): 1}
+
+
+def test_a_ladder_grows_both_ways_by_whole_steps_and_a_refusal_names_the_ends_that_would():
+    """A ladder {low, high, per_decade} extended down or up keeps its points exactly when its ends move
+    by whole steps; other ends are refused, the refusal naming the nearest ends that keep them."""
+    from study.extension import plan_extension
+
+    def cfg(low, high):
+        return study.load_config(tiny("l", finetune__lr={"low": low, "high": high, "per_decade": 3}))
+
+    old = cfg(1e-3, 1e-1)
+    step = 10 ** (1 / 3)
+    grown = plan_extension(old, cfg(1e-3 / step, 1e-1 * step))
+    assert grown.added_runs == 2 * grown.runs_before // 7  # 7 LRs -> 9 LRs: two per prune point and seed
+    with pytest.raises(study.StudyError, match="ends move by whole steps: low 0.000464158883361") as e:
+        plan_extension(old, cfg(4.6e-4, 1e-1))
+    hinted = float(str(e.value).split("low ")[-1].split(",")[0])
+    assert plan_extension(old, cfg(hinted, 1e-1)).added_runs == grown.runs_before // 7

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from study.config import StudyConfigError
-from study.design import members, plan, points, run_config, size
+from study.design import member_param_keys, members, plan, points, run_config, size
 from study.loading import load_config
 from study.record import logged_params, run_name
 from study.searcher import DefineByRun
@@ -348,6 +348,17 @@ def test_run_config_names_and_params():
     assert params["log10_lr"] == "-2.4949" and params["model_kwargs"].startswith("{")
     assert set(params) >= {"model", "data", "method", "pr", "lr", "seed", "epochs", "batch_size"}
     assert logged_params(tpp_pt, rc)["growth"] == "0.001"
+    # in a study: the fields that vary between its members, and the whole config as one param
+    keys = member_param_keys(cfg)
+    assert keys == {"method", "pr", "growth", "seed", "lr"}  # one recipe: nothing else varies
+    short = logged_params(tpp_pt, rc, keys)
+    assert set(short) == {*keys, "method_label", "has_penalty", "log10_lr", "run_config"}
+    assert json.loads(short["run_config"]) == json.loads(json.dumps(rc.to_dict()))
+    assert {k: v for k, v in params.items() if k in short} == {
+        k: v for k, v in logged_params(l1_pt, run_config(cfg, l1_pt, member), keys).items() if k in params}
+    cross = load_config(cfg_with(finetune__schedule=["step", "cosine"], methods=[
+        "l1", {"name": "tpp", "label": "tpp-fpgm", "criterion": "fpgm"}]))
+    assert member_param_keys(cross) >= {"schedule", "criterion"}  # a recipe axis, a method's setting
 
 
 # ---------------------------------------------------------------------------------------------- CLI
