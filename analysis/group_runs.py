@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from typing import Any
 
 import pandas as pd
@@ -79,9 +80,10 @@ def log_group_runs(client: Any, experiment_id: str, parent_run_id: str, study: s
         run = client.create_run(experiment_id, run_name=label, tags={
             PARENT_TAG: parent_run_id, TAG_STUDY: study, TAG_ROLE: ROLE_GROUP, TAG_GROUP: label,
             TAG_GROUP_DIGEST: digest, RUN_COLOR_TAG: content["color"]})
-        metrics = [Metric(k, v, 0, 0) for k, v in content["metrics"].items()]
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, 0) for k, v in content["metrics"].items()]
         for step, x, acc in content["curve"]:
-            metrics += [Metric(GROUP_X, x, 0, step), Metric(GROUP_CURVE, acc, 0, step)]
+            metrics += [Metric(GROUP_X, x, now, step), Metric(GROUP_CURVE, acc, now, step)]
         params = [Param(k, v) for k, v in content["params"].items()]
         for i in range(0, max(len(metrics), 1), 1000):  # MLflow takes 1,000 metrics per batch
             client.log_batch(run.info.run_id, metrics=metrics[i:i + 1000], params=params if i == 0 else [])

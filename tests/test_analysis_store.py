@@ -177,3 +177,31 @@ def test_v1_growth_none_string_is_nan(schema_store):
 
     t = load_study("v1", schema_store, histories=None).trials
     assert t["growth"].isna().all() and t["growth"].dtype == float
+
+
+def test_bulk_history_reads_equal_one_call_per_run_and_key(tmp_path, monkeypatch):
+    """The per-epoch table read with one query per key and 500 runs (the SQL store's bulk read) equals the
+    one read run by run and key, a value logged twice at one step (a resumed run) included: the later one
+    is kept either way."""
+    from mlflow.entities import Metric
+
+    from analysis.load import _histories, load_study
+
+    uri, client = new_store(tmp_path)
+    members = [Member(m, 0.5, lr, s, 80.0 + s, growth=1e-3 if m == "tpp" else None)
+               for m in ("l1", "tpp") for lr in ladder(1e-3, 1e-1, 1) for s in range(3)]
+    write_study(client, "bulk", members, root=tmp_path)
+    run = load_study("bulk", uri, histories=None).trials["run_id"].iloc[0]
+    client.log_batch(run, metrics=[Metric("finetune/test_acc", 12.5, 10 ** 12, 0)])  # logged again, later
+    runs = load_study("bulk", uri, histories=None).trials["run_id"].tolist()
+    jobs = [(r, k) for r in runs for k in ("finetune/test_acc", "finetune/lr", "finetune/nothing")]
+
+    def rows(results):
+        return sorted((r, k, m.step, m.timestamp, m.value) for r, k, hist in results for m in hist)
+
+    monkeypatch.setattr("analysis.load.BULK_RUNS", 4)  # 18 runs: five queries per key
+    bulk, plain = _histories(client, jobs, 1), _histories(client, jobs, 1, bulk=False)
+    assert [j[:2] for j in bulk] == jobs and rows(bulk) == rows(plain) and len(rows(bulk)) > len(jobs)
+    epochs = load_study("bulk", uri).epochs
+    first = epochs[(epochs["run_id"] == run) & (epochs["stage"] == "finetune") & (epochs["epoch"] == 0)]
+    assert first["test_acc"].tolist() == [12.5]
