@@ -44,8 +44,8 @@ def group_contents(groups: pd.DataFrame, lr_points: pd.DataFrame,
     out: dict[str, dict[str, Any]] = {}
     for _, g in groups.iterrows():
         label = str(g["group"])
-        params = {("method_label" if k == "method" else k): g[k] for k in keys}
-        params = {k: _param(v) for k, v in params.items() if _param(v) is not None}
+        params = {("method_label" if k == "method" else k): text for k in keys
+                  if (text := _param(g[k])) is not None}
         params["n_seeds"] = str(int(g["n_seeds"]))
         metrics = {m: float(g[m]) for m in GROUP_MEASURES if m in g and _finite(g[m])}
         pts = lr_points[(lr_points["group"] == g["group"]) & lr_points["acc"].notna()].sort_values("lr")

@@ -441,8 +441,7 @@ def _histories(client, jobs: list[tuple[str, str]], workers: int, bulk: bool = T
     has no bulk read), not one per job: 5 keys x 1,000 runs are 10 queries instead of 5,000. Over HTTP
     (no bulk call in MLflow's client) one call per job, in `workers` threads."""
     store = getattr(getattr(client, "_tracking_client", None), "store", None)
-    sql = callable(getattr(store, "get_metric_history_bulk", None)) and "Rest" not in type(store).__name__
-    if bulk and sql:
+    if bulk and callable(getattr(store, "get_metric_history_bulk", None)):  # only SQL stores have it
         by_key: dict[str, list[str]] = {}
         for run_id, key in jobs:
             by_key.setdefault(key, []).append(run_id)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -82,7 +83,7 @@ def measure(tree: Path, seeds: int, analyze: bool) -> dict:
     if analyze:
         an = [sys.executable, "-c", "import sys; from analysis.cli import main; sys.exit(main(sys.argv[1:]))"]
         out["analyze_s"] = _wall([*an, "scale", "--storage", str(storage), "--no-log", "--quiet"], tree)
-    subprocess.run(["rm", "-rf", str(storage)], check=False)
+    shutil.rmtree(storage, ignore_errors=True)
     return out
 
 

@@ -84,44 +84,59 @@ def runs_page_url(base: str, experiment_id: str, study: str | None = None, *, gr
     return f"{base.rstrip('/')}/{runs_route(experiment_id, study, groups=groups)}"
 
 
+def _key_params(cfg: Any) -> list[str]:
+    """The params that name a prune group: method, PR, and growth when some method has a penalty."""
+    from study.design import has_penalty
+
+    penalty = any(has_penalty(cfg, m.shown) for m in cfg.methods)
+    return ["method_label", "pr", *(["growth"] if penalty else [])]
+
+
+def _runs_view(cfg: Any, role: str, order: tuple[str, bool], columns: list[str], column_order: list[str],
+               widths: dict[str, int], section: tuple[str, str], charts: list[dict]) -> dict[str, Any]:
+    """A runs page state: the study's runs of one role, an order, columns (MLflow applies widths only to
+    the columns listed in columnOrder, ids as its table names them), and one chart section first."""
+    uuid, name = section
+    return {
+        "searchFilter": f"tags.`{TAG_STUDY}` = '{cfg.name}' and tags.`{TAG_ROLE}` = '{role}'",
+        "orderByKey": order[0], "orderByAsc": order[1],
+        "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [],
+        "modelVersionFilter": "All Runs", "selectedColumns": columns,
+        "columnOrder": column_order, "columnWidths": widths,
+        "runsHiddenMode": "SHOW_ALL",  # charts show every run, not MLflow's default first 10
+        "compareRunCharts": [{"metricSectionId": uuid, "isGenerated": False, "deleted": False, **c}
+                             for c in charts],
+        "compareRunSections": [{"uuid": uuid, "name": name, "display": True, "isReordered": False,
+                                "deleted": False, "isGenerated": False}],
+        "isAccordionReordered": True,  # the study's section first; MLflow adds its per-metric charts after
+    }
+
+
 def study_view(cfg: Any) -> dict[str, Any]:
     """The runs page state of a study's saved view: its member runs, best first, with the searched
     values and the main results as columns, a parallel-coordinates chart (method, PR, log10 LR and the
     finetune axes that vary against the objective: every run plottable) and the objective over log10 LR.
     """
-    from study.design import has_penalty, varying
+    from study.design import varying
 
     metric = cfg.objective.metric
-    penalty = any(has_penalty(cfg, m.shown) for m in cfg.methods)
-    params = ["method_label", "pr", *(["growth"] if penalty else []), "log10_lr", "lr", "seed", *varying(cfg)]
+    params = [*_key_params(cfg), "log10_lr", "lr", "seed", *varying(cfg)]
     metrics = [metric, *(m for m in VIEW_METRICS if m != metric)]
     columns = ([f"params.`{p}`" for p in params] + [f"metrics.`{m}`" for m in metrics]
                + [f"tags.`{TAG_STATUS}`", "attributes.`Dataset`"])
-    section = "tpp-study"
     charts = [
-        {"uuid": "tpp-parallel", "type": "PARALLEL", "metricSectionId": section, "isGenerated": False,
-         "deleted": False, "selectedParams": ["method_label", "pr", "log10_lr", *varying(cfg)],
+        {"uuid": "tpp-parallel", "type": "PARALLEL",
+         "selectedParams": ["method_label", "pr", "log10_lr", *varying(cfg)],
          "selectedMetrics": [metric], "showAllRuns": True},
-        {"uuid": "tpp-lr", "type": "SCATTER", "metricSectionId": section, "isGenerated": False,
-         "deleted": False, "xaxis": {"key": "log10_lr", "type": "PARAM"},
+        {"uuid": "tpp-lr", "type": "SCATTER", "xaxis": {"key": "log10_lr", "type": "PARAM"},
          "yaxis": {"key": metric, "type": "METRIC"}, "runsCountToCompare": 1000},
     ]
-    return {
-        "searchFilter": f"tags.`{TAG_STUDY}` = '{cfg.name}' and tags.`{TAG_ROLE}` = '{ROLE_MEMBER}'",
-        "orderByKey": f"metrics.`{metric}`", "orderByAsc": cfg.objective.mode == "min",
-        "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [],
-        "modelVersionFilter": "All Runs", "selectedColumns": columns,
-        # MLflow applies widths only to the columns listed in columnOrder (ids as its table names them)
-        "columnOrder": ["attributes.`Run Name`", "runDateAndNestInfo", "attributes.`Dataset`", "duration",
-                        *columns[:-1]],
-        "columnWidths": {"attributes.`Run Name`": 240, "runDateAndNestInfo": 125, "attributes.`Dataset`": 190,
-                         "duration": 70, **{c: 85 if c.startswith("params.") else 95 for c in columns[:-1]}},
-        "runsHiddenMode": "SHOW_ALL",  # charts show every run, not MLflow's default first 10
-        "compareRunCharts": charts,
-        "compareRunSections": [{"uuid": section, "name": f"Study {cfg.name}", "display": True,
-                                "isReordered": False, "deleted": False, "isGenerated": False}],
-        "isAccordionReordered": True,  # the study's section first; MLflow adds its per-metric charts after
-    }
+    return _runs_view(
+        cfg, ROLE_MEMBER, (f"metrics.`{metric}`", cfg.objective.mode == "min"), columns,
+        ["attributes.`Run Name`", "runDateAndNestInfo", "attributes.`Dataset`", "duration", *columns[:-1]],
+        {"attributes.`Run Name`": 240, "runDateAndNestInfo": 125, "attributes.`Dataset`": 190,
+         "duration": 70, **{c: 85 if c.startswith("params.") else 95 for c in columns[:-1]}},
+        ("tpp-study", f"Study {cfg.name}"), charts)
 
 
 def group_view(cfg: Any) -> dict[str, Any]:
@@ -130,38 +145,25 @@ def group_view(cfg: Any) -> dict[str, Any]:
     mlflow.runColor): the seed-mean accuracy against log10 LR, one line per group (a line chart whose x
     axis is the metric `GROUP_X`), the primary sensitivity measure per group, and a parallel-coordinates
     chart of the keys against it."""
-    from study.design import has_penalty, varying
+    from study.design import varying
 
-    penalty = any(has_penalty(cfg, m.shown) for m in cfg.methods)
-    params = ["method_label", "pr", *(["growth"] if penalty else []), *varying(cfg), "n_seeds"]
+    params = [*_key_params(cfg), *varying(cfg), "n_seeds"]
     columns = [f"params.`{p}`" for p in params] + [f"metrics.`{m}`" for m in GROUP_MEASURES]
-    section = "tpp-study-groups"
-    chart = {"metricSectionId": section, "isGenerated": False, "deleted": False}
     charts = [
-        {**chart, "uuid": "tpp-groups-lr", "type": "LINE", "metricKey": GROUP_CURVE,
+        {"uuid": "tpp-groups-lr", "type": "LINE", "metricKey": GROUP_CURVE,
          "selectedMetricKeys": [GROUP_CURVE], "xAxisKey": "metric", "selectedXAxisMetricKey": GROUP_X,
          "useGlobalXaxisKey": False, "useGlobalLineSmoothing": False, "lineSmoothness": 0,
          "scaleType": "linear", "xAxisScaleType": "linear", "displayPoints": True, "yAxisKey": "metric",
          "yAxisExpressions": [], "ignoreOutliers": False,
          "range": {"xMin": None, "xMax": None, "yMin": None, "yMax": None}},
-        {**chart, "uuid": "tpp-groups-regret", "type": "BAR", "metricKey": GROUP_MEASURES[0]},
-        {**chart, "uuid": "tpp-groups-parallel", "type": "PARALLEL", "selectedParams": params[:-1],
+        {"uuid": "tpp-groups-regret", "type": "BAR", "metricKey": GROUP_MEASURES[0]},
+        {"uuid": "tpp-groups-parallel", "type": "PARALLEL", "selectedParams": params[:-1],
          "selectedMetrics": [GROUP_MEASURES[0]], "showAllRuns": True},
     ]
-    return {
-        "searchFilter": f"tags.`{TAG_STUDY}` = '{cfg.name}' and tags.`{TAG_ROLE}` = '{ROLE_GROUP}'",
-        "orderByKey": "params.`method_label`", "orderByAsc": True,
-        "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [],
-        "modelVersionFilter": "All Runs", "selectedColumns": columns,
-        "columnOrder": ["attributes.`Run Name`", *columns],
-        "columnWidths": {"attributes.`Run Name`": 200, **{c: 90 for c in columns}},
-        "runsHiddenMode": "SHOW_ALL",
-        "compareRunCharts": charts,
-        "compareRunSections": [{"uuid": section, "name": f"Study {cfg.name}: every group",
-                                "display": True, "isReordered": False, "deleted": False,
-                                "isGenerated": False}],
-        "isAccordionReordered": True,
-    }
+    return _runs_view(cfg, ROLE_GROUP, ("params.`method_label`", True), columns,
+                      ["attributes.`Run Name`", *columns],
+                      {"attributes.`Run Name`": 200, **{c: 90 for c in columns}},
+                      ("tpp-study-groups", f"Study {cfg.name}: every group"), charts)
 
 
 def write_study_view(c: Any, experiment_id: str, cfg: Any) -> str:

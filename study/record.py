@@ -292,8 +292,7 @@ def collect(folder: StudyFolder, *, recorded: bool = False) -> StudyResult:
     """The study's outcome as recorded in MLflow (the truth, whatever process wrote it), from every
     member run. `recorded`: from the outcome its study run recorded at its end (one read, whatever the
     study's size; without the member list) when that is still the study's state -- the study run ended,
-    no process holds the study, nothing is waiting for delivery, the planned run count unchanged --
-    else from every member run."""
+    nothing is waiting for delivery, the planned run count unchanged -- else from every member run."""
     meta = folder.read_meta()
     if recorded and (out := _recorded(folder, meta)) is not None:
         return out
@@ -369,8 +368,6 @@ def short(x: float) -> str:
     return f"{mant}e{int(exp)}"
 
 
-MAX_PARAM_CHARS = 6000  # MLflow's limit on a param's value
-
 SHORT_NAMES = {"epochs": "ep", "weight_decay": "wd", "warmup_epochs": "wu", "batch_size": "bs"}
 
 
@@ -395,9 +392,11 @@ def logged_params(point: PrunePoint, run_cfg: RunConfig,
     method has a penalty, numbers as numbers; plus `method_label`, `has_penalty`, `log10_lr`, and the
     full resolved config as one JSON param `run_config` (one row instead of ~45: params are most of what
     a member's run costs the driver to create)."""
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
     config = run_cfg.to_dict()
     text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
-    if len(text) > MAX_PARAM_CHARS:  # too long for one MLflow param: every field on its own
+    if len(text) > MAX_PARAM_VAL_LENGTH:  # too long for one MLflow param: every field on its own
         keys = None
     out = {}
     for k, v in config.items():
