@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+import study as studies  # the study package's public API: its member runs, read in bulk on a SQL store
 from analysis.sequential import sequential_note
 from study.schema import (
-    ROLE_MEMBER,
     ROLE_STUDY,
     TAG_DIVERGED_STAGE,
     TAG_EXTENSION,
@@ -193,9 +193,7 @@ def load_study(study: str, tracking_uri: str | None = None, *,
     client, uri = client_for(tracking_uri)
     parent, notes = _find_parent(client, study, uri)
     exp = client.get_experiment(parent.info.experiment_id)
-    children = _search_all(client, [parent.info.experiment_id],  # member runs, not the group summaries
-                           f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`{TAG_ROLE}` = "
-                           f"'{ROLE_MEMBER}'")
+    children = studies.member_runs(client, parent.info.experiment_id, parent.info.run_id)
     trials, param_names = _trials_frame(children)
     epochs = _epochs_frame(client, children, trials, histories, max_workers or _default_workers(uri))
     params = {k: _typed(v) for k, v in parent.data.params.items()}

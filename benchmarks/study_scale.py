@@ -6,21 +6,28 @@ status`, a `resume` with nothing to do and `tpp-analyze` on the finished study. 
 two largest sizes give the per-member costs, extrapolated linearly to 100,000 members.
 
 `--before REF` runs the same sizes on a git worktree of REF too, interleaved with this tree (size by size,
-REF first), so the change is measured side by side on the same machine state.
+REF first), so the change is measured side by side on the same machine state. `--server` tracks to a real
+`mlflow server` (127.0.0.1, SQLite behind it, one worker) instead of the study's SQLite file, and reports
+the server's CPU next to the driver's.
 
     python -m benchmarks.study_scale                       # 300, 600, 1200 members, this tree
     python -m benchmarks.study_scale --before HEAD~3       # ... and the same on HEAD~3
+    python -m benchmarks.study_scale --server              # ... over HTTP to a real mlflow server
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -35,9 +42,9 @@ DRIVER = """
 import json, resource, sys, time
 from pathlib import Path
 import study
-cfg, storage = json.loads(sys.argv[1]), sys.argv[2]
+cfg, storage, uri = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3] or None
 t = time.process_time()
-res = study.run(cfg, storage=storage)
+res = study.run(cfg, storage=storage, tracking_uri=uri)
 cpu = time.process_time() - t
 state = sum(p.stat().st_size for p in (Path(res.path) / "tune").glob("experiment_state-*.json"))
 print("RESULT " + json.dumps({"status": res.status, "runs": res.num_runs, "driver_cpu_s": cpu,
@@ -68,10 +75,51 @@ def _wall(argv: list[str], tree: Path) -> float:
     return time.perf_counter() - t
 
 
-def measure(tree: Path, seeds: int, analyze: bool) -> dict:
+@contextlib.contextmanager
+def _server(folder: Path) -> Iterator[tuple[str, list]]:
+    """A real `mlflow server` on 127.0.0.1 with a SQLite store in `folder`; yields its URI and a list that
+    receives its CPU seconds (all its processes) when it stops."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder}/srv.db",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--artifacts-destination", str(folder / "artifacts")], cwd=folder,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri, cpu = f"http://127.0.0.1:{port}", []
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("mlflow server did not start") from None
+            time.sleep(0.5)
+    try:
+        yield uri, cpu
+    finally:
+        import psutil
+
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        cpu.append(sum(sum(p.cpu_times()[:2]) for p in procs if p.is_running()))
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+def measure(tree: Path, seeds: int, analyze: bool, server: bool = False) -> dict:
     storage = Path(tempfile.mkdtemp(prefix="tpp-scale-"))
-    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(_config(seeds)), str(storage)], cwd=tree,
-                          env=_env(tree), capture_output=True, text=True, timeout=3600)
+    with _server(storage) if server else contextlib.nullcontext(("", None)) as (uri, server_cpu):
+        out = _measure(tree, seeds, analyze, storage, uri)
+    if server_cpu:
+        out["server_cpu_s"] = server_cpu[0]
+    shutil.rmtree(storage, ignore_errors=True)
+    return out
+
+
+def _measure(tree: Path, seeds: int, analyze: bool, storage: Path, uri: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(_config(seeds)), str(storage), uri],
+                          cwd=tree, env=_env(tree), capture_output=True, text=True, timeout=3600)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"the study failed: {proc.stdout[-1500:]}{proc.stderr[-3000:]}")
@@ -83,7 +131,6 @@ def measure(tree: Path, seeds: int, analyze: bool) -> dict:
     if analyze:
         an = [sys.executable, "-c", "import sys; from analysis.cli import main; sys.exit(main(sys.argv[1:]))"]
         out["analyze_s"] = _wall([*an, "scale", "--storage", str(storage), "--no-log", "--quiet"], tree)
-    shutil.rmtree(storage, ignore_errors=True)
     return out
 
 
@@ -91,6 +138,7 @@ def main() -> None:
     p = parser(__doc__.split("\n\n")[0])
     p.add_argument("--before", metavar="REF", help="also run a git worktree of REF, interleaved")
     p.add_argument("--seeds", default="10,20,40", help="seed counts (30 members each; default 10,20,40)")
+    p.add_argument("--server", action="store_true", help="track to a real mlflow server on 127.0.0.1")
     args = p.parse_args()
     sizes = [2] if args.quick else [int(s) for s in args.seeds.split(",")]
     trees = {"this tree": ROOT}
@@ -103,13 +151,14 @@ def main() -> None:
     try:
         for seeds in sizes:
             for name, tree in trees.items():
-                r = measure(tree, seeds, analyze=not args.quick)
+                r = measure(tree, seeds, analyze=not args.quick, server=args.server)
                 rows.append({"code": name, "members": r["runs"], "driver CPU s": r["driver_cpu_s"],
                              "ms/member": 1000 * r["driver_cpu_s"] / r["runs"],
                              "peak RSS MB": r["peak_rss_mb"], "Tune state KB": r["state_bytes"] / 1024,
                              "state B/member": r["state_bytes"] / r["runs"], "status s": r["status_s"],
-                             "resume s": r["resume_s"], **({"analyze s": r["analyze_s"]} if "analyze_s" in r
-                                                           else {})})
+                             "resume s": r["resume_s"],
+                             **({"analyze s": r["analyze_s"]} if "analyze_s" in r else {}),
+                             **({"server CPU s": r["server_cpu_s"]} if "server_cpu_s" in r else {})})
                 print(f"  {name}: {r['runs']} members, driver {r['driver_cpu_s']:.1f} CPU-s", file=sys.stderr,
                       flush=True)
     finally:
@@ -129,6 +178,9 @@ def main() -> None:
                   f"state per member -> at 100,000 members ~{cpu * 1e5 / 3600:.1f} driver CPU-hours, "
                   f"~{b['peak RSS MB'] / 1024 + rss * (1e5 - b['members']) / 1024 ** 2:.1f} GB RSS, "
                   f"~{state * 1e5 / 1024:.0f} MB Tune state (linear extrapolation)")
+            if "server CPU s" in b:
+                print(f"{name}: the mlflow server's CPU slope "
+                      f"{1000 * (b['server CPU s'] - a['server CPU s']) / dm:.1f} ms per member")
     print(f"machine: {machine()}")
 
 

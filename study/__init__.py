@@ -16,8 +16,8 @@ from typing import Any
 from study.config import StudyConfig, StudyConfigError
 from study.loading import load_config
 
-__all__ = ["StudyConfig", "StudyConfigError", "StudyError", "StudyResult", "extend", "load_config", "resume",
-           "run"]
+__all__ = ["StudyConfig", "StudyConfigError", "StudyError", "StudyResult", "extend", "load_config",
+           "member_runs", "resume", "run"]
 
 
 def __getattr__(name: str) -> Any:
@@ -25,6 +25,10 @@ def __getattr__(name: str) -> Any:
         from study import driver
 
         return getattr(driver, name)
+    if name == "member_runs":
+        from study.sql_reads import member_runs
+
+        return member_runs
     if name == "extend":
         from study.extension import extend
 

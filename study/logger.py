@@ -14,7 +14,7 @@ from typing import Any
 from ray.tune.logger import LoggerCallback
 
 from study.outbox import Outbox
-from study.record import log_member_inputs, study_inputs
+from study.record import study_inputs
 from study.schema import (
     NO_SPACE,
     PARENT_TAG,
@@ -38,7 +38,9 @@ from study.tracking import children, end_wait_s
 log = logging.getLogger("study.mlflow")
 
 
-FLUSH_EVERY_S = 5.0  # run starts and epoch curves reach MLflow within this; ends and checkpoints at once
+# Writes reach MLflow within this, many runs' in one transaction; at once before a trial's checkpoint and
+# before Tune records a trial as ended, so a restored Tune state never runs ahead of MLflow.
+FLUSH_EVERY_S = 5.0
 
 
 class StudyLogger(LoggerCallback):
@@ -61,7 +63,7 @@ class StudyLogger(LoggerCallback):
         self.last_step: dict[tuple[str, str], int] = {}  # (member, metric) -> last step logged
         self.members: dict[str, list[str]] = {}  # trial id -> its member ids
         self.node: dict[str, str] = {}  # member id -> the node it last reported from (tag tpp.node)
-        self.inputs_due: list[str] = []  # members whose inputs are logged once their run exists
+        self.inputs: tuple[Any, str | None] | None = None  # the study's data set and dense model ids
         self.flushed = time.monotonic()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -83,6 +85,7 @@ class StudyLogger(LoggerCallback):
         self.box = Outbox(self.meta.tracking_uri, {})
         self.box.load_pending(folder.pending_log)
         folder.pending_log.unlink(missing_ok=True)
+        self.inputs = self._study_inputs()
         for run in children(self.meta.tracking_uri, self.meta.experiment_id, self.meta.parent_run_id):
             mid = run.data.tags.get(TAG_MEMBER)
             if not mid:
@@ -95,6 +98,17 @@ class StudyLogger(LoggerCallback):
                         steps = [m.step for m in self.box.mlflow.get_metric_history(run.info.run_id, key)]
                         self.last_step[(mid, key)] = max(steps, default=-1)
 
+    def _study_inputs(self) -> tuple[Any, str | None] | None:
+        """The data set and dense-model inputs every member run links to (the dense model's LoggedModel
+        is made here, once). Read at setup, never in Tune's loop, where a hung server would stall it.
+        Best effort: without them the dashboard loses a column, the study nothing."""
+        assert self.box is not None
+        try:
+            return study_inputs(self.box.mlflow, self.meta, self.config, self.study_dir)
+        except Exception as e:  # noqa: BLE001 - see above
+            log.warning("MLflow: could not log the data set / dense model inputs: %s", str(e)[:300])
+            return None
+
     def log_trial_start(self, trial: Any) -> None:
         from study.design import member_param_keys, point_prune_key, resolve, varying
         from study.record import logged_params, run_name
@@ -106,7 +120,6 @@ class StudyLogger(LoggerCallback):
         self.members[trial.trial_id] = runs.ids
         shown = varying(self.config)
         keys = member_param_keys(self.config)
-        created = []
         for rc, mid in zip(runs.configs, runs.ids, strict=True):
             if self.status.get(mid) == "FINISHED":
                 continue
@@ -122,43 +135,15 @@ class StudyLogger(LoggerCallback):
                     TAG_ROLE: "trial", TAG_MEMBER: mid, TAG_METHOD: runs.point.method,
                     TAG_PRUNE_KEY: point_prune_key(self.config, runs.point, self.meta.dense_digest),
                     TAG_DENSE_DIGEST: self.meta.dense_digest, **rerun_tags(rc, self.study_dir)})
+                if self.inputs is not None:  # before the params: they and the epochs merge
+                    self.box.inputs(mid, *self.inputs)
                 self.box.batch(mid, params=logged_params(runs.point, rc, keys))
-                created.append(mid)
             self.status[mid] = "RUNNING"
-        # created with the next delivery, so that the run, its params and first epochs are one write
-        self.inputs_due.extend(created)
 
     def _flush(self, force: bool = False) -> None:
         assert self.box is not None
         self.box.flush(force)
         self.flushed = time.monotonic()
-        self._log_due_inputs()
-
-    def _log_due_inputs(self) -> None:
-        """The inputs of the runs created since the last delivery."""
-        assert self.box is not None
-        due = [m for m in self.inputs_due if m in self.box.run_ids]
-        if due:
-            self.inputs_due = [m for m in self.inputs_due if m not in self.box.run_ids]
-            self._log_inputs(due)
-
-    def _log_inputs(self, mids: list[str]) -> None:
-        """The data set and dense-model inputs of runs just created (and, once, the dense model itself).
-
-        Best effort and not through the outbox (it has no such write): skipped while the store is
-        unreachable, and a failure only logged -- the dashboard loses a column, the study nothing."""
-        box = self.box
-        assert box is not None
-        if not mids or box.problem is not None or any(m not in box.run_ids for m in mids):
-            return
-        try:
-            inputs = getattr(self, "_inputs", None)
-            if inputs is None:
-                inputs = self._inputs = study_inputs(box.mlflow, self.meta, self.config, self.study_dir)
-            for mid in mids:
-                log_member_inputs(box.mlflow, box.run_ids[mid], *inputs)
-        except Exception as e:  # noqa: BLE001 - see above
-            log.warning("MLflow: could not log the data set / dense model inputs: %s", str(e)[:300])
 
     def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
         assert self.box is not None
@@ -184,8 +169,8 @@ class StudyLogger(LoggerCallback):
                     tags[TAG_DIVERGED_STAGE] = "finetune"
                 self.box.batch(mid, metrics=[(k, v, 0) for k, v in rec["metrics"].items()], tags=tags)
                 self._end(mid, rec["status"], flush=False)
-        if result.get("tpp_done") or time.monotonic() - self.flushed >= FLUSH_EVERY_S:
-            self._flush(force=bool(result.get("tpp_done")))  # ends at once: one write per ended run
+        if time.monotonic() - self.flushed >= FLUSH_EVERY_S:
+            self._flush()
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         if self.box is not None and time.monotonic() - self.flushed >= FLUSH_EVERY_S:
@@ -217,7 +202,8 @@ class StudyLogger(LoggerCallback):
             value = last.get(self.config.objective.metric)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.box.batch(mid, metrics=[(self.config.objective.metric, value, 0)])
-            self._end(mid, "completed", {TAG_STATUS: "completed", "tpp.early_stopped": "true"})
+            self._end(mid, "completed", {TAG_STATUS: "completed", "tpp.early_stopped": "true"}, flush=False)
+        self._flush(force=True)
 
     def _failed(self, trial: Any) -> None:
         from study.progress import last_error_line
@@ -244,7 +230,6 @@ class StudyLogger(LoggerCallback):
                 self._end(mid, "interrupted", {TAG_STATUS: "interrupted"})
         full = any(s in (self.box.problem or "") for s in NO_SPACE)
         delivered = self.box.drain(5 if full else end_wait_s())
-        self._log_due_inputs()
         if not delivered:
             from study.store import StudyFolder
 

@@ -12,14 +12,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from study import sql_writes
 from study.tracking import client, is_http, server_healthy
 
 log = logging.getLogger("study.mlflow")
 
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100  # MLflow's per-log_batch limits
+BULK_OPS = 2000  # queued writes one transaction takes on a SQL store (study.sql_writes)
 
-
-PARAM_MAX_CHARS = 6000
+TAG_MAX_CHARS = 5000  # a tag value is cut here (MLflow takes 8,000; an error text is the long one)
 
 
 # Store errors that go away by themselves: keep the write and retry (a full disk included).
@@ -30,8 +31,9 @@ TRANSIENT = ("database is locked", "connection", "timed out", "max retries", "te
 class Outbox:
     """Ordered MLflow writes with retry. Ops refer to runs by a local key (member id or "parent")."""
 
-    def __init__(self, uri: str, run_ids: dict[str, str] | None = None):
+    def __init__(self, uri: str, run_ids: dict[str, str] | None = None, bulk: bool = True):
         self.uri = uri
+        self.bulk = bulk  # many runs' writes in one transaction on a SQL store (False: one call per write)
         self.ops: collections.deque[list[Any]] = collections.deque()  # [kind, key, payload]
         self.run_ids: dict[str, str] = dict(run_ids or {})
         self._client: Any = None
@@ -54,8 +56,10 @@ class Outbox:
         now = int(time.time() * 1000)
         ms = [[k, float(v), now, int(step)] for k, v, step in metrics
               if isinstance(v, (int, float)) and not math.isnan(float(v))]
-        ps = sorted([k, v] for k, v in (params or {}).items())
-        ts = sorted([k, v] for k, v in (tags or {}).items())
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+        ps = sorted([k, v[:MAX_PARAM_VAL_LENGTH]] for k, v in (params or {}).items())
+        ts = sorted([k, v[:TAG_MAX_CHARS]] for k, v in (tags or {}).items())
         while ms or ps or ts:
             self.ops.append(["batch", key, {"metrics": ms[:MAX_METRICS], "params": ps[:MAX_PARAMS],
                                             "tags": ts[:MAX_TAGS]}])
@@ -64,6 +68,14 @@ class Outbox:
     def status(self, key: str, status: str) -> None:
         """Set the run's lifecycle status: RUNNING (reopen) or FINISHED | FAILED | KILLED (end)."""
         self.ops.append(["status", key, {"status": status}])
+
+    def inputs(self, key: str, data: Any, model_id: str | None) -> None:
+        """Link the run to its data set (an MLflow DatasetInput) and the model it starts from."""
+        ds = data.dataset
+        self.ops.append(["inputs", key, {"datasets": [{
+            "name": ds.name, "digest": ds.digest, "source_type": ds.source_type, "source": ds.source,
+            "schema": ds.schema, "profile": ds.profile, "tags": [[t.key, t.value] for t in data.tags]}],
+            "model_id": model_id}])
 
     def text(self, key: str, text: str, artifact_file: str) -> None:
         self.ops.append(["text", key, {"text": text, "file": artifact_file}])
@@ -79,13 +91,20 @@ class Outbox:
         run_id = self.run_ids[key]
         if kind == "batch":
             c.log_batch(run_id, metrics=[Metric(k, v, t, s) for k, v, t, s in op["metrics"]],
-                        params=[Param(k, v[:PARAM_MAX_CHARS]) for k, v in op["params"]],
-                        tags=[RunTag(k, v[:5000]) for k, v in op["tags"]], synchronous=True)
+                        params=[Param(k, v) for k, v in op["params"]],
+                        tags=[RunTag(k, v) for k, v in op["tags"]], synchronous=True)
         elif kind == "status":
             if op["status"] == "RUNNING":
                 c.update_run(run_id, status="RUNNING")
             else:
                 c.set_terminated(run_id, status=op["status"])
+        elif kind == "inputs":
+            from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelInput
+
+            datasets = [DatasetInput(Dataset(**{k: v for k, v in d.items() if k != "tags"}),
+                                     [InputTag(k, v) for k, v in d["tags"]]) for d in op["datasets"]]
+            models = [LoggedModelInput(op["model_id"])] if op["model_id"] else None
+            c.log_inputs(run_id, datasets=datasets, models=models)
         elif kind == "text":
             c.log_text(run_id, op["text"], op["file"])
 
@@ -123,23 +142,64 @@ class Outbox:
         if is_http(self.uri) and not server_healthy(self.uri, timeout=2.0):
             self._defer("the tracking server does not answer")
             return False
+        store = sql_writes.sql_store(self.mlflow) if self.bulk else None
         while self.ops:
-            kind, key, op = self.ops[0]
-            if kind != "create" and key not in self.run_ids:
-                log.warning("MLflow: dropping a %s for %s whose run was never created", kind, key)
-                self.ops.popleft()
+            n = self._bulk_slice() if store is not None else 0
+            done = self._deliver_bulk(store, n) if n else False
+            if done is None:
+                return False
+            if done:
                 continue
-            try:
-                self._apply(kind, key, op)
-            except Exception as e:  # noqa: BLE001 - decide between "outage" and "bad write"
-                if (is_http(self.uri) and not server_healthy(self.uri, timeout=2.0)) or _transient(e):
-                    self._defer(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            for _ in range(max(n, 1)):  # one write at a time: MLflow's own answer to each
+                if not self._deliver_first():
                     return False
-                log.warning("MLflow: dropping a %s for %s that the store refused: %s", kind, key,
-                            str(e)[:300])
-            self.ops.popleft()
-            self.delivered += 1
         self._backoff, self._next_try, self.problem = 1.0, 0.0, None
+        return True
+
+    def _bulk_slice(self, most: int = BULK_OPS) -> int:
+        """How many ops from the front of the queue one bulk transaction takes (0: the first is not one)."""
+        n = 0
+        for kind, _, _ in self.ops:
+            if kind not in sql_writes.KINDS or n == most:
+                break
+            n += 1
+        return n
+
+    def _deliver_bulk(self, store: Any, n: int) -> bool | None:
+        """The first `n` ops in one transaction. Nothing is written unless it returns True: None, the store
+        is away (deferred); False, something in them is left to the one-at-a-time path."""
+        try:
+            created = sql_writes.deliver(store, [self.ops[i] for i in range(n)], self.run_ids)
+        except sql_writes.Unsupported:
+            return False
+        except Exception as e:  # noqa: BLE001 - rolled back; the one-at-a-time path decides
+            if _transient(e):
+                self._defer(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                return None
+            log.debug("MLflow: bulk write refused (%s); one write at a time", str(e)[:300])
+            return False
+        self.run_ids.update(created)
+        for _ in range(n):
+            self.ops.popleft()
+        self.delivered += 1
+        return True
+
+    def _deliver_first(self) -> bool:
+        """The first op through MlflowClient. False: the store is away (deferred, the op kept)."""
+        kind, key, op = self.ops[0]
+        if kind != "create" and key not in self.run_ids:
+            log.warning("MLflow: dropping a %s for %s whose run was never created", kind, key)
+            self.ops.popleft()
+            return True
+        try:
+            self._apply(kind, key, op)
+        except Exception as e:  # noqa: BLE001 - decide between "outage" and "bad write"
+            if (is_http(self.uri) and not server_healthy(self.uri, timeout=2.0)) or _transient(e):
+                self._defer(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                return False
+            log.warning("MLflow: dropping a %s for %s that the store refused: %s", kind, key, str(e)[:300])
+        self.ops.popleft()
+        self.delivered += 1
         return True
 
     def _defer(self, why: str) -> None:

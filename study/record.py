@@ -168,13 +168,6 @@ def study_inputs(c: Any, meta: Any, cfg: Any, study_dir: str) -> tuple[Any, str 
     return data, model_id
 
 
-def log_member_inputs(c: Any, run_id: str, data: Any, model_id: str | None) -> None:
-    """A member run's inputs: the study's data set and the dense model it was pruned from."""
-    from mlflow.entities import LoggedModelInput
-
-    c.log_inputs(run_id, datasets=[data], models=[LoggedModelInput(model_id)] if model_id else None)
-
-
 @dataclass
 class StudyResult:
     """What a finished (or interrupted) study produced and where it is."""

@@ -12,7 +12,7 @@ import weakref
 from typing import Any
 
 from study.errors import StudyError
-from study.schema import PARENT_TAG, ROLE_MEMBER, TAG_MEMBER, TAG_ROLE, TAG_STATUS, TAG_STUDY
+from study.schema import TAG_MEMBER, TAG_STATUS, TAG_STUDY
 
 
 class TrackingUnavailable(RuntimeError):
@@ -238,16 +238,10 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def children(uri: str, experiment_id: str, parent_run_id: str) -> list[Any]:
-    """Every member run of the parent (all pages; not the group summary runs of tpp-analyze)."""
-    c = client(uri)
-    out, token = [], None
-    while True:
-        page = c.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}' and "
-                             f"tags.`{TAG_ROLE}` = '{ROLE_MEMBER}'", max_results=1000, page_token=token)
-        out.extend(page)
-        token = page.token
-        if not token:
-            return out
+    """Every member run of the parent (not the group summary runs of tpp-analyze)."""
+    from study.sql_reads import member_runs
+
+    return member_runs(client(uri), experiment_id, parent_run_id)
 
 
 def finished_members(runs: list[Any]) -> dict[str, dict[str, Any]]:

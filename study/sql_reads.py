@@ -1,0 +1,73 @@
+"""A study's member runs read from a SQL tracking store in a few queries.
+
+MLflow's `search_runs` builds every run, its params, tags and latest metrics as ORM objects and then as
+entities: ~4 ms a run on SQLite, the whole of `status` and `tpp-analyze` on a large study (BENCHMARKS.md
+§9). Here the same `Run` entities (info and data; not the inputs, which no reader of member runs uses)
+come from four plain SELECTs over MLflow's own tables. Any other store goes through `search_runs`.
+`tests/test_sql_reads.py` proves both give the same runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from study.schema import PARENT_TAG, ROLE_MEMBER, TAG_ROLE
+from study.sql_writes import chunks, sql_store
+
+
+def member_runs(mlflow_client: Any, experiment_id: str, parent_run_id: str) -> list[Any]:
+    """Every active member run of the study run `parent_run_id` (not tpp-analyze's group runs), newest
+    first, as MLflow `Run` entities."""
+    store = sql_store(mlflow_client)
+    if store is None:
+        return _searched(mlflow_client, experiment_id, parent_run_id)
+    with store.ManagedSessionMaker() as session:
+        return _read(session, experiment_id, parent_run_id)
+
+
+def _searched(c: Any, experiment_id: str, parent_run_id: str) -> list[Any]:
+    out, token = [], None
+    while True:
+        page = c.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}' and "
+                             f"tags.`{TAG_ROLE}` = '{ROLE_MEMBER}'", max_results=1000, page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def _read(session: Any, experiment_id: str, parent_run_id: str) -> list[Any]:
+    from mlflow.entities import Metric, Param, Run, RunData, RunInfo, RunTag
+    from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlParam, SqlRun, SqlTag
+    from sqlalchemy import and_, select
+    from sqlalchemy.orm import aliased
+
+    parent, role = aliased(SqlTag), aliased(SqlTag)
+    infos = session.execute(
+        select(SqlRun.run_uuid, SqlRun.name, SqlRun.experiment_id, SqlRun.user_id, SqlRun.status,
+               SqlRun.start_time, SqlRun.end_time, SqlRun.lifecycle_stage, SqlRun.artifact_uri)
+        .join(parent, and_(parent.run_uuid == SqlRun.run_uuid, parent.key == PARENT_TAG,
+                           parent.value == parent_run_id))
+        .join(role, and_(role.run_uuid == SqlRun.run_uuid, role.key == TAG_ROLE, role.value == ROLE_MEMBER))
+        .where(SqlRun.experiment_id == int(experiment_id), SqlRun.lifecycle_stage == "active")).all()
+    ids = [r[0] for r in infos]
+    tags: dict[str, list[Any]] = {i: [] for i in ids}
+    params: dict[str, list[Any]] = {i: [] for i in ids}
+    metrics: dict[str, list[Any]] = {i: [] for i in ids}
+    for chunk in chunks(ids):
+        for run_id, k, v in session.execute(select(SqlTag.run_uuid, SqlTag.key, SqlTag.value)
+                                            .where(SqlTag.run_uuid.in_(chunk))):
+            tags[run_id].append(RunTag(k, v))
+        for run_id, k, v in session.execute(select(SqlParam.run_uuid, SqlParam.key, SqlParam.value)
+                                            .where(SqlParam.run_uuid.in_(chunk))):
+            params[run_id].append(Param(k, v))
+        for run_id, k, v, ts, step, is_nan in session.execute(
+                select(SqlLatestMetric.run_uuid, SqlLatestMetric.key, SqlLatestMetric.value,
+                       SqlLatestMetric.timestamp, SqlLatestMetric.step, SqlLatestMetric.is_nan)
+                .where(SqlLatestMetric.run_uuid.in_(chunk))):
+            metrics[run_id].append(Metric(k, float("nan") if is_nan else v, ts, step))
+    runs = [Run(RunInfo(run_id=i, experiment_id=str(exp), user_id=user, status=status, start_time=start,
+                        end_time=end, lifecycle_stage=stage, artifact_uri=uri, run_name=name),
+                RunData(metrics=metrics[i], params=params[i], tags=tags[i]))
+            for i, name, exp, user, status, start, end, stage, uri in infos]
+    return sorted(runs, key=lambda r: (-(r.info.start_time or 0), r.info.run_id))
