@@ -106,13 +106,13 @@ def kendall(x: Sequence[float], y: Sequence[float], *, n_boot: int = 2000, seed:
     sx = np.sign(xy[:, 0][:, None] - xy[:, 0][None, :])
     sy = np.sign(xy[:, 1][:, None] - xy[:, 1][None, :])
     idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    boots = []
-    step = max(1, 2_000_000 // (n * n))  # resamples per batch, to bound memory
-    for k in range(0, n_boot, step):  # tau-b of each resample from the pairwise sign matrices
-        i = idx[k:k + step]
-        a, b = sx[i[:, :, None], i[:, None, :]], sy[i[:, :, None], i[:, None, :]]
-        num, den = (a * b).sum(axis=(1, 2)), np.sqrt((a * a).sum(axis=(1, 2)) * (b * b).sum(axis=(1, 2)))
-        boots.append(num[den > 0] / den[den > 0])
-    boots = np.concatenate(boots)
+    # A resample holds pair i w_i times, so its tau-b sums are quadratic forms in w: sum_kl sx[i_k, i_l]
+    # sy[i_k, i_l] = w' (sx * sy) w. Integers throughout, so equal to summing the resampled sign matrices
+    # (tests/test_analysis_stats.py), in three matrix products instead of n_boot gathers of n x n.
+    w = np.zeros((n_boot, n))
+    np.add.at(w, (np.arange(n_boot)[:, None], idx), 1.0)
+    num = ((w @ (sx * sy)) * w).sum(axis=1)
+    den = np.sqrt(((w @ (sx * sx)) * w).sum(axis=1) * ((w @ (sy * sy)) * w).sum(axis=1))
+    boots = num[den > 0] / den[den > 0]
     lo, hi = np.quantile(boots, [0.025, 0.975]) if len(boots) else (np.nan, np.nan)
     return Tau(float(res.statistic), float(lo), float(hi), float(res.pvalue), n)

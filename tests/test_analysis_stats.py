@@ -71,3 +71,23 @@ def test_kendall_matches_scipy_and_its_ci_covers_it():
     assert ties.tau == pytest.approx(kendalltau([1, 1, 2, 2, 3, 3], [1, 2, 2, 3, 3, 4]).statistic)
     assert math.isnan(kendall([1, 2], [1, 2]).tau) and math.isnan(kendall([1, 1, 1], [1, 2, 3]).tau)
     assert kendall([1, 2, 3, math.nan], [3, 2, 1, 0]).n == 3
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_kendalls_bootstrap_interval_equals_scipys_tau_b_of_every_resample(ties):
+    """The interval from the resamples' quadratic forms equals the one from scipy's tau-b of each resampled
+    data set (the same resample indices), ties and repeated pairs included."""
+    from scipy.stats import kendalltau
+
+    from analysis import kendall
+
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 4, size=25).astype(float) if ties else rng.normal(size=25)
+    y = x + rng.normal(size=25)
+    n_boot = 300
+    idx = np.random.default_rng(11).integers(0, 25, size=(n_boot, 25))
+    taus = [kendalltau(x[i], y[i]).statistic for i in idx]
+    taus = np.array([t for t in taus if np.isfinite(t)])
+    lo, hi = np.quantile(taus, [0.025, 0.975])
+    got = kendall(x, y, n_boot=n_boot, seed=11)
+    assert got.lo == pytest.approx(lo, abs=1e-12) and got.hi == pytest.approx(hi, abs=1e-12)
