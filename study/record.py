@@ -297,7 +297,7 @@ def collect(folder: StudyFolder, *, recorded: bool = False) -> StudyResult:
     counts: dict[str, int] = {}
     reuse: dict[str, int] = {}
     runs, best = [], None
-    for r in children(meta.tracking_uri, meta.experiment_id, meta.parent_run_id):
+    for r in children(meta.tracking_uri, meta.experiment_id, meta.parent_run_id, metrics=[metric]):
         tags = r.data.tags
         status = tags.get(TAG_STATUS, "running")
         counts[status] = counts.get(status, 0) + 1

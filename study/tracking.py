@@ -9,6 +9,7 @@ import os
 import urllib.error
 import urllib.request
 import weakref
+from collections.abc import Collection
 from typing import Any
 
 from study.errors import StudyError
@@ -237,11 +238,13 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def children(uri: str, experiment_id: str, parent_run_id: str) -> list[Any]:
-    """Every member run of the parent (not the group summary runs of tpp-analyze)."""
+def children(uri: str, experiment_id: str, parent_run_id: str,
+             metrics: Collection[str] | None = None) -> list[Any]:
+    """Every member run of the parent (not the group summary runs of tpp-analyze); only the latest
+    `metrics` named, if given."""
     from study.sql_reads import member_runs
 
-    return member_runs(client(uri), experiment_id, parent_run_id)
+    return member_runs(client(uri), experiment_id, parent_run_id, metrics)
 
 
 def finished_members(runs: list[Any]) -> dict[str, dict[str, Any]]:

@@ -81,9 +81,11 @@ class Reporter:
 
     Each report costs the driver (Tune's loop, the MLflow write) and the worker CPU that a small machine
     takes from the trials, so sub-second epochs are batched: a report goes at once for the first
-    epoch, a checkpoint, a finished member, or when `every_s` passed (always, with `every_s` 0: ASHA
-    counts reports as epochs); the rows in between travel with it. A worker that dies loses only
-    unreported rows, which it re-runs from its last checkpoint (always reported at once).
+    epoch or a checkpoint, else when `every_s` passed (always, with `every_s` 0: ASHA counts reports as
+    epochs), and at the trial's end; the rows and ended members in between travel with it, so the
+    members of a lockstep stack that end together cost one or two reports, not one each. A worker that
+    dies loses only unreported rows and ends, which it re-runs from its last checkpoint (always
+    reported at once).
 
     `shared`: metric names a member's result leaves out because they are the same for every member
     and logged once on the study run (the dense model's: accuracy, JSV, cost).
@@ -150,9 +152,10 @@ class Reporter:
         kind = event.get("event")
         if kind == "pruned":
             self.pruned(event)
-        elif kind == "member_end":
+        elif kind == "member_end":  # members ending together (a lockstep stack) share one report
             self.finished(event["member"], event["status"], event["metrics"])
-            self._report()
+            if time.monotonic() - self.reported >= self.every_s:
+                self._report()
         elif kind == "epoch" and event.get("stage") == "prune" and self.every_s:
             self.prune_progress = {"done": int(event["iteration"]), "total": int(event["iterations"])}
             if time.monotonic() - self.reported >= self.every_s:

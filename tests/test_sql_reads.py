@@ -50,3 +50,10 @@ def test_a_study_with_no_member_runs_reads_empty(tmp_path):
     exp = c.create_experiment("e")
     parent = c.create_run(exp).info.run_id
     assert member_runs(c, exp, parent) == [] == _searched(c, exp, parent)
+
+
+def test_member_runs_read_only_the_metrics_asked_for(tmp_path):
+    c, exp, parent = _runs(tmp_path)
+    fast = {r.info.run_id: r.data.metrics for r in member_runs(c, exp, parent, metrics=["acc", "nothing"])}
+    full = {r.info.run_id: r.data.metrics for r in _searched(c, exp, parent)}
+    assert fast == {i: {"acc": m["acc"]} for i, m in full.items()}
