@@ -168,7 +168,14 @@ def curve_table(prep: Prepared, *, lrs: tuple[float, float] = (1e-3, 1e-2),
     metrics = [m for m in METRICS if m in prep.points and prep.points[m].notna().any()]
     order = {g: i for i, g in enumerate(prep.groups()["group"])}  # report order: method, then levels
     pts = prep.points.assign(_o=prep.points["group"].map(order)).sort_values(["_o", "seed"], kind="stable")
-    for (group, seed), c in pts.groupby(["group", "seed"], sort=False):
+    # per-curve means and maxima in three groupbys, not a pandas call per column and curve (NaN skipped;
+    # a curve with none of a column, or no member that ran to the end, gets NaN as before)
+    by = ["group", "seed"]
+    ok_pts = pts[~pts["diverged"].astype(bool)]
+    means = pts.groupby(by, sort=False)[[*PREDICTORS, *CONTROL, *SPEED]].mean().to_dict("index")
+    ok_means = ok_pts.groupby(by, sort=False)[list(BUDGET)].mean().to_dict("index")
+    tops = ok_pts.groupby(by, sort=False)[metrics].max().to_dict("index") if metrics else {}
+    for (group, seed), c in pts.groupby(by, sort=False):
         c = c.sort_values("lr")
         x, y, div = c["lr"].to_numpy(float), c["acc"].to_numpy(float), c["diverged"].to_numpy(bool)
         b_acc, b_lr = best(x, y, div)
@@ -191,13 +198,10 @@ def curve_table(prep: Prepared, *, lrs: tuple[float, float] = (1e-3, 1e-2),
         for d, wd in fixed.items():
             row[window_col(d)] = wd.decades
             row[window_col(d) + "_open"] = wd.open
-        ok = c[~c["diverged"]]
-        for p in (*PREDICTORS, *CONTROL, *SPEED):
-            row[p] = float(c[p].mean()) if c[p].notna().any() else np.nan
-        for p in BUDGET:  # the budget of the members that ran to the end (a diverged one stopped early)
-            row[p] = float(ok[p].mean()) if ok[p].notna().any() else np.nan
-        for m in metrics:
-            row[f"top_{m}"] = float(ok[m].max()) if ok[m].notna().any() else np.nan
+        row.update({p: float(v) for p, v in means[(group, seed)].items()})
+        # the budget of the members that ran to the end (a diverged one stopped early)
+        row.update({p: float(ok_means.get((group, seed), {}).get(p, np.nan)) for p in BUDGET})
+        row.update({f"top_{m}": float(tops.get((group, seed), {}).get(m, np.nan)) for m in metrics})
         rows.append(row)
     cols = [*prep.keys, "group", "seed", "metric", "delta", "n_lrs", "n_members", "n_diverged",
             "diverged_share", "lr_stable_max", "lr_diverge_min", "best_acc", "best_lr", "window_decades",
