@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from study.config import OBJECTIVE_TEXT, StudyConfig, StudyConfigError
-from study.dense import _dense
 from study.errors import StudyError, StudyInterrupted
 from study.loading import load_config
 from study.outbox import Outbox
@@ -45,8 +44,9 @@ from study.tracking import (
     server_healthy,
     sqlite_checkpoint,
 )
-from study.tuner import DiskGuard, _gpu_fraction, _tune_state_readable, _tuner
 
+# study.tuner (Ray Tune, ~1.5 s to import) and study.dense are imported where a study trains, so that
+# `resume` of a finished study, `status` and the config checks start without them.
 
 # ---------------------------------------------------------------------------------------------- setup
 def _prepare_env(embedded: bool) -> None:
@@ -210,6 +210,8 @@ def run(config: str | os.PathLike | dict[str, Any] | StudyConfig, *, if_exists: 
                     shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         started = _start_ray(cfg.ray.address, cfg.ray.num_cpus)
         try:
+            from study.tuner import _gpu_fraction
+
             gpu = _gpu_fraction(cfg)
             folder.config_path.write_text(cfg.to_yaml())
             num_runs = _num_runs(cfg)
@@ -312,6 +314,8 @@ def run_locked(cfg: StudyConfig, folder: StudyFolder, address: str | None, resto
     (restoring Tune's saved state when `restore`), stop an embedded Ray."""
     started = _start_ray(address, cfg.ray.num_cpus)
     try:
+        from study.tuner import _gpu_fraction
+
         gpu = _gpu_fraction(cfg)
         with running_from(folder):
             return _execute(cfg, folder, gpu, restore=restore, embedded=started and not address,
@@ -359,6 +363,9 @@ def _sigterm_as_interrupt() -> Any:
 
 def _execute(cfg: StudyConfig, folder: StudyFolder, gpu: float, restore: bool, embedded: bool,
              callbacks: list[Any]) -> StudyResult:
+    from study.dense import _dense
+    from study.tuner import DiskGuard
+
     t0 = time.monotonic()
     DiskGuard.last_stop = None
     problem = DiskGuard(str(folder.path), cfg.min_free_mb).problem()
@@ -428,6 +435,7 @@ def _new_or_restored_tuner(cfg: StudyConfig, folder: StudyFolder, dense: Any, gp
     from ray import tune
 
     from study.trainable import TrialContext, trial
+    from study.tuner import _tune_state_readable, _tuner
 
     ctx = TrialContext.of(cfg, str(folder.path), finished)
     trainable = tune.with_resources(tune.with_parameters(trial, dense=dense, ctx=ctx),
