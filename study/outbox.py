@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,10 @@ TAG_MAX_CHARS = 5000  # a tag value is cut here (MLflow takes 8,000; an error te
 
 
 # Store errors that go away by themselves: keep the write and retry (a full disk included).
-TRANSIENT = ("database is locked", "connection", "timed out", "max retries", "temporarily unavailable", "503",
-             "502", "database or disk is full", "disk i/o error", "no space left")
+TRANSIENT = ("database is locked", "connection", "timed out", "max retries", "temporarily unavailable",
+             "database or disk is full", "disk i/o error", "no space left")
+# HTTP 502/503 as a number of its own: a run id (hex) may hold "503" and must not make a refusal an outage
+TRANSIENT_STATUS = re.compile(r"\b50[23]\b")
 
 
 class Outbox:
@@ -244,4 +247,4 @@ def _fits(into: dict[str, Any], op: dict[str, Any]) -> bool:
 
 def _transient(e: Exception) -> bool:
     text = str(e).lower()
-    return any(s in text for s in TRANSIENT)
+    return any(s in text for s in TRANSIENT) or TRANSIENT_STATUS.search(text) is not None

@@ -153,3 +153,15 @@ def test_only_a_sql_store_takes_the_bulk_path(tmp_path):
     uri, c, *_ = _store(tmp_path, "s")
     assert sql_writes.sql_store(c) is not None
     assert sql_writes.sql_store(client("http://127.0.0.1:5999")) is None  # a server's own store does it
+
+
+def test_a_refusal_naming_a_run_id_with_503_in_it_is_not_an_outage():
+    """A store's refusal quoting a hex run id that contains "503" or "502" is a refused write, not the
+    server being away (which an HTTP 502/503 status is)."""
+    from study.outbox import _transient
+
+    assert not _transient(ValueError("Changing param values is not allowed ... run ID='21b11503efdd4495'"))
+    assert not _transient(ValueError("run 7502aa refused"))
+    assert _transient(ValueError("API request failed with error code 503 != 200"))
+    assert _transient(ValueError("502 Server Error: Bad Gateway"))
+    assert _transient(ValueError("sqlite3.OperationalError: database is locked"))
