@@ -128,11 +128,6 @@ def lr_regret(lrs: np.ndarray, accs: np.ndarray, diverged: np.ndarray) -> float:
     return float(np.sum((gap[1:] + gap[:-1]) * np.diff(x)) / 2.0 / width)
 
 
-def profile(lrs: np.ndarray, accs: np.ndarray, diverged: np.ndarray, deltas: np.ndarray) -> np.ndarray:
-    """The robustness profile: the robust-window width (decades) at each tolerance in `deltas`."""
-    return np.array([robust_window(lrs, accs, diverged, float(d)).decades for d in deltas], dtype=float)
-
-
 def acc_at(lrs: np.ndarray, accs: np.ndarray, diverged: np.ndarray, target: float,
            rel_tol: float) -> tuple[float, str]:
     """Accuracy at LR `target` and how it was obtained: "exact" (a point within `rel_tol`),
@@ -175,9 +170,16 @@ def curve_table(prep: Prepared, *, lrs: tuple[float, float] = (1e-3, 1e-2),
     means = pts.groupby(by, sort=False)[[*PREDICTORS, *CONTROL, *SPEED]].mean().to_dict("index")
     ok_means = ok_pts.groupby(by, sort=False)[list(BUDGET)].mean().to_dict("index")
     tops = ok_pts.groupby(by, sort=False)[metrics].max().to_dict("index") if metrics else {}
-    for (group, seed), c in pts.groupby(by, sort=False):
-        c = c.sort_values("lr")
-        x, y, div = c["lr"].to_numpy(float), c["acc"].to_numpy(float), c["diverged"].to_numpy(bool)
+    # the curves as slices of numpy columns (sorted by curve, then LR), not a pandas frame per curve
+    pts = pts.sort_values(["_o", "seed", "lr"], kind="stable")
+    curve = pts.groupby(by, sort=False).ngroup().to_numpy()
+    edges = [*np.flatnonzero(np.r_[True, curve[1:] != curve[:-1]]), len(curve)]
+    col = {k: pts[k].to_numpy() for k in {*prep.keys, *by, "n_members", "n_diverged"}}
+    lr_all, acc_all = pts["lr"].to_numpy(float), pts["acc"].to_numpy(float)
+    div_all = pts["diverged"].to_numpy(bool)
+    for start, end in zip(edges[:-1], edges[1:], strict=True):
+        group, seed = col["group"][start], col["seed"][start]
+        x, y, div = lr_all[start:end], acc_all[start:end], div_all[start:end]
         b_acc, b_lr = best(x, y, div)
         s_max, d_min = stable_range(x, div)
         s_range, s_std = stable_spread(x, y, s_max)
@@ -185,10 +187,10 @@ def curve_table(prep: Prepared, *, lrs: tuple[float, float] = (1e-3, 1e-2),
         fixed = {d: robust_window(x, y, div, d) for d in PROFILE_DELTAS}
         a, how_a = acc_at(x, y, div, lrs[0], prep.lr_axis.rel_tol)
         b, how_b = acc_at(x, y, div, lrs[1], prep.lr_axis.rel_tol)
-        first = c.iloc[0]
-        row = {k: first[k] for k in prep.keys}
-        row.update(group=group, seed=seed, metric=prep.metric, delta=delta, n_lrs=len(c),
-                   n_members=int(c["n_members"].sum()), n_diverged=int(c["n_diverged"].sum()))
+        row = {k: col[k][start] for k in prep.keys}
+        row.update(group=group, seed=seed, metric=prep.metric, delta=delta, n_lrs=end - start,
+                   n_members=int(col["n_members"][start:end].sum()),
+                   n_diverged=int(col["n_diverged"][start:end].sum()))
         row.update(diverged_share=row["n_diverged"] / row["n_members"], lr_stable_max=s_max,
                    lr_diverge_min=d_min, best_acc=b_acc, best_lr=b_lr, window_decades=w.decades,
                    window_lr_lo=w.lr_lo, window_lr_hi=w.lr_hi, window_n=w.n, window_open=w.open,

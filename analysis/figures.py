@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.collections import LineCollection
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -28,6 +29,7 @@ _STYLES = ["-", "--", ":", "-."]
 # or white by these amounts, so every (method, growth) has a colour of its own and its method's hue.
 _SHADES = [(None, 0.0), ("black", 0.45), ("white", 0.45), ("black", 0.7), ("white", 0.7)]
 LR_TICKS = FuncFormatter(lambda v, _pos: fmt_lr(v))  # 1e-3, 2.2e-2: never 6x10^-2
+MAX_BAR_ROWS = 60  # per-seed window bars drawn at full height and labelled, per panel
 
 
 def _shade(base: str, k: int) -> tuple[float, float, float]:
@@ -162,8 +164,10 @@ def fig_acc_vs_lr(t: Tables):
     ncols = min(len(strata), 3)
     nrows = math.ceil(len(strata) / ncols)
     n_bars = max(int(t.curves.groupby(t.curves["pr"])["group"].size().max()), 1)
-    fig = Figure(figsize=(4.9 * ncols, (3.3 + 0.09 * n_bars) * nrows + 0.6), layout="constrained")
-    grid = fig.add_gridspec(2 * nrows, ncols, height_ratios=[3.3, 0.35 + 0.09 * n_bars] * nrows)
+    shown = min(n_bars, MAX_BAR_ROWS)  # beyond it the bars get thinner, not the figure taller
+    fig = Figure(figsize=(4.9 * ncols, (3.3 + 0.09 * shown) * nrows + 0.6), layout="constrained")
+    grid = fig.add_gridspec(2 * nrows, ncols, height_ratios=[3.3, 0.35 + 0.09 * shown] * nrows)
+    bar_lw = 3 * shown / n_bars
     ladder = t.prep.lr_axis.mode == "ladder"
     first = None
     for k, (title, rows) in enumerate(strata):
@@ -182,19 +186,24 @@ def fig_acc_vs_lr(t: Tables):
             group = r["group"].iloc[0]
             div = t.prep.points[(t.prep.points["group"] == group) & t.prep.points["diverged"]]
             ax.scatter(div["lr"], div["acc"], marker="x", s=40, color=st["color"], zorder=5)
-            for _, c in t.curves[t.curves["group"] == group].iterrows():
-                if finite(c["window_edge_lo"]):
-                    bars.plot([10 ** c["window_edge_lo"], 10 ** c["window_edge_hi"]], [y, y],
-                              color=st["color"], lw=3, solid_capstyle="butt")
-                ticks.append((y, f"s{c['seed']}"))
-                y -= 1
+            cur = t.curves[t.curves["group"] == group]
+            rows_y = y - np.arange(len(cur))
+            lo, hi = (pd.to_numeric(cur[c], errors="coerce").to_numpy(float)
+                      for c in ("window_edge_lo", "window_edge_hi"))
+            has = np.isfinite(lo)
+            bars.add_collection(LineCollection(  # one artist per series, not one per seed
+                [[(10 ** a, v), (10 ** b, v)] for a, b, v in zip(lo[has], hi[has], rows_y[has], strict=True)],
+                colors=[st["color"]], linewidths=bar_lw, capstyle="butt"))
+            ticks += [(v, f"s{seed}") for v, seed in zip(rows_y, cur["seed"], strict=True)]
+            y -= len(cur)
         ax.set_xscale("log")
         ax.set_title(title)
         ax.set_ylabel(f"{SHORT.get(t.prep.metric, t.prep.metric)} (%)")
         ax.grid(alpha=0.3, which="both")
         ax.tick_params(labelbottom=False)
         bars.set_ylim(y - 0.5, 0.5)
-        bars.set_yticks([v for v, _ in ticks], [lab for _, lab in ticks], fontsize=5)
+        every = math.ceil(len(ticks) / MAX_BAR_ROWS)  # at most MAX_BAR_ROWS labels: every k-th seed's
+        bars.set_yticks([v for v, _ in ticks[::every]], [lab for _, lab in ticks[::every]], fontsize=5)
         bars.set_ylabel("window\nper seed", fontsize=7)
         ax.xaxis.set_major_formatter(LR_TICKS)
         ax.xaxis.set_minor_formatter(NullFormatter())
@@ -208,10 +217,9 @@ def fig_acc_vs_lr(t: Tables):
     fig.suptitle(f"{t.name}: accuracy vs finetuning LR ({t.band_note()})")
     return fig, ("Accuracy after finetuning against the finetuning LR, one panel per pruning ratio: the seed "
                  "mean at each LR that ran, the band over seeds, × where a seed diverged; below each panel, "
-                 f"one bar per seed (labelled s0, s1, ...) spanning its robust window (accuracy within "
-                 f"{t.delta:g} points of that seed's best). Each (method, growth) has its own colour and "
-                 "line "
-                 "style in every figure.")
+                 f"one bar per seed (labelled s0, s1, ...; past {MAX_BAR_ROWS} seeds every k-th) spanning "
+                 f"its robust window (accuracy within {t.delta:g} points of that seed's best). Each (method, "
+                 "growth) has its own colour and line style in every figure.")
 
 
 def fig_heatmap(t: Tables):

@@ -383,13 +383,15 @@ def _trials_frame(children: list) -> tuple[pd.DataFrame, list[str]]:
             "status": _trial_status(r),
             "run_status": r.info.status,
             **{col: r.data.tags.get(tag) for col, tag in _TAG_COLUMNS.items()},
-            "start_time": pd.to_datetime(r.info.start_time, unit="ms") if r.info.start_time else pd.NaT,
-            "end_time": pd.to_datetime(r.info.end_time, unit="ms") if r.info.end_time else pd.NaT,
+            "start_time": r.info.start_time or None,
+            "end_time": r.info.end_time or None,
         }
         rec.update({(f"param.{k}" if k in clash else k): v for k, v in params.items() if k != "method"})
         rec.update(finals)
         records.append(rec)
     df = pd.DataFrame.from_records(records)
+    for col in ("start_time", "end_time"):  # one conversion per column, not two per run
+        df[col] = pd.to_datetime(df[col].astype("Int64"), unit="ms")
     for k in param_keys:
         col = f"param.{k}" if k in clash else k
         df[col] = _typed_column(df[col])

@@ -13,7 +13,7 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
-from analysis.curves import PROFILE_DELTAS, curve_table, profile, robust_window, window_col
+from analysis.curves import PROFILE_DELTAS, curve_table, robust_window, window_col
 from analysis.points import CONTROL, PREDICTORS, Prepared, sort_groups
 from analysis.stats import interval
 
@@ -141,16 +141,13 @@ def profile_table(prep: Prepared, *, n: int = PROFILE_POINTS) -> pd.DataFrame:
     rows = []
     for group in prep.groups()["group"]:
         g = prep.points[prep.points["group"] == group]
-        curves = []
-        for _, c in g.groupby("seed"):
-            c = c.sort_values("lr")
-            curves.append((c["lr"].to_numpy(float), c["acc"].to_numpy(float), c["diverged"].to_numpy(bool)))
+        curves = _seed_curves(g)
         spans = [float(np.ptp(a[~d])) for _, a, d in curves if (~d).any()]
         span = max(spans, default=0.0)
         deltas = np.linspace(0.0, span, n) if span > 0 else np.array([0.0])
-        widths = np.array([profile(x, a, d, deltas) for x, a, d in curves])
-        opens = np.array([[robust_window(x, a, d, float(t)).open != "" for t in deltas]
-                          for x, a, d in curves])
+        windows = [[robust_window(x, a, d, float(t)) for t in deltas] for x, a, d in curves]
+        widths = np.array([[w.decades for w in ws] for ws in windows], dtype=float)
+        opens = np.array([[w.open != "" for w in ws] for ws in windows])
         first = g.iloc[0]
         for j, t in enumerate(deltas):
             iv = interval(widths[:, j])
@@ -158,3 +155,13 @@ def profile_table(prep: Prepared, *, n: int = PROFILE_POINTS) -> pd.DataFrame:
                          "window": iv.mean, "lo": iv.lo, "hi": iv.hi, "n": iv.n, "interval": iv.kind,
                          "n_open": int(opens[:, j].sum())})
     return pd.DataFrame(rows, columns=cols)
+
+
+def _seed_curves(g: pd.DataFrame) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(LRs, accuracies, diverged) of each seed's curve in `g`, by seed, each sorted by LR: numpy slices
+    of the columns sorted once, not a pandas sort per seed."""
+    g = g[g["seed"].notna()].sort_values(["seed", "lr"], kind="stable")
+    seed = g["seed"].to_numpy()
+    edges = [*np.flatnonzero(np.r_[True, seed[1:] != seed[:-1]]), len(seed)] if len(seed) else [0]
+    lr, acc, div = g["lr"].to_numpy(float), g["acc"].to_numpy(float), g["diverged"].to_numpy(bool)
+    return [(lr[a:b], acc[a:b], div[a:b]) for a, b in zip(edges[:-1], edges[1:], strict=True)]

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,9 +51,21 @@ def interval(values: Sequence[float], *, ci: float = 0.95, n_boot: int = N_BOOT,
         return Interval(mean, mean, mean, 1, "single")
     if n < MIN_BOOT:
         return Interval(mean, float(v.min()), float(v.max()), n, "range")
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    lo, hi = np.quantile(v[idx].mean(axis=1), [(1 - ci) / 2, 1 - (1 - ci) / 2])
+    lo, hi = np.quantile(resample_counts(n, n_boot, seed) @ v / n, [(1 - ci) / 2, 1 - (1 - ci) / 2])
     return Interval(mean, float(lo), float(hi), n, "bootstrap95")
+
+
+@functools.lru_cache(maxsize=8)
+def resample_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """How often each of n units is drawn in each of n_boot bootstrap resamples (rows; the draws of
+    ``default_rng(seed).integers(0, n, size=(n_boot, n))``). A report bootstraps every group and LR over
+    the same seeds with the same RNG, so the draws are made once per n and each interval is one
+    matrix-vector product instead of drawing and gathering n_boot x n values (BENCHMARKS.md §9). Read-only."""
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    counts = np.bincount((idx + n * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * n)
+    out = counts.reshape(n_boot, n).astype(float)
+    out.flags.writeable = False
+    return out
 
 
 def sign_flip_p(diffs: Sequence[float], *, n_mc: int = 100_000, seed: int = 0) -> float:
@@ -103,16 +116,29 @@ def kendall(x: Sequence[float], y: Sequence[float], *, n_boot: int = 2000, seed:
     if n < 3 or len(np.unique(xy[:, 0])) < 2 or len(np.unique(xy[:, 1])) < 2:
         return Tau(np.nan, np.nan, np.nan, np.nan, n)
     res = kendalltau(xy[:, 0], xy[:, 1])
-    sx = np.sign(xy[:, 0][:, None] - xy[:, 0][None, :])
-    sy = np.sign(xy[:, 1][:, None] - xy[:, 1][None, :])
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    # A resample holds pair i w_i times, so its tau-b sums are quadratic forms in w: sum_kl sx[i_k, i_l]
-    # sy[i_k, i_l] = w' (sx * sy) w. Integers throughout, so equal to summing the resampled sign matrices
-    # (tests/test_analysis_stats.py), in three matrix products instead of n_boot gathers of n x n.
-    w = np.zeros((n_boot, n))
-    np.add.at(w, (np.arange(n_boot)[:, None], idx), 1.0)
-    num = ((w @ (sx * sy)) * w).sum(axis=1)
-    den = np.sqrt(((w @ (sx * sx)) * w).sum(axis=1) * ((w @ (sy * sy)) * w).sum(axis=1))
+    # A resample holds pair i w_i times, so its tau-b sums are quadratic forms in w: the numerator
+    # sum_kl sx[i_k, i_l] sy[i_k, i_l] = w' (sx * sy) w, and the pairs untied in x, w' |sx| w, are all pairs
+    # less those within a group of equal x: (sum w)^2 - sum_g (sum_g w)^2. Integers throughout, so equal to
+    # summing the resampled sign matrices (tests/test_analysis_stats.py). The one matrix product runs in
+    # float32, exact here: its entries are integers of magnitude at most sum w = n < 2^24; the products and
+    # sums after it are taken in float64.
+    w = resample_counts(n, n_boot, seed)
+    if n >= 2**24:
+        raise ValueError(f"x, y: {n} pairs; the bootstrap is exact up to {2**24 - 1}")
+    sxy = np.sign(xy[:, 0][:, None] - xy[:, 0][None, :]) * np.sign(xy[:, 1][:, None] - xy[:, 1][None, :])
+    w32 = w.astype(np.float32)
+    num = np.einsum("bi,bi->b", (w32 @ sxy.astype(np.float32)).astype(float), w)
+    den = np.sqrt(_untied(w, xy[:, 0]) * _untied(w, xy[:, 1]))
     boots = num[den > 0] / den[den > 0]
     lo, hi = np.quantile(boots, [0.025, 0.975]) if len(boots) else (np.nan, np.nan)
     return Tau(float(res.statistic), float(lo), float(hi), float(res.pvalue), n)
+
+
+def _untied(w: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per resample (rows of w), the ordered pairs of units whose `values` differ:
+    sum_ij w_i w_j [v_i != v_j]."""
+    order = np.argsort(values, kind="stable")
+    v = values[order]
+    starts = np.flatnonzero(np.r_[True, v[1:] != v[:-1]])
+    per_group = np.add.reduceat(w[:, order], starts, axis=1) if len(starts) < len(v) else w
+    return w.sum(axis=1) ** 2 - (per_group**2).sum(axis=1)

@@ -43,32 +43,32 @@ def _read(session: Any, experiment_id: str, parent_run_id: str, keys: Collection
     from mlflow.entities import Metric, Param, Run, RunData, RunInfo, RunTag
     from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlParam, SqlRun, SqlTag
     from sqlalchemy import and_, select, true
-    from sqlalchemy.orm import aliased
 
-    parent, role = aliased(SqlTag), aliased(SqlTag)
+    # the tables' columns, not the ORM classes: plain rows, without SQLAlchemy's ORM loading of each
+    run, tag, param, metric = (m.__table__.c for m in (SqlRun, SqlTag, SqlParam, SqlLatestMetric))
+    parent, role = SqlTag.__table__.alias(), SqlTag.__table__.alias()
     infos = session.execute(
-        select(SqlRun.run_uuid, SqlRun.name, SqlRun.experiment_id, SqlRun.user_id, SqlRun.status,
-               SqlRun.start_time, SqlRun.end_time, SqlRun.lifecycle_stage, SqlRun.artifact_uri)
-        .join(parent, and_(parent.run_uuid == SqlRun.run_uuid, parent.key == PARENT_TAG,
-                           parent.value == parent_run_id))
-        .join(role, and_(role.run_uuid == SqlRun.run_uuid, role.key == TAG_ROLE, role.value == ROLE_MEMBER))
-        .where(SqlRun.experiment_id == int(experiment_id), SqlRun.lifecycle_stage == "active")).all()
+        select(run.run_uuid, run.name, run.experiment_id, run.user_id, run.status,
+               run.start_time, run.end_time, run.lifecycle_stage, run.artifact_uri)
+        .join(parent, and_(parent.c.run_uuid == run.run_uuid, parent.c.key == PARENT_TAG,
+                           parent.c.value == parent_run_id))
+        .join(role, and_(role.c.run_uuid == run.run_uuid, role.c.key == TAG_ROLE,
+                         role.c.value == ROLE_MEMBER))
+        .where(run.experiment_id == int(experiment_id), run.lifecycle_stage == "active")).all()
     ids = [r[0] for r in infos]
     tags: dict[str, list[Any]] = {i: [] for i in ids}
     params: dict[str, list[Any]] = {i: [] for i in ids}
     metrics: dict[str, list[Any]] = {i: [] for i in ids}
     for chunk in chunks(ids):
-        for run_id, k, v in session.execute(select(SqlTag.run_uuid, SqlTag.key, SqlTag.value)
-                                            .where(SqlTag.run_uuid.in_(chunk))):
+        for run_id, k, v in session.execute(select(tag.run_uuid, tag.key, tag.value)
+                                            .where(tag.run_uuid.in_(chunk))):
             tags[run_id].append(RunTag(k, v))
-        for run_id, k, v in session.execute(select(SqlParam.run_uuid, SqlParam.key, SqlParam.value)
-                                            .where(SqlParam.run_uuid.in_(chunk))):
+        for run_id, k, v in session.execute(select(param.run_uuid, param.key, param.value)
+                                            .where(param.run_uuid.in_(chunk))):
             params[run_id].append(Param(k, v))
         for run_id, k, v, ts, step, is_nan in session.execute(
-                select(SqlLatestMetric.run_uuid, SqlLatestMetric.key, SqlLatestMetric.value,
-                       SqlLatestMetric.timestamp, SqlLatestMetric.step, SqlLatestMetric.is_nan)
-                .where(SqlLatestMetric.run_uuid.in_(chunk),
-                       SqlLatestMetric.key.in_(list(keys)) if keys is not None else true())):
+                select(*(metric[c] for c in ("run_uuid", "key", "value", "timestamp", "step", "is_nan")))
+                .where(metric.run_uuid.in_(chunk), true() if keys is None else metric.key.in_(list(keys)))):
             metrics[run_id].append(Metric(k, float("nan") if is_nan else v, ts, step))
     runs = [Run(RunInfo(run_id=i, experiment_id=str(exp), user_id=user, status=status, start_time=start,
                         end_time=end, lifecycle_stage=stage, artifact_uri=uri, run_name=name),

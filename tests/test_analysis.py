@@ -429,7 +429,7 @@ def test_lr_regret_against_a_float64_loop_and_the_area_above_the_profile():
     """LR regret equals (1) the exact integral of the piecewise-linear gap to the best, written as a plain
     float64 loop, and (2) for a curve with one peak, the area above its robustness profile per decade of
     range (layer-cake: ∫ gap dx = ∫ (L - W(δ)) dδ), measured on a fine δ grid with analysis' own window."""
-    from analysis.curves import lr_regret, profile
+    from analysis.curves import lr_regret, robust_window
 
     rng = np.random.default_rng(3)
     for _ in range(20):
@@ -451,7 +451,7 @@ def test_lr_regret_against_a_float64_loop_and_the_area_above_the_profile():
         got = lr_regret(lrs, accs, div)
         assert got == pytest.approx(loop / (x[-1] - x[0]), rel=1e-12)
         deltas = np.linspace(0, 90.0 - accs.min(), 4001)
-        widths = profile(lrs, accs, div, deltas)
+        widths = np.array([robust_window(lrs, accs, div, float(d)).decades for d in deltas])
         width = x[-1] - x[0]
         area = np.trapezoid(width - widths, deltas)
         assert got == pytest.approx(area / width, rel=2e-3, abs=1e-3)

@@ -91,3 +91,39 @@ def test_kendalls_bootstrap_interval_equals_scipys_tau_b_of_every_resample(ties)
     lo, hi = np.quantile(taus, [0.025, 0.975])
     got = kendall(x, y, n_boot=n_boot, seed=11)
     assert got.lo == pytest.approx(lo, abs=1e-12) and got.hi == pytest.approx(hi, abs=1e-12)
+
+
+def test_resample_counts_are_the_draws_counted_and_intervals_the_resampled_means():
+    """The cached counts are the RNG's draws counted per row; an interval from them equals the mean of the
+    gathered resamples (the plain bootstrap) to rounding."""
+    from analysis import interval
+    from analysis.stats import resample_counts
+
+    n, n_boot = 37, 500
+    idx = np.random.default_rng(4).integers(0, n, size=(n_boot, n))
+    counts = resample_counts(n, n_boot, 4)
+    assert not counts.flags.writeable
+    assert all((np.bincount(row, minlength=n) == c).all() for row, c in zip(idx, counts, strict=True))
+    v = np.random.default_rng(9).normal(size=n) * 50
+    means = v[np.random.default_rng(0).integers(0, n, size=(10_000, n))].mean(axis=1)
+    got = interval(v)
+    assert (got.lo, got.hi) == pytest.approx(tuple(np.quantile(means, [0.025, 0.975])), rel=1e-13)
+
+
+def test_kendalls_bootstrap_equals_the_float64_quadratic_forms_at_scale():
+    """The float32 product and the tie-group counts give exactly the three float64 quadratic forms, with
+    ties in both variables, at a size where float32 rounding would show if the product were not exact."""
+    from analysis import kendall
+    from analysis.stats import resample_counts
+
+    rng = np.random.default_rng(8)
+    n, n_boot = 700, 400
+    x = rng.integers(0, 30, size=n).astype(float)
+    y = np.round(x + rng.normal(size=n) * 8)
+    w = resample_counts(n, n_boot, 2)
+    sx, sy = np.sign(x[:, None] - x[None, :]), np.sign(y[:, None] - y[None, :])
+    num = ((w @ (sx * sy)) * w).sum(axis=1)
+    den = np.sqrt(((w @ (sx * sx)) * w).sum(axis=1) * ((w @ (sy * sy)) * w).sum(axis=1))
+    lo, hi = np.quantile(num / den, [0.025, 0.975])
+    got = kendall(x, y, n_boot=n_boot, seed=2)
+    assert (got.lo, got.hi) == (lo, hi)
