@@ -40,6 +40,7 @@ from study.tracking import (
     end_wait_s,
     finished_members,
     flatten,
+    hand_over,
     is_http,
     server_healthy,
     sqlite_checkpoint,
@@ -374,13 +375,16 @@ def _execute(cfg: StudyConfig, folder: StudyFolder, gpu: float, restore: bool, e
     meta = folder.read_meta()
     adopt_artifact_root(folder, meta)
     _replay_pending(folder, meta)
-    finished = finished_members(children(meta.tracking_uri, meta.experiment_id, meta.parent_run_id))
+    runs = children(meta.tracking_uri, meta.experiment_id, meta.parent_run_id)
+    finished = finished_members(runs)
     box = Outbox(meta.tracking_uri, {"parent": meta.parent_run_id})
     box.status("parent", "RUNNING")
     box.drain(10)
     previous = _sigterm_as_interrupt()
     status, result = "failed", None
     try:
+        hand_over(meta.parent_run_id, runs)  # the study's logger takes them: one read per session
+        del runs
         dense = _dense(cfg, folder, meta, gpu, embedded)
         if not meta.dense_digest:
             meta = folder.update_meta(dense_digest=dense.digest())
@@ -416,6 +420,7 @@ def _execute(cfg: StudyConfig, folder: StudyFolder, gpu: float, restore: bool, e
         raise StudyInterrupted(f"study {cfg.name!r} interrupted; continue it with `tpp-study resume "
                                f"{shlex.quote(str(folder.path))}`") from None
     finally:
+        hand_over(meta.parent_run_id, None)  # not taken (no trial started): not kept alive
         signal.signal(signal.SIGTERM, previous)
         wait_s = 5 if DiskGuard.last_stop else min(30, end_wait_s())
         end_parent(box, cfg, meta.experiment_id, status, result, wait_s=wait_s)

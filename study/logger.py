@@ -33,7 +33,7 @@ from study.schema import (
     TAG_STUDY,
     TAG_TRIAL,
 )
-from study.tracking import children, end_wait_s
+from study.tracking import children, end_wait_s, take_over
 
 log = logging.getLogger("study.mlflow")
 
@@ -86,7 +86,10 @@ class StudyLogger(LoggerCallback):
         self.box.load_pending(folder.pending_log)
         folder.pending_log.unlink(missing_ok=True)
         self.inputs = self._study_inputs()
-        for run in children(self.meta.tracking_uri, self.meta.experiment_id, self.meta.parent_run_id):
+        runs = take_over(self.meta.parent_run_id, "logger")
+        if runs is None:  # not set up by this study's driver (e.g. a test's own Tuner): read them
+            runs = children(self.meta.tracking_uri, self.meta.experiment_id, self.meta.parent_run_id)
+        for run in runs:
             mid = run.data.tags.get(TAG_MEMBER)
             if not mid:
                 continue

@@ -64,13 +64,14 @@ class Progress(tune.Callback):
         from study.loading import load_config
         from study.record import collect
         from study.store import StudyFolder
+        from study.tracking import take_over
 
         self._reset()
         folder = StudyFolder(self.study_dir)
         self.meta, self.config = folder.read_meta(), load_config(folder.config_path)
         # where the study stands, from its MLflow record: a resumed trial reports again the members it
         # finished before the stop, and they are counted already
-        before = collect(folder)
+        before = collect(folder, runs=take_over(self.meta.parent_run_id, "progress"))
         self.counted = {r["member_id"] for r in before.runs if r["run_status"] == "FINISHED"}
         self.done = len(self.counted)
         self.per_epoch, self.work_left = work(self.config, self.meta.train_samples, folder.prune_cache,

@@ -281,11 +281,12 @@ def study_status(folder: StudyFolder, result: StudyResult | None = None) -> str:
     return result.status
 
 
-def collect(folder: StudyFolder, *, recorded: bool = False) -> StudyResult:
+def collect(folder: StudyFolder, *, recorded: bool = False, runs: list[Any] | None = None) -> StudyResult:
     """The study's outcome as recorded in MLflow (the truth, whatever process wrote it), from every
     member run. `recorded`: from the outcome its study run recorded at its end (one read, whatever the
     study's size; without the member list) when that is still the study's state -- the study run ended,
-    nothing is waiting for delivery, the planned run count unchanged -- else from every member run."""
+    nothing is waiting for delivery, the planned run count unchanged -- else from every member run.
+    `runs`: the member runs, read by the caller just now (with the objective's metric), else read here."""
     meta = folder.read_meta()
     if recorded and (out := _recorded(folder, meta)) is not None:
         return out
@@ -296,8 +297,10 @@ def collect(folder: StudyFolder, *, recorded: bool = False) -> StudyResult:
     metric, mode = objective.metric, objective.mode
     counts: dict[str, int] = {}
     reuse: dict[str, int] = {}
-    runs, best = [], None
-    for r in children(meta.tracking_uri, meta.experiment_id, meta.parent_run_id, metrics=[metric]):
+    if runs is None:
+        runs = children(meta.tracking_uri, meta.experiment_id, meta.parent_run_id, metrics=[metric])
+    rows, best = [], None
+    for r in runs:
         tags = r.data.tags
         status = tags.get(TAG_STATUS, "running")
         counts[status] = counts.get(status, 0) + 1
@@ -305,7 +308,7 @@ def collect(folder: StudyFolder, *, recorded: bool = False) -> StudyResult:
             reuse[tags[TAG_REUSE]] = reuse.get(tags[TAG_REUSE], 0) + 1
         value = r.data.metrics.get(metric)
         lr = float(r.data.params.get("lr", "nan"))
-        runs.append({"member_id": tags.get(TAG_MEMBER), "run_id": r.info.run_id, metric: value,
+        rows.append({"member_id": tags.get(TAG_MEMBER), "run_id": r.info.run_id, metric: value,
                      "run_name": r.info.run_name, "status": status, "run_status": r.info.status})
         if status in ("completed", "diverged") and value is not None and value == value:
             key = rank(value, lr, r.info.run_name, mode)
@@ -314,7 +317,7 @@ def collect(folder: StudyFolder, *, recorded: bool = False) -> StudyResult:
                               "run_id": r.info.run_id})
     return StudyResult(meta.name, str(folder.path), _status_of(counts, meta.num_runs), meta.tracking_uri,
                        meta.experiment, meta.experiment_id, meta.parent_run_id, meta.num_runs, counts, reuse,
-                       best[1] if best else None, sorted(runs, key=lambda t: t["run_name"] or ""),
+                       best[1] if best else None, sorted(rows, key=lambda t: t["run_name"] or ""),
                        disk_bytes=disk_usage(folder.path))
 
 

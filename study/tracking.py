@@ -247,6 +247,34 @@ def children(uri: str, experiment_id: str, parent_run_id: str,
     return member_runs(client(uri), experiment_id, parent_run_id, metrics)
 
 
+# A resume's driver reads the member runs before training (what not to run again), and the study's logger
+# and progress callbacks, set up by Tune in the same process moments later, need the same runs (which run
+# each member logs to; what is counted already). Tune restores callbacks from its pickled state, so no
+# argument reaches them: the driver leaves the runs here, each taker takes them once, and a resume reads
+# them once (issue #28). The last taker, or the driver's end, lets them go.
+_handed_over: dict[str, tuple[list[Any], set[str]]] = {}
+TAKERS = ("logger", "progress")
+
+
+def hand_over(parent_run_id: str, runs: list[Any] | None) -> None:
+    """Leave `runs` for one `take_over` by each of TAKERS in this process (None: drop what is left)."""
+    if runs is None:
+        _handed_over.pop(parent_run_id, None)
+    else:
+        _handed_over[parent_run_id] = (runs, set(TAKERS))
+
+
+def take_over(parent_run_id: str, taker: str) -> list[Any] | None:
+    """The member runs the driver left for this study, once per taker; None when it left none."""
+    runs, left = _handed_over.get(parent_run_id, (None, set()))
+    if taker not in left:
+        return None
+    left.discard(taker)
+    if not left:
+        del _handed_over[parent_run_id]
+    return runs
+
+
 def finished_members(runs: list[Any]) -> dict[str, dict[str, Any]]:
     """{member id: {"status", "metrics"}} of the FINISHED member runs: what a resumed study never re-runs."""
     return {r.data.tags[TAG_MEMBER]: {

@@ -31,6 +31,7 @@ import torch
 from ray import tune
 
 import study
+from study import sql_reads
 from study.design import PrunePoint, members, run_config
 from study.loading import load_config
 from study.prune_cache import PruneCache
@@ -311,7 +312,7 @@ class Interrupt(tune.Callback):
 
 
 @pytest.mark.slow
-def test_interrupted_study_resumes_without_duplicates(local_ray, tmp_path):
+def test_interrupted_study_resumes_without_duplicates(local_ray, tmp_path, monkeypatch):
     cfg = tiny("resumable", finetune__lr=[1e-3, 1e-2], finetune__epochs=4, finetune__per_trial=1)
     marker = str(tmp_path / "fired")
     first = study.run(cfg, storage=str(tmp_path), callbacks=[Interrupt(marker)])
@@ -326,8 +327,13 @@ def test_interrupted_study_resumes_without_duplicates(local_ray, tmp_path):
     assert 2 <= len(finished_before) < 8
     assert client(first.tracking_uri).get_run(first.parent_run_id).info.status == "KILLED"
 
+    reads, read = [], sql_reads.member_runs  # counted on the way to the real read
+    monkeypatch.setattr(sql_reads, "member_runs",
+                        lambda *a, **k: reads.append(a[3:] + tuple(k.values())) or read(*a, **k))
     second = study.resume(str(folder.path))
     assert second.status == "completed" and second.parent_run_id == first.parent_run_id
+    # the runs loaded once (driver, then its logger from the hand-over); the end reads the objective only
+    assert reads == [(None,), ([load_config(folder.config_path).objective.metric],)], reads
     assert folder.dense_path.stat().st_mtime_ns == dense_mtime  # never retrained on resume
     runs = child_runs(second)
     check_member_runs(second, runs, epochs=4)
