@@ -60,7 +60,7 @@ class StudyLogger(LoggerCallback):
     def _reset(self) -> None:
         self.box: Outbox | None = None
         self.status: dict[str, str] = {}  # member id -> MLflow run status
-        self.last_step: dict[tuple[str, str], int] = {}  # (member, metric) -> last step logged
+        self.last_step: dict[str, dict[str, int]] = {}  # member -> metric -> last step logged (open runs)
         self.members: dict[str, list[str]] = {}  # trial id -> its member ids
         self.node: dict[str, str] = {}  # member id -> the node it last reported from (tag tpp.node)
         self.inputs: tuple[Any, str | None] | None = None  # the study's data set and dense model ids
@@ -99,7 +99,7 @@ class StudyLogger(LoggerCallback):
                 for key in run.data.metrics:
                     if "/" in key:
                         steps = [m.step for m in self.box.mlflow.get_metric_history(run.info.run_id, key)]
-                        self.last_step[(mid, key)] = max(steps, default=-1)
+                        self.last_step.setdefault(mid, {})[key] = max(steps, default=-1)
 
     def _study_inputs(self) -> tuple[Any, str | None] | None:
         """The data set and dense-model inputs every member run links to (the dense model's LoggedModel
@@ -152,8 +152,11 @@ class StudyLogger(LoggerCallback):
         assert self.box is not None
         by_member: dict[str, list[tuple[str, float, int]]] = collections.defaultdict(list)
         for mid, key, value, step in result.get("tpp_rows") or []:
-            if self.status.get(mid) == "RUNNING" and step > self.last_step.get((mid, key), -1):
-                self.last_step[(mid, key)] = step
+            if self.status.get(mid) != "RUNNING":
+                continue
+            last = self.last_step.setdefault(mid, {})
+            if step > last.get(key, -1):
+                last[key] = step
                 by_member[mid].append((key, value, step))
         node = str(result.get("tpp_node", ""))
         for mid, rows in by_member.items():
@@ -190,6 +193,9 @@ class StudyLogger(LoggerCallback):
             self.box.batch(mid, tags=extra_tags)
         self.box.status(mid, RUN_STATUS.get(status, "FINISHED"))
         self.status[mid] = RUN_STATUS.get(status, "FINISHED")
+        if self.status[mid] == "FINISHED":  # never logged to again (a retry skips it): forget its steps
+            self.last_step.pop(mid, None)
+            self.node.pop(mid, None)
         if flush:
             self._flush(force=True)
 

@@ -195,6 +195,7 @@ def test_study_end_to_end_sqlite(local_ray, tmp_path, capsys):
     # study's callbacks took from it (they are in MLflow), so it stays small whatever the study's size
     state = json.loads(next((tmp_path / "e2e" / "tune").glob("experiment_state-*.json")).read_text())
     assert "tpp_done" not in json.dumps(state) and "tpp_rows" not in json.dumps(state)
+    assert "last-5-avg" not in json.dumps(state)  # nor Tune's statistics of each metric of finished trials
 
     # the parent run: config params, planned runs, artifacts, dense metrics, description, best run
     c = client(res.tracking_uri)
