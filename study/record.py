@@ -298,7 +298,8 @@ def collect(folder: StudyFolder, *, recorded: bool = False, runs: list[Any] | No
     counts: dict[str, int] = {}
     reuse: dict[str, int] = {}
     if runs is None:
-        runs = children(meta.tracking_uri, meta.experiment_id, meta.parent_run_id, metrics=[metric])
+        runs = children(meta.tracking_uri, meta.experiment_id, meta.parent_run_id, metrics=[metric],
+                        params=["lr"], tags=[TAG_STATUS, TAG_REUSE, TAG_MEMBER])
     rows, best = [], None
     for r in runs:
         tags = r.data.tags

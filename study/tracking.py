@@ -238,13 +238,13 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def children(uri: str, experiment_id: str, parent_run_id: str,
-             metrics: Collection[str] | None = None) -> list[Any]:
+def children(uri: str, experiment_id: str, parent_run_id: str, *, metrics: Collection[str] | None = None,
+             params: Collection[str] | None = None, tags: Collection[str] | None = None) -> list[Any]:
     """Every member run of the parent (not the group summary runs of tpp-analyze); only the latest
-    `metrics` named, if given."""
+    `metrics`, the `params` and `tags` named, where given."""
     from study.sql_reads import member_runs
 
-    return member_runs(client(uri), experiment_id, parent_run_id, metrics)
+    return member_runs(client(uri), experiment_id, parent_run_id, metrics=metrics, params=params, tags=tags)
 
 
 # A resume's driver reads the member runs before training (what not to run again), and the study's logger

@@ -52,8 +52,15 @@ def test_a_study_with_no_member_runs_reads_empty(tmp_path):
     assert member_runs(c, exp, parent) == [] == _searched(c, exp, parent)
 
 
-def test_member_runs_read_only_the_metrics_asked_for(tmp_path):
+def test_member_runs_read_only_the_keys_asked_for(tmp_path):
     c, exp, parent = _runs(tmp_path)
-    fast = {r.info.run_id: r.data.metrics for r in member_runs(c, exp, parent, metrics=["acc", "nothing"])}
-    full = {r.info.run_id: r.data.metrics for r in _searched(c, exp, parent)}
-    assert fast == {i: {"acc": m["acc"]} for i, m in full.items()}
+    full = {r.info.run_id: r for r in _searched(c, exp, parent)}
+    fast = member_runs(c, exp, parent, metrics=["acc", "nothing"], params=["lr"], tags=["tpp.member"])
+    assert [r.info.run_id for r in fast] == list(full)  # the same runs, in the same order
+    for r in fast:
+        want = full[r.info.run_id].data
+        assert r.data.metrics == {"acc": want.metrics["acc"]} and r.data.params == {"lr": want.params["lr"]}
+        assert r.data.tags == {"tpp.member": want.tags["tpp.member"]}
+    only_metrics = member_runs(c, exp, parent, metrics=[])
+    assert [r.data.params for r in only_metrics] == [full[r.info.run_id].data.params for r in only_metrics]
+    assert all(r.data.metrics == {} for r in only_metrics)

@@ -329,12 +329,11 @@ def test_interrupted_study_resumes_without_duplicates(local_ray, tmp_path, monke
     assert client(first.tracking_uri).get_run(first.parent_run_id).info.status == "KILLED"
 
     reads, read = [], sql_reads.member_runs  # counted on the way to the real read
-    monkeypatch.setattr(sql_reads, "member_runs",
-                        lambda *a, **k: reads.append(a[3:] + tuple(k.values())) or read(*a, **k))
+    monkeypatch.setattr(sql_reads, "member_runs", lambda *a, **k: reads.append(k["metrics"]) or read(*a, **k))
     second = study.resume(str(folder.path))
     assert second.status == "completed" and second.parent_run_id == first.parent_run_id
     # the runs loaded once (driver, then its logger from the hand-over); the end reads the objective only
-    assert reads == [(None,), ([load_config(folder.config_path).objective.metric],)], reads
+    assert reads == [None, [load_config(folder.config_path).objective.metric]], reads
     assert folder.dense_path.stat().st_mtime_ns == dense_mtime  # never retrained on resume
     runs = child_runs(second)
     check_member_runs(second, runs, epochs=4)
