@@ -205,14 +205,16 @@ class StudyLogger(LoggerCallback):
     def log_trial_end(self, trial: Any, failed: bool = False) -> None:
         if failed:
             self._failed(trial)
-            return
-        last = trial.last_result or {}
-        for mid in self._open(trial.trial_id):  # stopped early by the scheduler: keep what it reached
-            value = last.get(self.config.objective.metric)
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                self.box.batch(mid, metrics=[(self.config.objective.metric, value, 0)])
-            self._end(mid, "completed", {TAG_STATUS: "completed", "tpp.early_stopped": "true"}, flush=False)
-        self._flush(force=True)
+        else:
+            last = trial.last_result or {}
+            for mid in self._open(trial.trial_id):  # stopped early by the scheduler: keep what it reached
+                value = last.get(self.config.objective.metric)
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.box.batch(mid, metrics=[(self.config.objective.metric, value, 0)])
+                self._end(mid, "completed", {TAG_STATUS: "completed", "tpp.early_stopped": "true"},
+                          flush=False)
+            self._flush(force=True)
+        self.members.pop(trial.trial_id, None)  # ended: its members are all in self.status
 
     def _failed(self, trial: Any) -> None:
         from study.progress import last_error_line

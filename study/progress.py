@@ -167,10 +167,13 @@ class Progress(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.running.pop(trial.trial_id, None)
+        self.members.pop(trial.trial_id, None)
+        self.prune_seen.pop(trial.trial_id, None)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.running.pop(trial.trial_id, None)
-        for mid in self.members.get(trial.trial_id, []):
+        self.prune_seen.pop(trial.trial_id, None)
+        for mid in self.members.pop(trial.trial_id, []):
             if mid in self.names:
                 name, _ = self.names.pop(mid)
                 self.counted.add(mid)
