@@ -162,6 +162,18 @@ def test_unknown_config_key_is_named():
     assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
+def test_to_dict_is_dataclasses_asdict_with_independent_containers():
+    import dataclasses
+
+    cfg = RunConfig(model="mlp", model_kwargs={"depth": 3, "widths": [8, 4]}, data_kwargs={"n_train": 64},
+                    prune_layers={"fc.*": 0.5}, milestones=(0.5, 0.75))
+    ref = {**dataclasses.asdict(cfg), "milestones": [0.5, 0.75]}
+    got = cfg.to_dict()
+    assert got == ref and [type(v) for v in got.values()] == [type(v) for v in ref.values()]
+    got["model_kwargs"]["widths"].append(2)  # a copy: the config is unchanged
+    assert cfg.model_kwargs == {"depth": 3, "widths": [8, 4]}
+
+
 # Another valid value for every RunConfig field (with the companions it needs to stay valid).
 ALTERNATIVES = {
     "model": {"model": "mlp"}, "model_kwargs": {"model_kwargs": {"depth": 3}}, "data": {"data": "synthetic"},

@@ -13,6 +13,7 @@ The config stays flat so it can be logged as parameters, given as `tpp run` flag
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -232,7 +233,12 @@ class RunConfig:
                                growing)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        # The fields are scalars but for a few JSON containers: copy those alone. dataclasses.asdict
+        # deep-copies every value, ~0.2 ms a call, and a study's driver makes ~4 calls per member.
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for k, v in d.items():
+            if isinstance(v, (dict, list, tuple)):
+                d[k] = copy.deepcopy(v)
         d["milestones"] = list(self.milestones)
         return d
 
