@@ -128,6 +128,12 @@ def lr_regret(lrs: np.ndarray, accs: np.ndarray, diverged: np.ndarray) -> float:
     return float(np.sum((gap[1:] + gap[:-1]) * np.diff(x)) / 2.0 / width)
 
 
+def runs_of(values: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each run of equal neighbouring `values`: the curves of a frame sorted by curve."""
+    starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]]) if len(values) else np.array([], int)
+    return list(zip(starts.tolist(), [*starts[1:].tolist(), len(values)], strict=True))
+
+
 def acc_at(lrs: np.ndarray, accs: np.ndarray, diverged: np.ndarray, target: float,
            rel_tol: float) -> tuple[float, str]:
     """Accuracy at LR `target` and how it was obtained: "exact" (a point within `rel_tol`),
@@ -172,12 +178,10 @@ def curve_table(prep: Prepared, *, lrs: tuple[float, float] = (1e-3, 1e-2),
     tops = ok_pts.groupby(by, sort=False)[metrics].max().to_dict("index") if metrics else {}
     # the curves as slices of numpy columns (sorted by curve, then LR), not a pandas frame per curve
     pts = pts.sort_values(["_o", "seed", "lr"], kind="stable")
-    curve = pts.groupby(by, sort=False).ngroup().to_numpy()
-    edges = [*np.flatnonzero(np.r_[True, curve[1:] != curve[:-1]]), len(curve)]
     col = {k: pts[k].to_numpy() for k in {*prep.keys, *by, "n_members", "n_diverged"}}
     lr_all, acc_all = pts["lr"].to_numpy(float), pts["acc"].to_numpy(float)
     div_all = pts["diverged"].to_numpy(bool)
-    for start, end in zip(edges[:-1], edges[1:], strict=True):
+    for start, end in runs_of(pts.groupby(by, sort=False).ngroup().to_numpy()):
         group, seed = col["group"][start], col["seed"][start]
         x, y, div = lr_all[start:end], acc_all[start:end], div_all[start:end]
         b_acc, b_lr = best(x, y, div)

@@ -13,7 +13,7 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
-from analysis.curves import PROFILE_DELTAS, curve_table, robust_window, window_col
+from analysis.curves import PROFILE_DELTAS, curve_table, robust_window, runs_of, window_col
 from analysis.points import CONTROL, PREDICTORS, Prepared, sort_groups
 from analysis.stats import interval
 
@@ -161,7 +161,5 @@ def _seed_curves(g: pd.DataFrame) -> list[tuple[np.ndarray, np.ndarray, np.ndarr
     """(LRs, accuracies, diverged) of each seed's curve in `g`, by seed, each sorted by LR: numpy slices
     of the columns sorted once, not a pandas sort per seed."""
     g = g[g["seed"].notna()].sort_values(["seed", "lr"], kind="stable")
-    seed = g["seed"].to_numpy()
-    edges = [*np.flatnonzero(np.r_[True, seed[1:] != seed[:-1]]), len(seed)] if len(seed) else [0]
     lr, acc, div = g["lr"].to_numpy(float), g["acc"].to_numpy(float), g["diverged"].to_numpy(bool)
-    return [(lr[a:b], acc[a:b], div[a:b]) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    return [(lr[a:b], acc[a:b], div[a:b]) for a, b in runs_of(g["seed"].to_numpy())]

@@ -122,9 +122,9 @@ def kendall(x: Sequence[float], y: Sequence[float], *, n_boot: int = 2000, seed:
     # summing the resampled sign matrices (tests/test_analysis_stats.py). The one matrix product runs in
     # float32, exact here: its entries are integers of magnitude at most sum w = n < 2^24; the products and
     # sums after it are taken in float64.
-    w = resample_counts(n, n_boot, seed)
     if n >= 2**24:
         raise ValueError(f"x, y: {n} pairs; the bootstrap is exact up to {2**24 - 1}")
+    w = resample_counts(n, n_boot, seed)
     sxy = np.sign(xy[:, 0][:, None] - xy[:, 0][None, :]) * np.sign(xy[:, 1][:, None] - xy[:, 1][None, :])
     w32 = w.astype(np.float32)
     num = np.einsum("bi,bi->b", (w32 @ sxy.astype(np.float32)).astype(float), w)

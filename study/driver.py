@@ -383,7 +383,7 @@ def _execute(cfg: StudyConfig, folder: StudyFolder, gpu: float, restore: bool, e
     previous = _sigterm_as_interrupt()
     status, result = "failed", None
     try:
-        hand_over(meta.parent_run_id, runs)  # the study's logger takes them: one read per session
+        hand_over(meta.parent_run_id, runs)  # its logger and progress callbacks take them: one read
         del runs
         dense = _dense(cfg, folder, meta, gpu, embedded)
         if not meta.dense_digest:
