@@ -7,7 +7,6 @@ import collections
 import logging
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +33,15 @@ from study.schema import (
     TAG_TRIAL,
 )
 from study.tracking import children, end_wait_s, take_over
+from study.writer import Writer
 
 log = logging.getLogger("study.mlflow")
 
 
-# Writes reach MLflow within this, many runs' in one transaction; at once before a trial's checkpoint and
-# before Tune records a trial as ended, so a restored Tune state never runs ahead of MLflow.
-FLUSH_EVERY_S = 5.0
+# Writes reach MLflow within this, from the writer thread, all runs' of the last second in one transaction
+# (at 5k members ~2.5 trials end a second: fewer commits than one a trial); and all of them before Tune
+# saves its experiment state (get_state), so a restored Tune state never runs ahead of MLflow.
+FLUSH_EVERY_S = 1.0
 
 
 class StudyLogger(LoggerCallback):
@@ -59,12 +60,12 @@ class StudyLogger(LoggerCallback):
 
     def _reset(self) -> None:
         self.box: Outbox | None = None
+        self.writer: Writer | None = None
         self.status: dict[str, str] = {}  # member id -> MLflow run status
         self.last_step: dict[str, dict[str, int]] = {}  # member -> metric -> last step logged (open runs)
         self.members: dict[str, list[str]] = {}  # trial id -> its member ids
         self.node: dict[str, str] = {}  # member id -> the node it last reported from (tag tpp.node)
         self.inputs: tuple[Any, str | None] | None = None  # the study's data set and dense model ids
-        self.flushed = time.monotonic()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"study_dir": self.study_dir}
@@ -100,6 +101,7 @@ class StudyLogger(LoggerCallback):
                     if "/" in key:
                         steps = [m.step for m in self.box.mlflow.get_metric_history(run.info.run_id, key)]
                         self.last_step.setdefault(mid, {})[key] = max(steps, default=-1)
+        self.writer = Writer(self.box, FLUSH_EVERY_S)
 
     def _study_inputs(self) -> tuple[Any, str | None] | None:
         """The data set and dense-model inputs every member run links to (the dense model's LoggedModel
@@ -129,7 +131,7 @@ class StudyLogger(LoggerCallback):
             tags = {TAG_STATUS: "running", TAG_TRIAL: trial.trial_id}
             if self.status.get(mid) == "RUNNING":  # a retry of a trial this session started: its run
                 self.box.batch(mid, tags=tags)   # exists or is queued for creation; never a second one
-            elif mid in self.box.run_ids:  # resumed: reopen the existing run (its params again: a write
+            elif mid in self.status:  # resumed or retried: reopen its run (its params again: a write
                 self.box.status(mid, "RUNNING")  # lost to a full disk may have been them; same values)
                 self.box.batch(mid, params=logged_params(runs.point, rc, keys), tags=tags)
             else:
@@ -142,11 +144,6 @@ class StudyLogger(LoggerCallback):
                     self.box.inputs(mid, *self.inputs)
                 self.box.batch(mid, params=logged_params(runs.point, rc, keys))
             self.status[mid] = "RUNNING"
-
-    def _flush(self, force: bool = False) -> None:
-        assert self.box is not None
-        self.box.flush(force)
-        self.flushed = time.monotonic()
 
     def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
         assert self.box is not None
@@ -174,20 +171,16 @@ class StudyLogger(LoggerCallback):
                 elif rec["status"] == "diverged":
                     tags[TAG_DIVERGED_STAGE] = "finetune"
                 self.box.batch(mid, metrics=[(k, v, 0) for k, v in rec["metrics"].items()], tags=tags)
-                self._end(mid, rec["status"], flush=False)
-        if time.monotonic() - self.flushed >= FLUSH_EVERY_S:
-            self._flush()
+                self._end(mid, rec["status"])
 
-    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        if self.box is not None and time.monotonic() - self.flushed >= FLUSH_EVERY_S:
-            self._flush()
+    def get_state(self) -> None:
+        """Called by Tune as it saves its experiment state, before that state is copied into the study
+        folder: every write queued so far (a trial's end, the epochs before its checkpoint) goes to MLflow
+        first, so a restore never skips what MLflow lacks. The barrier, not a state: returns None."""
+        if self.writer is not None:
+            self.writer.wait()
 
-    def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
-        """A trial resumes from its last checkpoint: every epoch before it must be in MLflow by then."""
-        self._flush(force=True)
-
-    def _end(self, mid: str, status: str, extra_tags: dict[str, str] | None = None,
-             flush: bool = True) -> None:
+    def _end(self, mid: str, status: str, extra_tags: dict[str, str] | None = None) -> None:
         assert self.box is not None
         if extra_tags:
             self.box.batch(mid, tags=extra_tags)
@@ -196,8 +189,6 @@ class StudyLogger(LoggerCallback):
         if self.status[mid] == "FINISHED":  # never logged to again (a retry skips it): forget its steps
             self.last_step.pop(mid, None)
             self.node.pop(mid, None)
-        if flush:
-            self._flush(force=True)
 
     def _open(self, trial_id: str) -> list[str]:
         return [m for m in self.members.get(trial_id, []) if self.status.get(m) == "RUNNING"]
@@ -211,9 +202,7 @@ class StudyLogger(LoggerCallback):
                 value = last.get(self.config.objective.metric)
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self.box.batch(mid, metrics=[(self.config.objective.metric, value, 0)])
-                self._end(mid, "completed", {TAG_STATUS: "completed", "tpp.early_stopped": "true"},
-                          flush=False)
-            self._flush(force=True)
+                self._end(mid, "completed", {TAG_STATUS: "completed", "tpp.early_stopped": "true"})
         self.members.pop(trial.trial_id, None)  # ended: its members are all in self.status
 
     def _failed(self, trial: Any) -> None:
@@ -236,6 +225,9 @@ class StudyLogger(LoggerCallback):
         """End every still-open member run as KILLED (interrupted), then deliver or save what is queued."""
         if self.box is None:
             return
+        if self.writer is not None:
+            self.writer.stop()
+            self.writer = None
         for mid, status in list(self.status.items()):
             if status == "RUNNING":
                 self._end(mid, "interrupted", {TAG_STATUS: "interrupted"})

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,19 @@ TRANSIENT_STATUS = re.compile(r"\b50[23]\b")
 
 
 class Outbox:
-    """Ordered MLflow writes with retry. Ops refer to runs by a local key (member id or "parent")."""
+    """Ordered MLflow writes with retry. Ops refer to runs by a local key (member id or "parent").
+
+    One thread may queue writes while another delivers them (study.writer): a delivery takes the queue
+    as it is and leaves new writes to queue behind it; what it could not deliver goes back in front.
+    """
 
     def __init__(self, uri: str, run_ids: dict[str, str] | None = None, bulk: bool = True):
         self.uri = uri
         self.bulk = bulk  # many runs' writes in one transaction on a SQL store (False: one call per write)
         self.ops: collections.deque[list[Any]] = collections.deque()  # [kind, key, payload]
+        self._sending: collections.deque[list[Any]] = collections.deque()  # taken by the running flush
+        self._lock = threading.Lock()  # guards swapping `ops` against a write queued meanwhile
+        self._one_flush = threading.Lock()  # one delivery at a time, whichever thread asks
         self.run_ids: dict[str, str] = dict(run_ids or {})
         self._client: Any = None
         self._next_try = 0.0
@@ -51,8 +59,12 @@ class Outbox:
             self._client = client(self.uri)
         return self._client
 
+    def _put(self, op: list[Any]) -> None:
+        with self._lock:
+            self.ops.append(op)
+
     def create_run(self, key: str, experiment_id: str, name: str, tags: dict[str, str]) -> None:
-        self.ops.append(["create", key, {"experiment_id": experiment_id, "name": name, "tags": tags}])
+        self._put(["create", key, {"experiment_id": experiment_id, "name": name, "tags": tags}])
 
     def batch(self, key: str, metrics: list | tuple = (), params: dict[str, str] | None = None,
               tags: dict[str, str] | None = None) -> None:
@@ -64,24 +76,24 @@ class Outbox:
         ps = sorted([k, v[:MAX_PARAM_VAL_LENGTH]] for k, v in (params or {}).items())
         ts = sorted([k, v[:TAG_MAX_CHARS]] for k, v in (tags or {}).items())
         while ms or ps or ts:
-            self.ops.append(["batch", key, {"metrics": ms[:MAX_METRICS], "params": ps[:MAX_PARAMS],
-                                            "tags": ts[:MAX_TAGS]}])
+            self._put(["batch", key, {"metrics": ms[:MAX_METRICS], "params": ps[:MAX_PARAMS],
+                                      "tags": ts[:MAX_TAGS]}])
             ms, ps, ts = ms[MAX_METRICS:], ps[MAX_PARAMS:], ts[MAX_TAGS:]
 
     def status(self, key: str, status: str) -> None:
         """Set the run's lifecycle status: RUNNING (reopen) or FINISHED | FAILED | KILLED (end)."""
-        self.ops.append(["status", key, {"status": status}])
+        self._put(["status", key, {"status": status}])
 
     def inputs(self, key: str, data: Any, model_id: str | None) -> None:
         """Link the run to its data set (an MLflow DatasetInput) and the model it starts from."""
         ds = data.dataset
-        self.ops.append(["inputs", key, {"datasets": [{
+        self._put(["inputs", key, {"datasets": [{
             "name": ds.name, "digest": ds.digest, "source_type": ds.source_type, "source": ds.source,
             "schema": ds.schema, "profile": ds.profile, "tags": [[t.key, t.value] for t in data.tags]}],
             "model_id": model_id}])
 
     def text(self, key: str, text: str, artifact_file: str) -> None:
-        self.ops.append(["text", key, {"text": text, "file": artifact_file}])
+        self._put(["text", key, {"text": text, "file": artifact_file}])
 
     def _apply(self, kind: str, key: str, op: dict[str, Any]) -> None:
         from mlflow.entities import Metric, Param, RunTag
@@ -112,7 +124,7 @@ class Outbox:
             c.log_text(run_id, op["text"], op["file"])
 
     def _coalesce(self) -> None:
-        """Merge each run's queued batches into as few `log_batch` calls as MLflow's limits allow.
+        """Merge each run's batches being sent into as few `log_batch` calls as MLflow's limits allow.
 
         Runs are independent, so only the order within a run is kept: a batch joins the run's previous
         one unless another write to that run (create, status, text) came between them, a limit would be
@@ -120,7 +132,7 @@ class Outbox:
         """
         merged: list[list[Any]] = []
         open_batch: dict[str, dict[str, Any]] = {}
-        for kind, key, op in self.ops:
+        for kind, key, op in self._sending:
             if kind != "batch":
                 open_batch.pop(key, None)
                 merged.append([kind, key, op])
@@ -133,20 +145,31 @@ class Outbox:
             op = dict(op)
             open_batch[key] = op
             merged.append([kind, key, op])
-        self.ops = collections.deque(merged)
+        self._sending = collections.deque(merged)
 
     def flush(self, force: bool = False) -> bool:
-        """Deliver queued writes in order; True when the queue is empty. Stops at an outage."""
+        """Deliver the writes queued so far, in order; True when they all went. Stops at an outage."""
         if not self.ops:
             return True
         if not force and time.monotonic() < self._next_try:
             return False
+        with self._one_flush:
+            with self._lock:
+                self._sending, self.ops = self.ops, collections.deque()
+            try:
+                return self._send()
+            finally:  # what did not go stays ahead of what was queued meanwhile
+                with self._lock:
+                    self._sending.extend(self.ops)
+                    self.ops, self._sending = self._sending, collections.deque()
+
+    def _send(self) -> bool:
         self._coalesce()
         if is_http(self.uri) and not server_healthy(self.uri, timeout=2.0):
             self._defer("the tracking server does not answer")
             return False
         store = sql_writes.sql_store(self.mlflow) if self.bulk else None
-        while self.ops:
+        while self._sending:
             n = self._bulk_slice() if store is not None else 0
             done = self._deliver_bulk(store, n) if n else False
             if done is None:
@@ -162,7 +185,7 @@ class Outbox:
     def _bulk_slice(self, most: int = BULK_OPS) -> int:
         """How many ops from the front of the queue one bulk transaction takes (0: the first is not one)."""
         n = 0
-        for kind, _, _ in self.ops:
+        for kind, _, _ in self._sending:
             if kind not in sql_writes.KINDS or n == most:
                 break
             n += 1
@@ -172,7 +195,7 @@ class Outbox:
         """The first `n` ops in one transaction. Nothing is written unless it returns True: None, the store
         is away (deferred); False, something in them is left to the one-at-a-time path."""
         try:
-            created = sql_writes.deliver(store, [self.ops[i] for i in range(n)], self.run_ids)
+            created = sql_writes.deliver(store, [self._sending[i] for i in range(n)], self.run_ids)
         except sql_writes.Unsupported:
             return False
         except Exception as e:  # noqa: BLE001 - rolled back; the one-at-a-time path decides
@@ -183,16 +206,16 @@ class Outbox:
             return False
         self.run_ids.update(created)
         for _ in range(n):
-            self.ops.popleft()
+            self._sending.popleft()
         self.delivered += 1
         return True
 
     def _deliver_first(self) -> bool:
         """The first op through MlflowClient. False: the store is away (deferred, the op kept)."""
-        kind, key, op = self.ops[0]
+        kind, key, op = self._sending[0]
         if kind != "create" and key not in self.run_ids:
             log.warning("MLflow: dropping a %s for %s whose run was never created", kind, key)
-            self.ops.popleft()
+            self._sending.popleft()
             return True
         try:
             self._apply(kind, key, op)
@@ -201,13 +224,14 @@ class Outbox:
                 self._defer(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 return False
             log.warning("MLflow: dropping a %s for %s that the store refused: %s", kind, key, str(e)[:300])
-        self.ops.popleft()
+        self._sending.popleft()
         self.delivered += 1
         return True
 
     def _defer(self, why: str) -> None:
         if self.problem is None:
-            print(f"[tpp-study] MLflow unreachable ({why}); keeping {len(self.ops)} write(s), retrying",
+            kept = len(self._sending) + len(self.ops)
+            print(f"[tpp-study] MLflow unreachable ({why}); keeping {kept} write(s), retrying",
                   flush=True)
         self.problem = why
         self._next_try = time.monotonic() + self._backoff
@@ -231,7 +255,8 @@ class Outbox:
         if not path.is_file():
             return
         saved = json.loads(path.read_text())
-        self.ops.extendleft(reversed(saved["ops"]))
+        with self._lock:
+            self.ops.extendleft(reversed(saved["ops"]))
         for k, v in saved["run_ids"].items():
             self.run_ids.setdefault(k, v)
 

@@ -8,11 +8,13 @@ finished MLflow run, none is left RUNNING, and a trial finished before the fault
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -68,8 +70,18 @@ def _wait_for(what, lines: list[str], timeout: float = 300) -> None:
 
 # two members per trial, one after the other: a stop after an odd count cuts a trial between its members
 INTERRUPTED = dict(finetune__lr=[1e-3, 3e-3, 1e-2, 3e-2], finetune__epochs=3, finetune__per_trial=2,
-                   max_concurrent=1, lockstep=False, data={"name": "synthetic", "kwargs": {"n_train": 2048,
+                   max_concurrent=1, lockstep=False, data={"name": "synthetic", "kwargs": {"n_train": 6144,
                                                                                           "n_test": 128}})
+
+
+def _finished_in_mlflow(path: Path) -> int:
+    """FINISHED member runs in the study's SQLite store, read directly: a poll quicker than a run ends."""
+    db = path / "mlflow.db"
+    if not db.is_file():
+        return 0
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
+        return con.execute("SELECT count(*) FROM runs JOIN tags ON tags.run_uuid = runs.run_uuid "
+                           "WHERE tags.key = 'tpp.member_id' AND runs.status = 'FINISHED'").fetchone()[0]
 
 
 def _interrupt_cli(tmp_path: Path, name: str, sig: int) -> tuple[Path, dict[str, str], str]:
@@ -77,6 +89,8 @@ def _interrupt_cli(tmp_path: Path, name: str, sig: int) -> tuple[Path, dict[str,
     proc, lines, storage = _start_cli(tmp_path, name, tiny(name, **INTERRUPTED))
     stop_at = re.compile(rf"\[{name}\] ([3-9]|1[0-5])/16 runs done")
     _wait_for(lambda: any(stop_at.search(line) for line in lines), lines)
+    # the writer thread delivers a finished run within a second of its line: stop once MLflow holds two
+    _wait_for(lambda: _finished_in_mlflow(storage / name) >= 2, lines)
     if sig == signal.SIGKILL:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started: a crash, no clean-up
     else:

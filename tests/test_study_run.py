@@ -172,6 +172,62 @@ def test_outbox_merges_a_runs_batches_without_losing_or_reordering_writes(tmp_pa
     assert len([k for k in b.data.metrics if k.startswith("big/")]) == MAX_METRICS
 
 
+def test_writer_thread_delivers_every_write_once_in_order_while_more_are_queued(tmp_path):
+    """Tune's loop queues while the writer thread delivers: every metric lands once, a run's later tag
+    value wins, and `wait()` returns only once everything queued before it is in MLflow."""
+    from study.outbox import Outbox
+    from study.writer import Writer
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = client(uri).create_experiment("writer")
+    box = Outbox(uri)
+    writer = Writer(box, every_s=0.01)  # flushing all the time: as many races as the test can make
+    keys = [f"m{i}" for i in range(6)]
+    for key in keys:
+        box.create_run(key, exp, key, {"tpp.status": "running"})
+    epochs, done = 60, threading.Event()
+
+    def loop() -> None:  # Tune's loop: per epoch one batch per run, and a status tag that keeps changing
+        for epoch in range(epochs):
+            for key in keys:
+                box.batch(key, metrics=[("finetune/x", epoch, epoch)], tags={"tpp.status": f"e{epoch}"})
+            time.sleep(0.005)  # epochs arrive while the writer is delivering the ones before
+        done.set()
+
+    producer = threading.Thread(target=loop)
+    producer.start()
+    producer.join()
+    writer.wait()
+    assert done.is_set() and not box.ops and box.problem is None
+    writer.stop()
+    c = client(uri)
+    for key in keys:
+        run = c.get_run(box.run_ids[key])
+        history = c.get_metric_history(box.run_ids[key], "finetune/x")
+        assert sorted((h.step, h.value) for h in history) == [(e, e) for e in range(epochs)], key
+        assert run.data.tags["tpp.status"] == f"e{epochs - 1}"
+    assert box.delivered > 1  # it really delivered in several passes, not one at the end
+
+
+def test_writer_wait_returns_when_the_store_is_away(tmp_path):
+    """A barrier on an unreachable server gives up like the forced flush it replaces: the writes stay
+    queued (saved by the logger's close), Tune's loop goes on."""
+    from study.outbox import Outbox
+    from study.writer import Writer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    box = Outbox(f"http://127.0.0.1:{port}", {"parent": "0" * 32})
+    box.status("parent", "RUNNING")
+    writer = Writer(box, every_s=60)
+    t = time.monotonic()
+    writer.wait()
+    assert time.monotonic() - t < 10 and len(box.ops) == 1 and box.problem
+    writer.stop()
+    assert len(box.ops) == 1
+
+
 def test_study_end_to_end_sqlite(local_ray, tmp_path, capsys):
     cfg = tiny("e2e", description="a tiny end-to-end study")
     res = study.run(cfg, storage=str(tmp_path))
