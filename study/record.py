@@ -32,7 +32,7 @@ from study.schema import (
 )
 from study.store import StudyFolder, disk_usage, human_bytes
 from study.text import fmt_duration
-from study.tracking import TrackingUnavailable, children, client, flatten, is_http, sqlite_path
+from study.tracking import TrackingUnavailable, client, each_child, flatten, is_http, sqlite_path
 
 if TYPE_CHECKING:
     from tpp.config import RunConfig
@@ -297,9 +297,9 @@ def collect(folder: StudyFolder, *, recorded: bool = False, runs: list[Any] | No
     metric, mode = objective.metric, objective.mode
     counts: dict[str, int] = {}
     reuse: dict[str, int] = {}
-    if runs is None:
-        runs = children(meta.tracking_uri, meta.experiment_id, meta.parent_run_id, metrics=[metric],
-                        params=["lr"], tags=[TAG_STATUS, TAG_REUSE, TAG_MEMBER])
+    if runs is None:  # one chunk of runs alive at a time: the rows kept are ~4x smaller (a 10k study's end)
+        runs = each_child(meta.tracking_uri, meta.experiment_id, meta.parent_run_id, metrics=[metric],
+                          params=["lr"], tags=[TAG_STATUS, TAG_REUSE, TAG_MEMBER])
     rows, best = [], None
     for r in runs:
         tags = r.data.tags

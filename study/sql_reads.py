@@ -9,11 +9,13 @@ come from four plain SELECTs over MLflow's own tables. Any other store goes thro
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from typing import Any
 
 from study.schema import PARENT_TAG, ROLE_MEMBER, TAG_ROLE
 from study.sql_writes import chunks, sql_store
+
+CHUNK = 500  # runs per read: the IN (...) bound MLflow's store uses, and what one step holds alive
 
 
 def member_runs(mlflow_client: Any, experiment_id: str, parent_run_id: str, *,
@@ -23,11 +25,21 @@ def member_runs(mlflow_client: Any, experiment_id: str, parent_run_id: str, *,
     first, as MLflow `Run` entities. `metrics`, `params`, `tags`: the keys the caller needs, None for all
     (a member has ~60 metrics, ~25 params, ~12 tags: a caller that needs a few keys keeps ~6 KB a run
     fewer alive); a SQL store reads only these, other stores give all."""
+    return list(each_member_run(mlflow_client, experiment_id, parent_run_id, metrics=metrics, params=params,
+                                tags=tags))
+
+
+def each_member_run(mlflow_client: Any, experiment_id: str, parent_run_id: str, *,
+                    metrics: Collection[str] | None = None, params: Collection[str] | None = None,
+                    tags: Collection[str] | None = None) -> Iterator[Any]:
+    """`member_runs` one at a time, read CHUNK runs at a time on a SQL store: a caller that keeps a little
+    of each run (a study's end keeps a row) never holds every run's entities at once (~3 KB a run)."""
     store = sql_store(mlflow_client)
     if store is None:
-        return _searched(mlflow_client, experiment_id, parent_run_id)
+        yield from _searched(mlflow_client, experiment_id, parent_run_id)
+        return
     with store.ManagedSessionMaker() as session:
-        return _read(session, experiment_id, parent_run_id, metrics, params, tags)
+        yield from _read(session, experiment_id, parent_run_id, metrics, params, tags)
 
 
 def _searched(c: Any, experiment_id: str, parent_run_id: str) -> list[Any]:
@@ -42,31 +54,33 @@ def _searched(c: Any, experiment_id: str, parent_run_id: str) -> list[Any]:
 
 
 def _read(session: Any, experiment_id: str, parent_run_id: str, metric_keys: Collection[str] | None,
-          param_keys: Collection[str] | None, tag_keys: Collection[str] | None) -> list[Any]:
+          param_keys: Collection[str] | None, tag_keys: Collection[str] | None) -> Iterator[Any]:
     from mlflow.entities import Metric, Param, Run, RunData, RunInfo, RunTag
     from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlParam, SqlRun, SqlTag
-    from sqlalchemy import and_, select, true
+    from sqlalchemy import and_, func, select, true
 
     # the tables' columns, not the ORM classes: plain rows, without SQLAlchemy's ORM loading of each
     run, tag, param, metric = (m.__table__.c for m in (SqlRun, SqlTag, SqlParam, SqlLatestMetric))
     parent, role = SqlTag.__table__.alias(), SqlTag.__table__.alias()
-    infos = session.execute(
-        select(run.run_uuid, run.name, run.experiment_id, run.user_id, run.status,
-               run.start_time, run.end_time, run.lifecycle_stage, run.artifact_uri)
+    ids = session.execute(  # newest first, as MLflow's search orders them
+        select(run.run_uuid)
         .join(parent, and_(parent.c.run_uuid == run.run_uuid, parent.c.key == PARENT_TAG,
                            parent.c.value == parent_run_id))
         .join(role, and_(role.c.run_uuid == run.run_uuid, role.c.key == TAG_ROLE,
                          role.c.value == ROLE_MEMBER))
-        .where(run.experiment_id == int(experiment_id), run.lifecycle_stage == "active")).all()
-    ids = [r[0] for r in infos]
-    tags: dict[str, list[Any]] = {i: [] for i in ids}
-    params: dict[str, list[Any]] = {i: [] for i in ids}
-    metrics: dict[str, list[Any]] = {i: [] for i in ids}
+        .where(run.experiment_id == int(experiment_id), run.lifecycle_stage == "active")
+        .order_by(func.coalesce(run.start_time, 0).desc(), run.run_uuid)).scalars().all()
 
     def only(table: Any, keys: Collection[str] | None) -> Any:
         return true() if keys is None else table.key.in_(list(keys))
 
-    for chunk in chunks(ids):
+    for chunk in chunks(ids, CHUNK):
+        tags: dict[str, list[Any]] = {i: [] for i in chunk}
+        params: dict[str, list[Any]] = {i: [] for i in chunk}
+        metrics: dict[str, list[Any]] = {i: [] for i in chunk}
+        infos = {r[0]: r for r in session.execute(
+            select(run.run_uuid, run.name, run.experiment_id, run.user_id, run.status, run.start_time,
+                   run.end_time, run.lifecycle_stage, run.artifact_uri).where(run.run_uuid.in_(chunk)))}
         for run_id, k, v in session.execute(select(tag.run_uuid, tag.key, tag.value)
                                             .where(tag.run_uuid.in_(chunk), only(tag, tag_keys))):
             tags[run_id].append(RunTag(k, v))
@@ -77,8 +91,8 @@ def _read(session: Any, experiment_id: str, parent_run_id: str, metric_keys: Col
                 select(*(metric[c] for c in ("run_uuid", "key", "value", "timestamp", "step", "is_nan")))
                 .where(metric.run_uuid.in_(chunk), only(metric, metric_keys))):
             metrics[run_id].append(Metric(k, float("nan") if is_nan else v, ts, step))
-    runs = [Run(RunInfo(run_id=i, experiment_id=str(exp), user_id=user, status=status, start_time=start,
-                        end_time=end, lifecycle_stage=stage, artifact_uri=uri, run_name=name),
-                RunData(metrics=metrics[i], params=params[i], tags=tags[i]))
-            for i, name, exp, user, status, start, end, stage, uri in infos]
-    return sorted(runs, key=lambda r: (-(r.info.start_time or 0), r.info.run_id))
+        for i in chunk:
+            _, name, exp, user, status, start, end, stage, uri = infos[i]
+            yield Run(RunInfo(run_id=i, experiment_id=str(exp), user_id=user, status=status, start_time=start,
+                              end_time=end, lifecycle_stage=stage, artifact_uri=uri, run_name=name),
+                      RunData(metrics=metrics.pop(i), params=params.pop(i), tags=tags.pop(i)))

@@ -64,3 +64,16 @@ def test_member_runs_read_only_the_keys_asked_for(tmp_path):
     only_metrics = member_runs(c, exp, parent, metrics=[])
     assert [r.data.params for r in only_metrics] == [full[r.info.run_id].data.params for r in only_metrics]
     assert all(r.data.metrics == {} for r in only_metrics)
+
+
+def test_runs_read_a_chunk_at_a_time_are_the_same_runs_in_the_same_order(tmp_path, monkeypatch):
+    """`each_member_run` reads CHUNK runs per query round: across chunk edges the runs, their order (newest
+    first, then by id, as MLflow's search) and their data are the same as in one read."""
+    from study import sql_reads
+
+    c, exp, parent = _runs(tmp_path)
+    whole = member_runs(c, exp, parent)
+    monkeypatch.setattr(sql_reads, "CHUNK", 3)  # 4 member runs: a chunk of 3, then one of 1
+    chunked = list(sql_reads.each_member_run(c, exp, parent))
+    assert [r.info.run_id for r in chunked] == [r.info.run_id for r in whole]
+    assert _view(chunked) == _view(whole) == _view(_searched(c, exp, parent))

@@ -384,8 +384,9 @@ def test_interrupted_study_resumes_without_duplicates(local_ray, tmp_path, monke
     assert 2 <= len(finished_before) < 8
     assert client(first.tracking_uri).get_run(first.parent_run_id).info.status == "KILLED"
 
-    reads, read = [], sql_reads.member_runs  # counted on the way to the real read
-    monkeypatch.setattr(sql_reads, "member_runs", lambda *a, **k: reads.append(k["metrics"]) or read(*a, **k))
+    reads, read = [], sql_reads.each_member_run  # every read goes through it; counted on the way
+    monkeypatch.setattr(sql_reads, "each_member_run",
+                        lambda *a, **k: reads.append(k["metrics"]) or read(*a, **k))
     second = study.resume(str(folder.path))
     assert second.status == "completed" and second.parent_run_id == first.parent_run_id
     # the runs loaded once (driver, then its logger from the hand-over); the end reads the objective only
