@@ -125,6 +125,7 @@ class StudyLogger(LoggerCallback):
         self.members[trial.trial_id] = runs.ids
         shown = varying(self.config)
         keys = member_param_keys(self.config)
+        prune_key = point_prune_key(self.config, runs.point, self.meta.dense_digest)  # the members share it
         for rc, mid in zip(runs.configs, runs.ids, strict=True):
             if self.status.get(mid) == "FINISHED":
                 continue
@@ -138,7 +139,7 @@ class StudyLogger(LoggerCallback):
                 self.box.create_run(mid, self.meta.experiment_id, run_name(runs.point, rc, shown), {
                     **tags, PARENT_TAG: self.meta.parent_run_id, TAG_STUDY: self.meta.name,
                     TAG_ROLE: "trial", TAG_MEMBER: mid, TAG_METHOD: runs.point.method,
-                    TAG_PRUNE_KEY: point_prune_key(self.config, runs.point, self.meta.dense_digest),
+                    TAG_PRUNE_KEY: prune_key,
                     TAG_DENSE_DIGEST: self.meta.dense_digest, **rerun_tags(rc, self.study_dir)})
                 if self.inputs is not None:  # before the params: they and the epochs merge
                     self.box.inputs(mid, *self.inputs)

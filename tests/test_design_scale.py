@@ -89,3 +89,23 @@ def test_a_100k_member_design_is_planned_and_searched_in_well_under_a_second_eac
     assert sorted(handed) == list(range(len(plan.units)))  # every unit once
     # measured here: 0.01 / 0.04-0.06 / 0.02-0.22 s (BENCHMARKS.md §8); a quadratic step would take minutes
     assert all(s < 2.0 for s in took.values()), took
+
+
+def test_resolving_a_trial_again_gives_what_a_fresh_resolve_gives():
+    """The driver resolves each trial twice in a row (logger, progress): the second is the first's result,
+    for that trial and config only; another trial, a changed config or another study resolves afresh."""
+    cfg = _quick(seeds=3, prs=2, growth=[1e-2])
+    plan = design.plan(cfg, slots=2)
+    configs = [u.config(plan) for u in plan.units if u.kind == "finetune"][:2]
+
+    def fresh(c, config, trial_id):
+        design._last_resolved[0] = None
+        return design.resolve(c, config, trial_id)
+
+    a = design.resolve(cfg, configs[0], "t0")
+    assert design.resolve(cfg, configs[0], "t0") is a  # the same call again: the same object
+    assert design.resolve(cfg, dict(configs[0]), "t0") is a  # an equal config
+    b = design.resolve(cfg, configs[1], "t0")  # the same trial id, another unit: resolved afresh
+    assert b.ids == fresh(cfg, configs[1], "t0").ids != a.ids
+    other = _quick(seeds=3, prs=2, growth=[1e-1])  # another study's config
+    assert design.resolve(other, configs[0], "t0").ids == fresh(other, configs[0], "t0").ids != a.ids
