@@ -50,13 +50,15 @@ def _ray_node(args: list[str], env: dict[str, str]):
             assert proc.poll() is None and time.monotonic() < deadline, "".join(lines[-30:])
             time.sleep(0.3)
         yield
-    finally:  # Ctrl-C: `ray start --block` stops its node in ~1 s (SIGTERM: not within 30 s)
+    finally:  # Ctrl-C: `ray start --block` stops its node in ~1 s (SIGTERM: not within 30 s). A shell's
+        # background job inherits SIGINT ignored: then the whole group is killed after a few seconds
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGINT)
         try:
-            proc.wait(30)
+            proc.wait(5)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
 
 
 def _alive_nodes(address: str, env: dict[str, str]) -> int:
