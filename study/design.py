@@ -412,8 +412,7 @@ def resolve(cfg: StudyConfig, config: dict[str, Any], trial_id: str) -> TrialRun
     point = points[0]
     configs = [run_config(cfg, point, m) for _, m in runs]
     ids = [member_id(point, rc) + ("" if cfg.is_design else f"-{trial_id}") for rc in configs]
-    first_member = members(cfg)[0] if cfg.is_design else None
-    first = [m == first_member for _, m in runs] if cfg.is_design else None
+    first = [m == members(cfg)[0] for _, m in runs] if cfg.is_design else None
     out = TrialRuns(point, configs, ids, first)
     _last_resolved[0] = (key, copy.deepcopy(config), out)
     return out

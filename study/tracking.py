@@ -242,9 +242,7 @@ def children(uri: str, experiment_id: str, parent_run_id: str, *, metrics: Colle
              params: Collection[str] | None = None, tags: Collection[str] | None = None) -> list[Any]:
     """Every member run of the parent (not the group summary runs of tpp-analyze); only the latest
     `metrics`, the `params` and `tags` named, where given."""
-    from study.sql_reads import member_runs
-
-    return member_runs(client(uri), experiment_id, parent_run_id, metrics=metrics, params=params, tags=tags)
+    return list(each_child(uri, experiment_id, parent_run_id, metrics=metrics, params=params, tags=tags))
 
 
 def each_child(uri: str, experiment_id: str, parent_run_id: str, *, metrics: Collection[str] | None = None,
